@@ -1,0 +1,2 @@
+mod broker;
+fn main() {}
