@@ -191,10 +191,13 @@ impl Broker {
                 None => return, // parked: answered later
             },
             Request::CancelPoll { poll } => {
-                self.cancel(ReplyTo {
-                    conn: from.conn,
-                    request: poll,
-                }, out);
+                self.cancel(
+                    ReplyTo {
+                        conn: from.conn,
+                        request: poll,
+                    },
+                    out,
+                );
                 Response::Done
             }
             Request::Ack { session } => self.ack(now, &session),
@@ -206,7 +209,13 @@ impl Broker {
         out.push(Reply { to: from, response });
     }
 
-    fn publish(&mut self, now: Instant, dst: String, body: String, out: &mut Vec<Reply>) -> Response {
+    fn publish(
+        &mut self,
+        now: Instant,
+        dst: String,
+        body: String,
+        out: &mut Vec<Reply>,
+    ) -> Response {
         if body.len() > self.config.max_payload_bytes {
             return Response::error(
                 ErrorKind::PayloadTooLarge,
@@ -289,9 +298,12 @@ impl Broker {
         if timeout.is_zero() {
             return Some(Response::Messages(Vec::new()));
         }
-        let timer = self.add_timer(now + timeout, Timer::PollTimeout {
-            session: session.clone(),
-        });
+        let timer = self.add_timer(
+            now + timeout,
+            Timer::PollTimeout {
+                session: session.clone(),
+            },
+        );
         let mailbox = self.mailboxes.get_mut(&session).expect("created above");
         mailbox.waiter = Some(Parked { to: from, timer });
         self.parked.insert(from, session);
@@ -329,7 +341,13 @@ impl Broker {
         });
     }
 
-    fn return_messages(&mut self, now: Instant, session: String, messages: Vec<Message>, out: &mut Vec<Reply>) {
+    fn return_messages(
+        &mut self,
+        now: Instant,
+        session: String,
+        messages: Vec<Message>,
+        out: &mut Vec<Reply>,
+    ) {
         if messages.is_empty() {
             return;
         }
@@ -343,7 +361,10 @@ impl Broker {
                 // waiting for the visibility timeout. A batch that was acknowledged or
                 // redelivered since is not this one and is left alone.
                 let same_batch = mailbox.in_flight.as_ref().is_some_and(|f| {
-                    f.batch.iter().map(|s| s.message.id).eq(messages.iter().map(|m| m.id))
+                    f.batch
+                        .iter()
+                        .map(|s| s.message.id)
+                        .eq(messages.iter().map(|m| m.id))
                 });
                 if same_batch {
                     let returned = mailbox.in_flight.take().expect("checked above");
@@ -371,7 +392,12 @@ impl Broker {
     /// Releases every poll parked by a connection that went away. Their messages
     /// stay in the mailboxes for the next poll.
     pub fn connection_closed(&mut self, conn: ConnId) {
-        let gone: Vec<ReplyTo> = self.parked.keys().filter(|to| to.conn == conn).copied().collect();
+        let gone: Vec<ReplyTo> = self
+            .parked
+            .keys()
+            .filter(|to| to.conn == conn)
+            .copied()
+            .collect();
         for to in gone {
             let session = self.parked.remove(&to).expect("listed above");
             if let Some(mailbox) = self.mailboxes.get_mut(&session)
@@ -391,7 +417,9 @@ impl Broker {
             let key = *entry.key();
             match entry.remove() {
                 Timer::PollTimeout { session } => {
-                    let Some(mailbox) = self.mailboxes.get_mut(&session) else { continue };
+                    let Some(mailbox) = self.mailboxes.get_mut(&session) else {
+                        continue;
+                    };
                     if let Some(parked) = mailbox.waiter.take_if(|p| p.timer == key) {
                         self.parked.remove(&parked.to);
                         out.push(Reply {
@@ -401,7 +429,9 @@ impl Broker {
                     }
                 }
                 Timer::Visibility { session } => {
-                    let Some(mailbox) = self.mailboxes.get_mut(&session) else { continue };
+                    let Some(mailbox) = self.mailboxes.get_mut(&session) else {
+                        continue;
+                    };
                     if let Some(unacked) = mailbox.in_flight.take_if(|f| f.timer == key) {
                         for stored in unacked.batch.into_iter().rev() {
                             mailbox.ready.push_front(stored);
@@ -424,12 +454,16 @@ impl Broker {
     }
 
     fn deliver_if_waiting(&mut self, now: Instant, session: &str, out: &mut Vec<Reply>) {
-        let Some(mailbox) = self.mailboxes.get_mut(session) else { return };
+        let Some(mailbox) = self.mailboxes.get_mut(session) else {
+            return;
+        };
         mailbox.drop_expired(now);
         if mailbox.ready.is_empty() || mailbox.in_flight.is_some() {
             return;
         }
-        let Some(parked) = mailbox.waiter.take() else { return };
+        let Some(parked) = mailbox.waiter.take() else {
+            return;
+        };
         self.timers.remove(&parked.timer);
         self.parked.remove(&parked.to);
         let batch = self.take_batch(now, session);
@@ -442,15 +476,22 @@ impl Broker {
     /// Takes everything ready for `session`; in ack mode a copy stays in flight.
     fn take_batch(&mut self, now: Instant, session: &str) -> Vec<Message> {
         let mailbox = self.mailboxes.get_mut(session).expect("caller checked");
-        let taken: Vec<Stored> = mailbox.ready.drain(..).filter(|m| !m.expired(now)).collect();
+        let taken: Vec<Stored> = mailbox
+            .ready
+            .drain(..)
+            .filter(|m| !m.expired(now))
+            .collect();
         match self.config.delivery {
             DeliveryMode::X0 => taken.into_iter().map(|s| s.message).collect(),
             DeliveryMode::Ack if taken.is_empty() => Vec::new(),
             DeliveryMode::Ack => {
                 let batch = taken.iter().map(|s| s.message.clone()).collect();
-                let timer = self.add_timer(now + self.config.visibility_timeout, Timer::Visibility {
-                    session: session.to_owned(),
-                });
+                let timer = self.add_timer(
+                    now + self.config.visibility_timeout,
+                    Timer::Visibility {
+                        session: session.to_owned(),
+                    },
+                );
                 let mailbox = self.mailboxes.get_mut(session).expect("caller checked");
                 mailbox.in_flight = Some(InFlight {
                     batch: taken,
@@ -507,19 +548,25 @@ mod tests {
         }
 
         fn publish(&mut self, ms: u64, dst: &str, body: &str) -> Response {
-            let (to, out) = self.send(ms, Request::Publish {
-                src: "sender".into(),
-                dst: dst.into(),
-                body: body.into(),
-            });
+            let (to, out) = self.send(
+                ms,
+                Request::Publish {
+                    src: "sender".into(),
+                    dst: dst.into(),
+                    body: body.into(),
+                },
+            );
             reply_for(&out, to).expect("publish is answered at once")
         }
 
         fn poll(&mut self, ms: u64, session: &str, timeout_ms: u64) -> (ReplyTo, Vec<Reply>) {
-            self.send(ms, Request::Poll {
-                session: session.into(),
-                timeout_ms,
-            })
+            self.send(
+                ms,
+                Request::Poll {
+                    session: session.into(),
+                    timeout_ms,
+                },
+            )
         }
 
         fn tick(&mut self, ms: u64) -> Vec<Reply> {
@@ -588,11 +635,14 @@ mod tests {
         let (poll, out) = h.poll(0, "b", 10_000);
         assert!(out.is_empty(), "nothing to give yet: {out:?}");
         assert_eq!(h.broker.stats().parked_polls, 1);
-        let (_, out) = h.send(5, Request::Publish {
-            src: "a".into(),
-            dst: "b".into(),
-            body: "hi".into(),
-        });
+        let (_, out) = h.send(
+            5,
+            Request::Publish {
+                src: "a".into(),
+                dst: "b".into(),
+                body: "hi".into(),
+            },
+        );
         assert_eq!(bodies(&reply_for(&out, poll).unwrap()), ["hi"]);
         assert_eq!(h.broker.stats().parked_polls, 0);
         assert_eq!(h.broker.stats().pending_timers, 0);
@@ -649,11 +699,14 @@ mod tests {
         h.broker.connection_closed(CONN);
         assert_eq!(h.broker.stats().parked_polls, 0);
         assert_eq!(h.broker.stats().pending_timers, 0);
-        let (_, out) = h.send(1, Request::Publish {
-            src: "a".into(),
-            dst: "b".into(),
-            body: "kept".into(),
-        });
+        let (_, out) = h.send(
+            1,
+            Request::Publish {
+                src: "a".into(),
+                dst: "b".into(),
+                body: "kept".into(),
+            },
+        );
         assert_eq!(out.len(), 1, "only the publish is answered: {out:?}");
         let (to, out) = h.poll(2, "b", 0);
         assert_eq!(bodies(&reply_for(&out, to).unwrap()), ["kept"]);
@@ -665,12 +718,17 @@ mod tests {
         h.publish(0, "b", "1");
         h.publish(0, "b", "2");
         let (to, out) = h.poll(1, "b", 0);
-        let Some(Response::Messages(batch)) = reply_for(&out, to) else { panic!() };
+        let Some(Response::Messages(batch)) = reply_for(&out, to) else {
+            panic!()
+        };
         h.publish(2, "b", "3");
-        h.send(3, Request::Return {
-            session: "b".into(),
-            messages: batch,
-        });
+        h.send(
+            3,
+            Request::Return {
+                session: "b".into(),
+                messages: batch,
+            },
+        );
         let (to, out) = h.poll(4, "b", 0);
         assert_eq!(bodies(&reply_for(&out, to).unwrap()), ["1", "2", "3"]);
     }
@@ -707,7 +765,12 @@ mod tests {
         let mut h = Harness::new(ack_mode());
         h.publish(0, "b", "1");
         h.poll(1, "b", 0);
-        let (to, out) = h.send(2, Request::Ack { session: "b".into() });
+        let (to, out) = h.send(
+            2,
+            Request::Ack {
+                session: "b".into(),
+            },
+        );
         assert_eq!(reply_for(&out, to), Some(Response::Acked { count: 1 }));
         assert!(h.tick(60_000).is_empty());
         let (to, out) = h.poll(60_001, "b", 0);
@@ -718,7 +781,12 @@ mod tests {
     fn ack_in_x0_mode_acknowledges_nothing() {
         let mut h = Harness::new(BrokerConfig::default());
         h.publish(0, "b", "1");
-        let (to, out) = h.send(1, Request::Ack { session: "b".into() });
+        let (to, out) = h.send(
+            1,
+            Request::Ack {
+                session: "b".into(),
+            },
+        );
         assert_eq!(reply_for(&out, to), Some(Response::Acked { count: 0 }));
         let (to, out) = h.poll(2, "b", 0);
         assert_eq!(bodies(&reply_for(&out, to).unwrap()), ["1"]);
@@ -729,11 +797,16 @@ mod tests {
         let mut h = Harness::new(ack_mode());
         h.publish(0, "b", "1");
         let (to, out) = h.poll(1, "b", 0);
-        let Some(Response::Messages(batch)) = reply_for(&out, to) else { panic!() };
-        h.send(2, Request::Return {
-            session: "b".into(),
-            messages: batch,
-        });
+        let Some(Response::Messages(batch)) = reply_for(&out, to) else {
+            panic!()
+        };
+        h.send(
+            2,
+            Request::Return {
+                session: "b".into(),
+                messages: batch,
+            },
+        );
         assert_eq!(h.broker.stats().pending_timers, 0);
         // Not through the poll-acks rule: that would acknowledge an in-flight batch,
         // and there is none now.
@@ -748,8 +821,14 @@ mod tests {
             overflow: OverflowPolicy::Reject,
             ..BrokerConfig::default()
         });
-        assert!(matches!(h.publish(0, "b", "1"), Response::Published { dropped: 0, .. }));
-        assert!(matches!(h.publish(0, "b", "2"), Response::Published { dropped: 0, .. }));
+        assert!(matches!(
+            h.publish(0, "b", "1"),
+            Response::Published { dropped: 0, .. }
+        ));
+        assert!(matches!(
+            h.publish(0, "b", "2"),
+            Response::Published { dropped: 0, .. }
+        ));
         match h.publish(0, "b", "3") {
             Response::Error(e) => {
                 assert_eq!(e.kind, ErrorKind::MailboxFull);
@@ -770,7 +849,10 @@ mod tests {
         });
         h.publish(0, "b", "1");
         h.publish(0, "b", "2");
-        assert!(matches!(h.publish(0, "b", "3"), Response::Published { dropped: 1, .. }));
+        assert!(matches!(
+            h.publish(0, "b", "3"),
+            Response::Published { dropped: 1, .. }
+        ));
         let (to, out) = h.poll(1, "b", 0);
         assert_eq!(bodies(&reply_for(&out, to).unwrap()), ["2", "3"]);
     }

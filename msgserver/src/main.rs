@@ -1,2 +1,126 @@
+//! `msgserver`, the micromsg core.
+//!
+//! Owns every session's mailbox and parked poll, and serves the HTTP front
+//! (`msghandler`) over a permissioned Unix socket. It never speaks HTTP. Started as
+//! root, it binds its socket, hands it to `www-data` and drops to that user before
+//! serving anything.
+
 mod broker;
-fn main() {}
+mod config;
+mod server;
+mod socket;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use tracing::{error, info};
+
+use crate::broker::{Broker, DeliveryMode};
+use crate::config::ServerConfig;
+
+#[derive(Debug, Parser)]
+#[command(
+    version,
+    about = "micromsg core: routing, mailboxes and delivery behind a Unix socket"
+)]
+struct Cli {
+    /// TOML configuration file (every key is documented in etc/msgserver.toml).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Unix socket to listen on (overrides `socket`).
+    #[arg(long, value_name = "PATH")]
+    socket: Option<PathBuf>,
+    /// Delivery mode (overrides `delivery`): x0 removes what a poll returns; ack keeps
+    /// it until acknowledged and redelivers after the visibility timeout.
+    #[arg(long, value_enum)]
+    delivery: Option<DeliveryArg>,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum DeliveryArg {
+    X0,
+    Ack,
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            error!("{e:#}");
+            eprintln!("msgserver: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    let mut config = ServerConfig::load(cli.config.as_deref())?;
+    if let Some(socket) = cli.socket {
+        config.socket = socket;
+    }
+    if let Some(delivery) = cli.delivery {
+        config.delivery = match delivery {
+            DeliveryArg::X0 => DeliveryMode::X0,
+            DeliveryArg::Ack => DeliveryMode::Ack,
+        };
+    }
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(&config.log)
+                .with_context(|| format!("log filter {:?}", config.log))?,
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+
+    let broker = Broker::new(config.broker()?);
+    // Everything that needs root happens before the runtime starts any thread.
+    let listener = socket::bind(&config)?;
+    socket::drop_privileges(&config)?;
+    let shell = server::ShellConfig {
+        peers: socket::PeerPolicy::new(&config)?,
+        max_in_flight: config.max_in_flight.max(1),
+        heartbeat_timeout: config.heartbeat_timeout()?,
+        sweep_interval: Duration::from_secs(1),
+    };
+    info!(
+        socket = %config.socket.display(),
+        delivery = ?config.delivery,
+        "msgserver listening"
+    );
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async {
+        listener.set_nonblocking(true)?;
+        let listener = tokio::net::UnixListener::from_std(listener)?;
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            let _ = stop.send(true);
+        });
+        server::serve(listener, broker, shell, stopped).await;
+        anyhow::Ok(())
+    })?;
+    // Best effort: after dropping privileges the directory may not be ours to write.
+    if std::fs::remove_file(&config.socket).is_ok() {
+        info!("socket removed");
+    }
+    info!("msgserver stopped");
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("installing SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("installing SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM: stopping"),
+        _ = int.recv() => info!("SIGINT: stopping"),
+    }
+}

@@ -1,0 +1,77 @@
+//! msghandler's configuration: defaults here, a TOML file over them, `MICROMSG_*`
+//! environment variables over that, and command-line flags over everything.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use serde::Deserialize;
+
+/// Every key of `etc/msghandler.toml`. Durations are seconds (fractions allowed).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct HandlerConfig {
+    pub socket: PathBuf,
+    pub listen: SocketAddr,
+    /// How long the server holds a long-poll that has nothing to deliver.
+    pub poll_timeout: f64,
+    /// Largest request body accepted; larger ones get 413 without being read.
+    pub max_body_bytes: u64,
+    /// Origins allowed by CORS; `"*"` allows any.
+    pub cors_allowed_origins: Vec<String>,
+    /// Persistent IPC connections to the core (requests are multiplexed on them).
+    pub core_connections: usize,
+    /// Requests one IPC connection may have unanswered; parked polls count.
+    pub max_in_flight: usize,
+    /// Heartbeat period on each IPC connection; three missed beats mean a hung core.
+    pub heartbeat_interval: f64,
+    /// How long a request waits for a core connection before failing with
+    /// `CoreUnavailable` (a long-poll waits up to its own timeout instead).
+    pub core_wait: f64,
+    /// On SIGTERM, how long open HTTP connections get to finish before exit.
+    pub shutdown_grace: f64,
+    pub log: String,
+}
+
+impl Default for HandlerConfig {
+    fn default() -> Self {
+        HandlerConfig {
+            socket: ipc::paths::default_socket_path(),
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            poll_timeout: 10.0,
+            max_body_bytes: 1024 * 1024,
+            cors_allowed_origins: vec!["*".into()],
+            core_connections: 2,
+            max_in_flight: 65_536,
+            heartbeat_interval: 5.0,
+            core_wait: 1.0,
+            shutdown_grace: 5.0,
+            log: "info".into(),
+        }
+    }
+}
+
+impl HandlerConfig {
+    pub fn load(file: Option<&std::path::Path>) -> anyhow::Result<Self> {
+        let mut builder = config::Config::builder();
+        if let Some(file) = file {
+            builder = builder.add_source(config::File::from(file).required(true));
+        }
+        builder = builder.add_source(
+            config::Environment::with_prefix("MICROMSG")
+                .try_parsing(true)
+                .list_separator(",")
+                .with_list_parse_key("cors_allowed_origins"),
+        );
+        let loaded = builder.build().context("reading configuration")?;
+        loaded
+            .try_deserialize()
+            .context("invalid configuration (see etc/msghandler.toml for every key)")
+    }
+}
+
+pub fn seconds(key: &str, secs: f64) -> anyhow::Result<Duration> {
+    Duration::try_from_secs_f64(secs)
+        .with_context(|| format!("{key} = {secs} is not a duration in seconds"))
+}

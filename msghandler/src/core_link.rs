@@ -1,0 +1,395 @@
+//! The handler's side of the IPC socket: a small pool of persistent, multiplexed
+//! connections to msgserver that reconnect on their own.
+//!
+//! Many requests share one connection, each tagged with an id; a reader task hands
+//! every reply to whoever waits for that id, in whatever order replies come. A
+//! supervisor per connection slot reconnects with jittered backoff whenever the core
+//! goes away, so msghandler outlives any number of core restarts.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use ipc::{
+    ClientFrame, FrameCodec, Hello, Message, Request, RequestId, Response, Role, ServerFrame,
+    Welcome,
+};
+use tokio::net::UnixStream;
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
+use tokio::time::Instant;
+use tokio_util::codec::{FramedRead, FramedWrite};
+use tracing::{debug, info, warn};
+
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum CoreError {
+    #[error("the message server is not reachable")]
+    Unavailable,
+    #[error("the connection to the message server was lost before it answered")]
+    ConnectionLost,
+}
+
+#[derive(Debug, Clone)]
+pub struct PoolConfig {
+    pub socket: PathBuf,
+    pub connections: usize,
+    pub max_in_flight: usize,
+    pub heartbeat_interval: Duration,
+    pub core_wait: Duration,
+}
+
+pub struct CorePool {
+    config: PoolConfig,
+    /// Each slot holds its live connection, if any. A std lock: it is held only to
+    /// clone or swap an `Arc`, never across an await.
+    slots: Vec<RwLock<Option<Arc<CoreConnection>>>>,
+    next_slot: AtomicUsize,
+    /// Woken whenever a slot (re)connects, for requests waiting out an outage.
+    connected: Notify,
+}
+
+impl CorePool {
+    /// Creates the pool and starts connecting in the background.
+    pub fn start(config: PoolConfig) -> Arc<Self> {
+        let slots = (0..config.connections.max(1))
+            .map(|_| RwLock::new(None))
+            .collect();
+        let pool = Arc::new(CorePool {
+            config,
+            slots,
+            next_slot: AtomicUsize::new(0),
+            connected: Notify::new(),
+        });
+        for slot in 0..pool.slots.len() {
+            tokio::spawn(supervise(pool.clone(), slot));
+        }
+        pool
+    }
+
+    /// Sends one request and waits for its reply. Waits up to `core_wait` for a
+    /// connection if none is up; never retries a request that may have been applied.
+    pub async fn request(&self, request: Request) -> Result<Response, CoreError> {
+        let deadline = Instant::now() + self.config.core_wait;
+        let conn = self
+            .connection(deadline)
+            .await
+            .ok_or(CoreError::Unavailable)?;
+        conn.call(request, None).await?.wait().await
+    }
+
+    /// Long-polls `session` for up to `timeout`. A poll has no side effect until it
+    /// is answered, so when a connection drops mid-poll it is re-issued on the next
+    /// one: the browser sees one uninterrupted poll across a core restart.
+    pub async fn poll(&self, session: &str, timeout: Duration) -> Result<Vec<Message>, CoreError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let Some(conn) = self.connection(deadline).await else {
+                return Err(CoreError::Unavailable);
+            };
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            let request = Request::Poll {
+                session: session.to_owned(),
+                timeout_ms: remaining.as_millis() as u64,
+            };
+            let call = match conn.call(request, Some(session)).await {
+                Ok(call) => call,
+                Err(CoreError::ConnectionLost) => continue,
+                Err(e) => return Err(e),
+            };
+            let mut guard = CancelOnDrop {
+                conn: &conn,
+                poll: call.id,
+                armed: true,
+            };
+            let reply = call.wait().await;
+            guard.armed = false;
+            match reply {
+                Ok(Response::Messages(messages)) => return Ok(messages),
+                Ok(other) => {
+                    warn!(?other, "unexpected reply to a poll");
+                    return Ok(Vec::new());
+                }
+                Err(CoreError::ConnectionLost) if Instant::now() < deadline => continue,
+                Err(CoreError::ConnectionLost) => return Ok(Vec::new()),
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Sends what each live connection has queued and waits until it is written,
+    /// so that cancellations issued during shutdown reach the core.
+    pub async fn flush(&self) {
+        let live: Vec<_> = self
+            .slots
+            .iter()
+            .filter_map(|s| s.read().unwrap().clone())
+            .collect();
+        for conn in live {
+            let (done, flushed) = oneshot::channel();
+            if conn.outbox.send(Outgoing::Flush(done)).is_ok() {
+                let _ = tokio::time::timeout(Duration::from_secs(1), flushed).await;
+            }
+        }
+    }
+
+    /// A live connection, waiting for one until `deadline` if none is up.
+    async fn connection(&self, deadline: Instant) -> Option<Arc<CoreConnection>> {
+        loop {
+            // Registered before looking, so a connect in between is not missed.
+            let notified = self.connected.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Some(conn) = self.pick() {
+                return Some(conn);
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return None;
+            }
+        }
+    }
+
+    fn pick(&self) -> Option<Arc<CoreConnection>> {
+        let n = self.slots.len();
+        let start = self.next_slot.fetch_add(1, Ordering::Relaxed);
+        (0..n).find_map(|i| self.slots[(start + i) % n].read().unwrap().clone())
+    }
+}
+
+enum Outgoing {
+    Frame(ClientFrame),
+    Flush(oneshot::Sender<()>),
+}
+
+struct Pending {
+    reply: oneshot::Sender<Response>,
+    /// Set for polls: messages whose browser went away are handed back to the core.
+    poll_session: Option<String>,
+}
+
+struct CoreConnection {
+    outbox: mpsc::UnboundedSender<Outgoing>,
+    /// Waiting callers by request id. A std lock: held for one map operation.
+    pending: Mutex<HashMap<RequestId, Pending>>,
+    next_id: AtomicU64,
+    /// Bounds unanswered requests (parked polls included) so a slow core pushes
+    /// back on the HTTP side instead of this map growing without limit.
+    in_flight: Arc<Semaphore>,
+}
+
+/// A request on the wire; `wait` yields its reply.
+struct Call {
+    id: RequestId,
+    reply: oneshot::Receiver<Response>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Call {
+    async fn wait(self) -> Result<Response, CoreError> {
+        self.reply.await.map_err(|_| CoreError::ConnectionLost)
+    }
+}
+
+/// Withdraws a parked poll whose HTTP request went away (browser closed the tab,
+/// handler shutting down) so the core does not hand it messages nobody will read.
+struct CancelOnDrop<'a> {
+    conn: &'a CoreConnection,
+    poll: RequestId,
+    armed: bool,
+}
+
+impl Drop for CancelOnDrop<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.conn
+                .send_unanswered(Request::CancelPoll { poll: self.poll });
+        }
+    }
+}
+
+impl CoreConnection {
+    async fn call(&self, request: Request, poll_session: Option<&str>) -> Result<Call, CoreError> {
+        let permit = self
+            .in_flight
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| CoreError::ConnectionLost)?;
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        self.pending.lock().unwrap().insert(
+            id,
+            Pending {
+                reply: tx,
+                poll_session: poll_session.map(str::to_owned),
+            },
+        );
+        if self
+            .outbox
+            .send(Outgoing::Frame(ClientFrame { id, request }))
+            .is_err()
+        {
+            self.pending.lock().unwrap().remove(&id);
+            return Err(CoreError::ConnectionLost);
+        }
+        Ok(Call {
+            id,
+            reply: rx,
+            _permit: permit,
+        })
+    }
+
+    /// Fire-and-forget: the core's reply is read and dropped.
+    fn send_unanswered(&self, request: Request) {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let _ = self
+            .outbox
+            .send(Outgoing::Frame(ClientFrame { id, request }));
+    }
+
+    fn dispatch(&self, frame: ServerFrame) {
+        let Some(pending) = self.pending.lock().unwrap().remove(&frame.id) else {
+            return; // a heartbeat or fire-and-forget reply
+        };
+        let Err(response) = pending.reply.send(frame.response) else {
+            return;
+        };
+        // Nobody waits any more: the HTTP request was dropped while the answer was on
+        // its way. Messages in it would be lost, so they go back to the core.
+        if let (Response::Messages(messages), Some(session)) = (response, pending.poll_session)
+            && !messages.is_empty()
+        {
+            debug!(%session, count = messages.len(), "returning undeliverable messages");
+            self.send_unanswered(Request::Return { session, messages });
+        }
+    }
+}
+
+async fn supervise(pool: Arc<CorePool>, slot: usize) {
+    const MIN_BACKOFF: Duration = Duration::from_millis(50);
+    const MAX_BACKOFF: Duration = Duration::from_secs(1);
+    let mut backoff = MIN_BACKOFF;
+    let mut failing = false;
+    loop {
+        match connect(&pool.config).await {
+            Ok((reader, writer)) => {
+                if failing || slot == 0 {
+                    info!(slot, socket = %pool.config.socket.display(), "connected to msgserver");
+                }
+                failing = false;
+                backoff = MIN_BACKOFF;
+                run_connection(&pool, slot, reader, writer).await;
+                warn!(slot, "connection to msgserver lost; reconnecting");
+            }
+            Err(e) => {
+                if !failing {
+                    warn!(slot, socket = %pool.config.socket.display(), error = %e, "cannot reach msgserver; retrying");
+                    failing = true;
+                }
+            }
+        }
+        let jitter = backoff.mul_f64(fastrand::f64() * 0.5);
+        tokio::time::sleep(backoff + jitter).await;
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+type Reader = FramedRead<OwnedReadHalf, FrameCodec<ServerFrame, ClientFrame>>;
+type Writer = FramedWrite<OwnedWriteHalf, FrameCodec<ServerFrame, ClientFrame>>;
+
+async fn connect(config: &PoolConfig) -> anyhow::Result<(Reader, Writer)> {
+    let stream = UnixStream::connect(&config.socket).await?;
+    let (read_half, write_half) = stream.into_split();
+    let mut reader = FramedRead::new(read_half, FrameCodec::<Welcome, Hello>::new());
+    let mut writer = FramedWrite::new(write_half, FrameCodec::<Welcome, Hello>::new());
+    writer.send(Hello::new(Role::Handler)).await?;
+    let welcome = tokio::time::timeout(Duration::from_secs(5), reader.next())
+        .await
+        .map_err(|_| anyhow::anyhow!("no handshake reply within 5 s"))?
+        .ok_or_else(|| anyhow::anyhow!("the core closed the connection during the handshake"))??;
+    match welcome {
+        Welcome::Accepted { .. } => Ok((
+            reader.map_decoder(FrameCodec::retype),
+            writer.map_encoder(FrameCodec::retype),
+        )),
+        Welcome::Refused { reason } => Err(anyhow::anyhow!("the core refused us: {reason}")),
+    }
+}
+
+async fn run_connection(pool: &CorePool, slot: usize, mut reader: Reader, writer: Writer) {
+    let (outbox, queued) = mpsc::unbounded_channel();
+    let conn = Arc::new(CoreConnection {
+        outbox,
+        pending: Mutex::new(HashMap::new()),
+        // 0 is the heartbeat's id.
+        next_id: AtomicU64::new(1),
+        in_flight: Arc::new(Semaphore::new(pool.config.max_in_flight.max(1))),
+    });
+    let write_task = tokio::spawn(write_frames(writer, queued));
+    *pool.slots[slot].write().unwrap() = Some(conn.clone());
+    pool.connected.notify_waiters();
+
+    let interval = pool.config.heartbeat_interval;
+    let mut heartbeat = tokio::time::interval(interval);
+    let silence_limit = interval * 3;
+    let mut last_heard = Instant::now();
+    loop {
+        tokio::select! {
+            frame = reader.next() => match frame {
+                Some(Ok(frame)) => {
+                    last_heard = Instant::now();
+                    conn.dispatch(frame);
+                }
+                Some(Err(e)) => {
+                    warn!(slot, error = %e, "bad frame from msgserver");
+                    break;
+                }
+                None => break,
+            },
+            _ = heartbeat.tick() => {
+                if last_heard.elapsed() > silence_limit {
+                    warn!(slot, "msgserver missed three heartbeats; dropping the connection");
+                    break;
+                }
+                let ping = ClientFrame { id: 0, request: Request::Ping };
+                if conn.outbox.send(Outgoing::Frame(ping)).is_err() {
+                    break;
+                }
+            }
+        }
+    }
+    *pool.slots[slot].write().unwrap() = None;
+    // Closing the semaphore fails callers that wait for a slot on this connection;
+    // clearing the map fails those waiting for a reply. Polls among them re-issue.
+    conn.in_flight.close();
+    conn.pending.lock().unwrap().clear();
+    write_task.abort();
+}
+
+async fn write_frames(mut writer: Writer, mut queued: mpsc::UnboundedReceiver<Outgoing>) {
+    while let Some(first) = queued.recv().await {
+        let mut next = Some(first);
+        let mut flushed = Vec::new();
+        // Write everything queued, then flush once.
+        while let Some(item) = next.take().or_else(|| queued.try_recv().ok()) {
+            match item {
+                Outgoing::Frame(frame) => {
+                    if let Err(e) = writer.feed(frame).await {
+                        debug!(error = %e, "write to msgserver failed");
+                        return;
+                    }
+                }
+                Outgoing::Flush(done) => flushed.push(done),
+            }
+        }
+        if let Err(e) = writer.flush().await {
+            debug!(error = %e, "flush to msgserver failed");
+            return;
+        }
+        for done in flushed {
+            let _ = done.send(());
+        }
+    }
+}

@@ -1,0 +1,163 @@
+//! `msghandler`, the micromsg HTTP front.
+//!
+//! Speaks HTTP/1.1 to browsers (usually behind nginx) and the application backend,
+//! and turns every request into one IPC request to `msgserver` over its Unix socket.
+//! It holds no message state, so it can be restarted at any time without losing a
+//! message. It implements the x0 `micro-msg-server` contract (see ARCHITECTURE.md).
+
+mod config;
+mod core_link;
+mod http;
+mod x0;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::Parser;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tracing::{error, info, warn};
+
+use crate::config::{HandlerConfig, seconds};
+use crate::core_link::{CorePool, PoolConfig};
+use crate::http::{App, Cors};
+
+#[derive(Debug, Parser)]
+#[command(
+    version,
+    about = "micromsg HTTP front: x0-compatible long-polling, forwarded to msgserver"
+)]
+struct Cli {
+    /// TOML configuration file (every key is documented in etc/msghandler.toml).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// msgserver's Unix socket (overrides `socket`).
+    #[arg(long, value_name = "PATH")]
+    socket: Option<PathBuf>,
+    /// HTTP address to listen on (overrides `listen`).
+    #[arg(long, value_name = "ADDR:PORT")]
+    listen: Option<SocketAddr>,
+    /// Seconds a long-poll is held when there is nothing to deliver (overrides
+    /// `poll_timeout`).
+    #[arg(long, value_name = "SECONDS")]
+    poll_timeout: Option<f64>,
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            error!("{e:#}");
+            eprintln!("msghandler: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    let mut config = HandlerConfig::load(cli.config.as_deref())?;
+    if let Some(socket) = cli.socket {
+        config.socket = socket;
+    }
+    if let Some(listen) = cli.listen {
+        config.listen = listen;
+    }
+    if let Some(poll_timeout) = cli.poll_timeout {
+        config.poll_timeout = poll_timeout;
+    }
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(&config.log)
+                .with_context(|| format!("log filter {:?}", config.log))?,
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?
+        .block_on(serve(config))
+}
+
+async fn serve(config: HandlerConfig) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("listening on {}", config.listen))?;
+    let core = CorePool::start(PoolConfig {
+        socket: config.socket.clone(),
+        connections: config.core_connections,
+        max_in_flight: config.max_in_flight,
+        heartbeat_interval: seconds("heartbeat_interval", config.heartbeat_interval)?,
+        core_wait: seconds("core_wait", config.core_wait)?,
+    });
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let app = Arc::new(App {
+        core: core.clone(),
+        poll_timeout: seconds("poll_timeout", config.poll_timeout)?,
+        max_body_bytes: config.max_body_bytes,
+        cors: Cors::new(&config.cors_allowed_origins)?,
+        shutdown: stopped,
+    });
+    let grace = seconds("shutdown_grace", config.shutdown_grace)?;
+    info!(listen = %config.listen, socket = %config.socket.display(), "msghandler listening");
+
+    let graceful = GracefulShutdown::new();
+    let signal = wait_for_signal();
+    tokio::pin!(signal);
+    loop {
+        let (stream, _) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut signal => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let app = app.clone();
+        let service = service_fn(move |request| http::handle(app.clone(), request));
+        let connection = http1::Builder::new()
+            .keep_alive(true)
+            .serve_connection(TokioIo::new(stream), service);
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "HTTP connection ended with an error");
+            }
+        });
+    }
+
+    drop(listener);
+    // Parked polls answer {"messages":null} now; keep-alive connections close after
+    // their current request.
+    let _ = stop.send(true);
+    if tokio::time::timeout(grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        warn!("connections still open after {grace:?}; closing them");
+    }
+    core.flush().await;
+    info!("msghandler stopped");
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("installing SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("installing SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM: stopping"),
+        _ = int.recv() => info!("SIGINT: stopping"),
+    }
+}

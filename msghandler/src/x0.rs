@@ -1,0 +1,405 @@
+//! The x0 `micro-msg-server` wire format: what the real x0 browser client sends, what
+//! it must get back, and the error body. Pure functions over bytes, no I/O.
+
+use indexmap::IndexMap;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+/// Longest session id accepted; x0's are short, and a bound keeps a hostile client
+/// from making the core store megabyte-sized keys.
+pub const MAX_SESSION_LEN: usize = 256;
+
+/// A refusal shown to the client as `{"error":true,"exception_id":..,"exception":..}`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct X0Error {
+    pub kind: &'static str,
+    pub message: String,
+}
+
+impl X0Error {
+    pub fn new(kind: &'static str, message: impl Into<String>) -> Self {
+        X0Error {
+            kind,
+            message: message.into(),
+        }
+    }
+
+    pub fn to_json(&self) -> String {
+        #[derive(serde::Serialize)]
+        struct ErrorBody<'a> {
+            error: bool,
+            exception_id: &'a str,
+            exception: &'a str,
+        }
+        serde_json::to_string(&ErrorBody {
+            error: true,
+            exception_id: self.kind,
+            exception: &self.message,
+        })
+        .expect("strings serialize")
+    }
+}
+
+/// Which x0 endpoint a request came in on; `/python/MsgHandler.py` takes all three
+/// operations and says which in its body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    Any,
+    Get,
+    Set,
+    Del,
+}
+
+/// What a request asks for, once understood.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Operation {
+    /// Queue `body` (the object the recipient will receive) for `dst`.
+    Set {
+        src: String,
+        dst: String,
+        body: String,
+    },
+    Get {
+        session: String,
+    },
+    Del {
+        session: String,
+    },
+}
+
+/// Every key the x0 client may send; unknown keys are ignored.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct Body<'a> {
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    session_src: Option<String>,
+    session_dst: Option<String>,
+    #[serde(borrow)]
+    payload: Option<&'a RawValue>,
+    #[serde(rename = "SessionData")]
+    session_data: Option<SessionData>,
+    #[serde(rename = "RequestData", borrow)]
+    request_data: Option<RequestData<'a>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct SessionData {
+    #[serde(rename = "Value")]
+    value: Option<String>,
+}
+
+/// The x0 example's "Send Data" button.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct RequestData<'a> {
+    #[serde(rename = "FormlistSelectDstUser")]
+    select_dst_user: Option<SelectDstUser>,
+    #[serde(rename = "FormlistExchangeData", borrow)]
+    exchange_data: Option<&'a RawValue>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct SelectDstUser {
+    #[serde(rename = "DstUserSession")]
+    dst_user_session: Option<String>,
+}
+
+/// Understands a JSON request body that arrived on `endpoint`.
+pub fn parse(endpoint: Endpoint, json: &[u8]) -> Result<Operation, X0Error> {
+    let mut de = serde_json::Deserializer::from_slice(json);
+    let body: Body = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        if inner.is_syntax() || inner.is_eof() {
+            X0Error::new(
+                "InvalidJson",
+                format!("the request body is not valid JSON: {inner}"),
+            )
+        } else if path == "." {
+            X0Error::new("InvalidField", "the request body must be a JSON object")
+        } else {
+            X0Error::new("InvalidField", format!("{path}: {inner}"))
+        }
+    })?;
+    de.end().map_err(|e| {
+        X0Error::new(
+            "InvalidJson",
+            format!("the request body is not valid JSON: {e}"),
+        )
+    })?;
+
+    let is_form_button = body
+        .request_data
+        .as_ref()
+        .is_some_and(|r| r.select_dst_user.is_some());
+    let op = match (endpoint, body.kind.as_deref()) {
+        (Endpoint::Get, _) => "GET",
+        (Endpoint::Set, _) => "SET",
+        (Endpoint::Del, _) => "DEL",
+        (Endpoint::Any, Some(kind)) => kind,
+        (Endpoint::Any, None) if is_form_button => "SET",
+        (Endpoint::Any, None) => {
+            return Err(X0Error::new(
+                "MissingField",
+                "type is missing: expected \"GET\", \"SET\" or \"DEL\"",
+            ));
+        }
+    };
+    let src = session(&body)?;
+    match op {
+        "GET" | "get" => Ok(Operation::Get { session: src }),
+        "DEL" | "del" => Ok(Operation::Del { session: src }),
+        "SET" | "set" if is_form_button && body.payload.is_none() => form_button(src, &body),
+        "SET" | "set" => {
+            let dst = checked_session("session_dst", body.session_dst.clone())?;
+            let payload = body
+                .payload
+                .ok_or_else(|| X0Error::new("MissingField", "payload is missing"))?;
+            let body = delivered_object(payload, &src)?;
+            Ok(Operation::Set { src, dst, body })
+        }
+        other => Err(X0Error::new(
+            "UnknownType",
+            format!("type {other:?} is not one of \"GET\", \"SET\", \"DEL\""),
+        )),
+    }
+}
+
+/// `session_src`, or `SessionData.Value` where it is missing.
+fn session(body: &Body) -> Result<String, X0Error> {
+    let src = body
+        .session_src
+        .clone()
+        .or_else(|| body.session_data.as_ref().and_then(|s| s.value.clone()));
+    checked_session("session_src", src)
+}
+
+fn checked_session(field: &str, value: Option<String>) -> Result<String, X0Error> {
+    let value = value.ok_or_else(|| X0Error::new("MissingField", format!("{field} is missing")))?;
+    if value.is_empty() {
+        return Err(X0Error::new("InvalidField", format!("{field} is empty")));
+    }
+    if value.len() > MAX_SESSION_LEN {
+        return Err(X0Error::new(
+            "InvalidField",
+            format!("{field} is longer than {MAX_SESSION_LEN} bytes"),
+        ));
+    }
+    Ok(value)
+}
+
+fn form_button(src: String, body: &Body) -> Result<Operation, X0Error> {
+    let request_data = body.request_data.as_ref().expect("caller checked");
+    let dst = checked_session(
+        "RequestData.FormlistSelectDstUser.DstUserSession",
+        request_data
+            .select_dst_user
+            .as_ref()
+            .and_then(|d| d.dst_user_session.clone()),
+    )?;
+    let data = request_data.exchange_data.ok_or_else(|| {
+        X0Error::new(
+            "MissingField",
+            "RequestData.FormlistExchangeData is missing",
+        )
+    })?;
+    let body = format!(
+        r#"{{"msg-type":"net-message","method-id":"set-data","dst-object":"FormlistExchangeData","payload":{},"session_src":{}}}"#,
+        data.get(),
+        json_string(&src),
+    );
+    Ok(Operation::Set { src, dst, body })
+}
+
+/// `payload` with `"session_src": src` added (replacing any the sender put there: the
+/// recipient must be able to trust it). Every value is passed through as raw text,
+/// so numbers, escapes and key order arrive exactly as sent.
+fn delivered_object(payload: &RawValue, src: &str) -> Result<String, X0Error> {
+    let mut object: IndexMap<String, &RawValue> = serde_json::from_str(payload.get())
+        .map_err(|_| X0Error::new("InvalidField", "payload must be a JSON object"))?;
+    let src = RawValue::from_string(json_string(src)).expect("a JSON string is valid JSON");
+    object.insert("session_src".to_owned(), &src);
+    Ok(serde_json::to_string(&object).expect("raw JSON values serialize"))
+}
+
+fn json_string(s: &str) -> String {
+    serde_json::to_string(s).expect("strings serialize")
+}
+
+/// `{"messages":[...]}` from message bodies that are each one JSON object, or
+/// `{"messages":null}` when there are none (what the x0 client expects).
+pub fn messages_reply<'a>(bodies: impl ExactSizeIterator<Item = &'a str>) -> String {
+    if bodies.len() == 0 {
+        return NO_MESSAGES.to_owned();
+    }
+    let mut out = String::from(r#"{"messages":["#);
+    for (i, body) in bodies.enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(body);
+    }
+    out.push_str("]}");
+    out
+}
+
+pub const NO_MESSAGES: &str = r#"{"messages":null}"#;
+pub const OK: &str = r#"{"messages":null,"status":"ok"}"#;
+
+/// The SET reply; says how many older messages were dropped to make room, if any.
+pub fn set_reply(dropped: u32) -> String {
+    if dropped == 0 {
+        OK.to_owned()
+    } else {
+        format!(r#"{{"messages":null,"status":"ok","dropped":{dropped}}}"#)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set(endpoint: Endpoint, json: &str) -> (String, String, serde_json::Value) {
+        match parse(endpoint, json.as_bytes()).unwrap() {
+            Operation::Set { src, dst, body } => (src, dst, serde_json::from_str(&body).unwrap()),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn error_kind(endpoint: Endpoint, json: &str) -> &'static str {
+        parse(endpoint, json.as_bytes()).unwrap_err().kind
+    }
+
+    #[test]
+    fn set_adds_session_src_to_the_payload() {
+        let (src, dst, body) = set(
+            Endpoint::Any,
+            r#"{"type":"SET","session_src":"A","session_dst":"B","payload":{"k":1}}"#,
+        );
+        assert_eq!((src.as_str(), dst.as_str()), ("A", "B"));
+        assert_eq!(body, serde_json::json!({"k":1,"session_src":"A"}));
+    }
+
+    #[test]
+    fn payload_values_pass_through_as_raw_text() {
+        let json = r#"{"session_src":"A","session_dst":"B","payload":{"big":12345678901234567890,"f":1.50,"s":"\u00fc","n":{"z":[1,2]}}}"#;
+        let Operation::Set { body, .. } = parse(Endpoint::Set, json.as_bytes()).unwrap() else {
+            panic!()
+        };
+        assert_eq!(
+            body,
+            r#"{"big":12345678901234567890,"f":1.50,"s":"\u00fc","n":{"z":[1,2]},"session_src":"A"}"#
+        );
+    }
+
+    #[test]
+    fn sender_cannot_forge_session_src() {
+        let (_, _, body) = set(
+            Endpoint::Set,
+            r#"{"session_src":"A","session_dst":"B","payload":{"session_src":"forged"}}"#,
+        );
+        assert_eq!(body, serde_json::json!({"session_src":"A"}));
+    }
+
+    #[test]
+    fn session_data_value_stands_in_for_a_missing_session_src() {
+        let op = parse(
+            Endpoint::Any,
+            br#"{"type":"GET","SessionData":{"ID":"SYS_SESSION","Value":"S1"}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            op,
+            Operation::Get {
+                session: "S1".into()
+            }
+        );
+    }
+
+    #[test]
+    fn form_button_becomes_a_set_data_message() {
+        let (src, dst, body) = set(
+            Endpoint::Any,
+            r#"{"RequestData":{"FormlistSelectDstUser":{"DstUserSession":"B","UserID":"7"},"FormlistExchangeData":{"f":"v"}},"SessionData":{"Value":"A"},"ServiceData":{}}"#,
+        );
+        assert_eq!((src.as_str(), dst.as_str()), ("A", "B"));
+        assert_eq!(
+            body,
+            serde_json::json!({"msg-type":"net-message","method-id":"set-data","dst-object":"FormlistExchangeData","payload":{"f":"v"},"session_src":"A"})
+        );
+    }
+
+    #[test]
+    fn the_endpoint_decides_the_operation_on_short_paths() {
+        assert_eq!(
+            parse(Endpoint::Get, br#"{"session_src":"S"}"#).unwrap(),
+            Operation::Get {
+                session: "S".into()
+            }
+        );
+        assert_eq!(
+            parse(Endpoint::Del, br#"{"type":"DEL","session_src":"S"}"#).unwrap(),
+            Operation::Del {
+                session: "S".into()
+            }
+        );
+    }
+
+    #[test]
+    fn bad_requests_are_named_precisely() {
+        assert_eq!(error_kind(Endpoint::Any, "{not json"), "InvalidJson");
+        assert_eq!(
+            error_kind(Endpoint::Any, r#"{"type":"GET"} x"#),
+            "InvalidJson"
+        );
+        assert_eq!(error_kind(Endpoint::Any, "[1,2]"), "InvalidField");
+        assert_eq!(
+            error_kind(Endpoint::Any, r#"{"session_src":"A"}"#),
+            "MissingField"
+        );
+        assert_eq!(
+            error_kind(Endpoint::Any, r#"{"type":"PUT","session_src":"A"}"#),
+            "UnknownType"
+        );
+        assert_eq!(
+            error_kind(Endpoint::Get, r#"{"session_src":7}"#),
+            "InvalidField"
+        );
+        assert_eq!(
+            error_kind(Endpoint::Get, r#"{"session_src":""}"#),
+            "InvalidField"
+        );
+        assert_eq!(
+            error_kind(Endpoint::Set, r#"{"session_src":"A","payload":{}}"#),
+            "MissingField"
+        );
+        assert_eq!(
+            error_kind(
+                Endpoint::Set,
+                r#"{"session_src":"A","session_dst":"B","payload":[1]}"#
+            ),
+            "InvalidField"
+        );
+        let err = parse(Endpoint::Get, br#"{"session_src":7}"#).unwrap_err();
+        assert!(err.message.starts_with("session_src:"), "{}", err.message);
+    }
+
+    #[test]
+    fn replies_have_the_x0_shape() {
+        assert_eq!(messages_reply([].into_iter()), r#"{"messages":null}"#);
+        assert_eq!(
+            messages_reply([r#"{"a":1}"#, r#"{"b":2}"#].into_iter()),
+            r#"{"messages":[{"a":1},{"b":2}]}"#
+        );
+        assert_eq!(set_reply(0), r#"{"messages":null,"status":"ok"}"#);
+        let error: serde_json::Value =
+            serde_json::from_str(&X0Error::new("MissingField", "x \"y\"").to_json()).unwrap();
+        assert_eq!(
+            error,
+            serde_json::json!({"error":true,"exception_id":"MissingField","exception":"x \"y\""})
+        );
+    }
+}

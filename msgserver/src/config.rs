@@ -1,0 +1,121 @@
+//! msgserver's configuration: defaults here, a TOML file over them, `MICROMSG_*`
+//! environment variables over that, and command-line flags over everything.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use serde::Deserialize;
+
+use crate::broker::{BrokerConfig, DeliveryMode, OverflowPolicy};
+
+/// Every key of `etc/msgserver.toml`. Durations are seconds (fractions allowed) so
+/// that a file, an environment variable and a test all write them the same way.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct ServerConfig {
+    pub socket: PathBuf,
+    /// Octal, as chmod takes it.
+    pub socket_mode: String,
+    pub socket_owner: String,
+    pub socket_group: String,
+    /// Who the core becomes after binding its socket, when started as root.
+    pub user: String,
+    pub group: String,
+    /// Peers allowed in addition to root, our own uid and the socket's group.
+    pub allowed_uids: Vec<u32>,
+    pub allowed_gids: Vec<u32>,
+    pub delivery: DeliveryMode,
+    pub mailbox_max_len: usize,
+    pub overflow: OverflowPolicy,
+    pub max_payload_bytes: usize,
+    pub message_ttl: f64,
+    pub visibility_timeout: f64,
+    pub idle_mailbox_timeout: f64,
+    pub max_poll_timeout: f64,
+    pub max_in_flight: usize,
+    pub heartbeat_timeout: f64,
+    pub log: String,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        let broker = BrokerConfig::default();
+        ServerConfig {
+            socket: ipc::paths::default_socket_path(),
+            socket_mode: "0770".into(),
+            socket_owner: "www-data".into(),
+            socket_group: "www-data".into(),
+            user: "www-data".into(),
+            group: "www-data".into(),
+            allowed_uids: Vec::new(),
+            allowed_gids: Vec::new(),
+            delivery: broker.delivery,
+            mailbox_max_len: broker.mailbox_max_len,
+            overflow: broker.overflow,
+            max_payload_bytes: broker.max_payload_bytes,
+            message_ttl: broker.message_ttl.map_or(0.0, |d| d.as_secs_f64()),
+            visibility_timeout: broker.visibility_timeout.as_secs_f64(),
+            idle_mailbox_timeout: broker.idle_mailbox_timeout.as_secs_f64(),
+            max_poll_timeout: broker.max_poll_timeout.as_secs_f64(),
+            max_in_flight: 65_536,
+            heartbeat_timeout: 15.0,
+            log: "info".into(),
+        }
+    }
+}
+
+impl ServerConfig {
+    pub fn load(file: Option<&std::path::Path>) -> anyhow::Result<Self> {
+        let mut builder = config::Config::builder();
+        if let Some(file) = file {
+            builder = builder.add_source(config::File::from(file).required(true));
+        }
+        builder = builder.add_source(
+            config::Environment::with_prefix("MICROMSG")
+                .try_parsing(true)
+                .list_separator(",")
+                .with_list_parse_key("allowed_uids")
+                .with_list_parse_key("allowed_gids"),
+        );
+        let loaded = builder.build().context("reading configuration")?;
+        loaded
+            .try_deserialize()
+            .context("invalid configuration (see etc/msgserver.toml for every key)")
+    }
+
+    pub fn socket_mode(&self) -> anyhow::Result<u32> {
+        let digits = self.socket_mode.trim_start_matches("0o");
+        let mode = u32::from_str_radix(digits, 8)
+            .with_context(|| format!("socket_mode {:?} is not an octal mode", self.socket_mode))?;
+        if mode > 0o777 {
+            bail!("socket_mode {:?} is out of range", self.socket_mode);
+        }
+        Ok(mode)
+    }
+
+    pub fn broker(&self) -> anyhow::Result<BrokerConfig> {
+        Ok(BrokerConfig {
+            delivery: self.delivery,
+            mailbox_max_len: self.mailbox_max_len.max(1),
+            overflow: self.overflow,
+            max_payload_bytes: self.max_payload_bytes,
+            message_ttl: match self.message_ttl {
+                0.0 => None,
+                secs => Some(seconds("message_ttl", secs)?),
+            },
+            visibility_timeout: seconds("visibility_timeout", self.visibility_timeout)?,
+            idle_mailbox_timeout: seconds("idle_mailbox_timeout", self.idle_mailbox_timeout)?,
+            max_poll_timeout: seconds("max_poll_timeout", self.max_poll_timeout)?,
+        })
+    }
+
+    pub fn heartbeat_timeout(&self) -> anyhow::Result<Duration> {
+        seconds("heartbeat_timeout", self.heartbeat_timeout)
+    }
+}
+
+fn seconds(key: &str, secs: f64) -> anyhow::Result<Duration> {
+    Duration::try_from_secs_f64(secs)
+        .with_context(|| format!("{key} = {secs} is not a duration in seconds"))
+}
