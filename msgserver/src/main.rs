@@ -78,10 +78,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 
     let broker = Broker::new(config.broker()?);
     // Everything that needs root happens before the runtime starts any thread.
-    let listener = socket::bind(&config)?;
+    let (listener, socket_gid) = socket::bind(&config)?;
     socket::drop_privileges(&config)?;
     let shell = server::ShellConfig {
-        peers: socket::PeerPolicy::new(&config)?,
+        peers: socket::PeerPolicy::new(&config, socket_gid),
         max_in_flight: config.max_in_flight.max(1),
         heartbeat_timeout: config.heartbeat_timeout()?,
         sweep_interval: Duration::from_secs(1),

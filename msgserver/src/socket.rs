@@ -14,8 +14,9 @@ use tracing::{info, warn};
 use crate::config::ServerConfig;
 
 /// Binds the socket path, taking it over from a dead server but never from a live
-/// one, and applies the configured mode and (as root) owner.
-pub fn bind(config: &ServerConfig) -> anyhow::Result<UnixListener> {
+/// one, and applies the configured mode and (as root) owner. Returns the listener
+/// and the socket's group.
+pub fn bind(config: &ServerConfig) -> anyhow::Result<(UnixListener, u32)> {
     let path = config.socket.as_path();
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
         && !dir.exists()
@@ -43,7 +44,10 @@ pub fn bind(config: &ServerConfig) -> anyhow::Result<UnixListener> {
             "not running as root: socket keeps our own owner and group, no privilege drop"
         );
     }
-    Ok(listener)
+    let gid = std::fs::metadata(path)
+        .with_context(|| format!("reading {}", path.display()))?
+        .gid();
+    Ok((listener, gid))
 }
 
 /// A socket file that nobody answers on is what a killed server leaves behind: it
@@ -118,18 +122,17 @@ pub struct PeerPolicy {
 }
 
 impl PeerPolicy {
-    /// Root, ourselves (after any privilege drop), the socket's group, and whatever
-    /// the configuration adds.
-    pub fn new(config: &ServerConfig) -> anyhow::Result<Self> {
-        let socket_gid = std::fs::metadata(&config.socket)
-            .with_context(|| format!("reading {}", config.socket.display()))?
-            .gid();
+    /// Root, ourselves, the socket's group, and whatever the configuration adds.
+    /// Built after the privilege drop (so "ourselves" is who we became) from the
+    /// socket's gid read before it (the socket's directory may not be ours to read
+    /// afterwards).
+    pub fn new(config: &ServerConfig, socket_gid: u32) -> Self {
         let mut uids: HashSet<u32> = config.allowed_uids.iter().copied().collect();
         uids.insert(0);
         uids.insert(Uid::effective().as_raw());
         let mut gids: HashSet<u32> = config.allowed_gids.iter().copied().collect();
         gids.insert(socket_gid);
-        Ok(PeerPolicy { uids, gids })
+        PeerPolicy { uids, gids }
     }
 
     pub fn allows(&self, uid: u32, gid: u32) -> bool {
@@ -177,7 +180,7 @@ mod tests {
             socket_mode: "0750".into(),
             ..config_in(dir.path())
         };
-        let _listener = bind(&config).unwrap();
+        let (_listener, _) = bind(&config).unwrap();
         let mode = std::fs::metadata(&config.socket)
             .unwrap()
             .permissions()
