@@ -46,8 +46,8 @@ impl Cors {
         })
     }
 
-    /// Adds `Access-Control-Allow-Origin` when the request's origin may read the reply.
-    fn allow(&self, request: &HeaderMap, response: &mut HeaderMap) {
+    /// Adds `Access-Control-Allow-Origin` when the request's `origin` may read the reply.
+    fn allow(&self, origin: Option<&HeaderValue>, response: &mut HeaderMap) {
         if self.any_origin {
             response.insert(
                 header::ACCESS_CONTROL_ALLOW_ORIGIN,
@@ -56,7 +56,7 @@ impl Cors {
             return;
         }
         response.insert(header::VARY, HeaderValue::from_static("Origin"));
-        if let Some(origin) = request.get(header::ORIGIN)
+        if let Some(origin) = origin
             && self.origins.contains(origin)
         {
             response.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin.clone());
@@ -80,9 +80,11 @@ pub async fn handle(app: Arc<App>, request: Request<Incoming>) -> Result<Reply, 
             return Ok(json(StatusCode::NOT_FOUND, error.to_json()));
         }
     };
-    let headers = request.headers().clone();
+    // Only this header is needed after the request is consumed (cloning a
+    // HeaderValue shares its bytes).
+    let origin = request.headers().get(header::ORIGIN).cloned();
     let mut reply = if request.method() == Method::OPTIONS {
-        preflight(&headers)
+        preflight(request.headers())
     } else {
         match x0_request(&app, endpoint, request).await {
             Ok(body) => json(StatusCode::OK, body),
@@ -100,7 +102,7 @@ pub async fn handle(app: Arc<App>, request: Request<Incoming>) -> Result<Reply, 
             }
         }
     };
-    app.cors.allow(&headers, reply.headers_mut());
+    app.cors.allow(origin.as_ref(), reply.headers_mut());
     Ok(reply)
 }
 
