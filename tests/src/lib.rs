@@ -1,0 +1,915 @@
+//! End-to-end harness for micromsg: starts the real `msgserver` and `msghandler`
+//! binaries in throw-away directories and talks to them the way their users do —
+//! HTTP to the front, a Unix socket to the core.
+//!
+//! What it is for: the tests under `tests/tests/`, which state the wire contract of
+//! ARCHITECTURE.md ("HTTP contract: x0 compatibility") against real processes over
+//! real sockets. What it is not for: rules of the broker or the codec, which are
+//! unit-tested beside their code in microseconds.
+//!
+//! Every test gets its own temporary directory, socket path and TCP port, so tests
+//! run in parallel (cargo-nextest runs each in its own process). The binaries are
+//! built once per test process with `cargo build`, so a test never runs a stale
+//! binary. Children are killed with SIGKILL when their handle is dropped, and their
+//! logs are printed if the test is failing at that moment.
+
+use std::ffi::OsString;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use serde_json::Value;
+use tempfile::TempDir;
+
+pub use hyper::header::HeaderMap;
+pub use hyper::{Method, StatusCode};
+pub use serde_json::json;
+
+/// How long a child gets to create its socket or port before the test gives up.
+const STARTUP_TIMEOUT: Duration = Duration::from_secs(10);
+/// Polling period while waiting for a child to come up.
+const STARTUP_POLL: Duration = Duration::from_millis(10);
+/// Upper bound for any single HTTP exchange, so that a hung server fails the test
+/// with a message instead of hanging the run.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The headers the real x0 client sends with every POST (`sysCallXMLRPC`).
+pub const X0_HEADERS: &[(&str, &str)] = &[
+    ("Content-Type", "application/json; charset=UTF-8"),
+    ("Accept", "application/json"),
+    ("Cache-Control", "max-age=0"),
+    ("Upgrade-Insecure-Requests", "1"),
+];
+
+/// The four paths x0 applications point their URLs at.
+pub const X0_PATHS: &[&str] = &["/python/MsgHandler.py", "/get", "/set", "/del"];
+
+// ---------------------------------------------------------------------------
+// Binaries
+// ---------------------------------------------------------------------------
+
+/// Paths of the two freshly built binaries.
+#[derive(Debug)]
+pub struct Binaries {
+    pub msgserver: PathBuf,
+    pub msghandler: PathBuf,
+}
+
+/// Builds `msgserver` and `msghandler` once per test process and returns where they
+/// are. A `OnceLock` and not a lazy static per test: every test in the process must
+/// see the same build, and a failed build must fail every test with cargo's output.
+pub fn binaries() -> &'static Binaries {
+    static BINARIES: OnceLock<Binaries> = OnceLock::new();
+    BINARIES.get_or_init(build_binaries)
+}
+
+fn build_binaries() -> Binaries {
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the tests crate lives inside the workspace");
+    let manifest = workspace.join("Cargo.toml");
+    // This test binary is <target>/<profile>/deps/<name>; the binaries we build end
+    // up in <target>/<profile>/, next to `deps`.
+    let exe = std::env::current_exe().expect("locating the test binary");
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("the test binary lives in <target>/<profile>/deps")
+        .to_path_buf();
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| OsString::from("cargo"));
+    let mut cmd = Command::new(cargo);
+    cmd.args(["build", "--bins", "-p", "msgserver", "-p", "msghandler"])
+        .arg("--manifest-path")
+        .arg(&manifest);
+    if profile_dir.file_name().is_some_and(|n| n == "release") {
+        cmd.arg("--release");
+    }
+    // Build into the same target directory as this test binary, even when it was
+    // chosen with --target-dir rather than the environment.
+    if let Some(target_dir) = profile_dir.parent()
+        && target_dir.join("CACHEDIR.TAG").exists()
+    {
+        cmd.arg("--target-dir").arg(target_dir);
+    }
+    let output = cmd
+        .stdin(Stdio::null())
+        .output()
+        .expect("running cargo to build the binaries");
+    if !output.status.success() {
+        panic!(
+            "cargo build of msgserver and msghandler failed ({}):\n{}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    let binaries = Binaries {
+        msgserver: profile_dir.join("msgserver"),
+        msghandler: profile_dir.join("msghandler"),
+    };
+    for bin in [&binaries.msgserver, &binaries.msghandler] {
+        assert!(
+            bin.exists(),
+            "cargo build succeeded but {} is missing",
+            bin.display()
+        );
+    }
+    binaries
+}
+
+// ---------------------------------------------------------------------------
+// Child processes
+// ---------------------------------------------------------------------------
+
+/// A fresh private (0700) temporary directory, as `scripts/run-local` uses: the core
+/// must not need to reach its socket's directory after dropping to `www-data`.
+fn temp_dir(prefix: &str) -> TempDir {
+    tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir()
+        .expect("creating a temporary directory")
+}
+
+/// A command for `bin` whose stdout and stderr go to `log` (appended), with no
+/// `MICROMSG_*` variable leaking in from the environment running the tests.
+fn command(bin: &Path, log: &Path, banner: &str) -> Command {
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .expect("opening the log file");
+    writeln!(file, "===== {banner} =====").expect("writing the log file");
+    let err = file.try_clone().expect("cloning the log file handle");
+    let mut cmd = Command::new(bin);
+    cmd.stdin(Stdio::null()).stdout(file).stderr(err);
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("MICROMSG_") {
+            cmd.env_remove(key);
+        }
+    }
+    cmd
+}
+
+fn read_log(path: &Path) -> String {
+    let mut text = String::new();
+    if let Ok(mut f) = File::open(path) {
+        let _ = f.read_to_string(&mut text);
+    }
+    text
+}
+
+/// Waits up to `timeout` for `child` to exit.
+pub fn wait_timeout(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().expect("waiting for a child") {
+            return Some(status);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(STARTUP_POLL);
+    }
+}
+
+fn signal(child: &Child, sig: Signal) {
+    let pid = Pid::from_raw(i32::try_from(child.id()).expect("pid fits in i32"));
+    // ESRCH only means it is already gone, which is what we wanted.
+    let _ = kill(pid, sig);
+}
+
+fn sigkill_and_reap(child: &mut Child) {
+    if child.try_wait().ok().flatten().is_none() {
+        signal(child, Signal::SIGKILL);
+        let _ = child.wait();
+    }
+}
+
+/// Writes `key = value` TOML lines; strings are quoted with JSON escapes, which
+/// TOML basic strings accept.
+#[derive(Default)]
+struct Toml(String);
+
+impl Toml {
+    fn raw(&mut self, key: &str, value: impl std::fmt::Display) {
+        self.0.push_str(&format!("{key} = {value}\n"));
+    }
+    fn str(&mut self, key: &str, value: &str) {
+        self.raw(key, Value::from(value));
+    }
+    fn float(&mut self, key: &str, value: f64) {
+        // Always with a decimal point: TOML keeps integers and floats apart.
+        self.raw(key, format!("{value:?}"));
+    }
+}
+
+// ---------------------------------------------------------------------------
+// msgserver
+// ---------------------------------------------------------------------------
+
+/// Options for the core; `None` leaves the key out so the binary's default applies.
+#[derive(Debug, Clone, Default)]
+pub struct CoreOptions {
+    /// Passed as `--delivery` ("x0" or "ack").
+    pub delivery: Option<String>,
+    pub mailbox_max_len: Option<usize>,
+    /// "drop_oldest" or "reject".
+    pub overflow: Option<String>,
+    pub max_payload_bytes: Option<usize>,
+    pub message_ttl: Option<f64>,
+    pub visibility_timeout: Option<f64>,
+    pub max_poll_timeout: Option<f64>,
+    /// Appended verbatim to the TOML file.
+    pub extra_toml: String,
+}
+
+impl CoreOptions {
+    fn toml(&self, socket: &Path) -> String {
+        let mut t = Toml::default();
+        t.str("socket", &socket.to_string_lossy());
+        t.str("log", "info");
+        if let Some(v) = self.mailbox_max_len {
+            t.raw("mailbox_max_len", v);
+        }
+        if let Some(v) = &self.overflow {
+            t.str("overflow", v);
+        }
+        if let Some(v) = self.max_payload_bytes {
+            t.raw("max_payload_bytes", v);
+        }
+        if let Some(v) = self.message_ttl {
+            t.float("message_ttl", v);
+        }
+        if let Some(v) = self.visibility_timeout {
+            t.float("visibility_timeout", v);
+        }
+        if let Some(v) = self.max_poll_timeout {
+            t.float("max_poll_timeout", v);
+        }
+        t.0.push_str(&self.extra_toml);
+        t.0
+    }
+}
+
+/// A running `msgserver` in its own temporary directory.
+pub struct Core {
+    dir: TempDir,
+    socket: PathBuf,
+    config: PathBuf,
+    log: PathBuf,
+    options: CoreOptions,
+    child: Option<Child>,
+    starts: u32,
+}
+
+impl Core {
+    /// Starts msgserver on `<tmp>/core.sock` and waits until it accepts connections.
+    pub fn start(options: CoreOptions) -> Core {
+        let dir = temp_dir("micromsg-core-");
+        let socket = dir.path().join("core.sock");
+        let config = dir.path().join("msgserver.toml");
+        std::fs::write(&config, options.toml(&socket)).expect("writing msgserver.toml");
+        let log = dir.path().join("msgserver.log");
+        let mut core = Core {
+            dir,
+            socket,
+            config,
+            log,
+            options,
+            child: None,
+            starts: 0,
+        };
+        core.spawn_and_wait();
+        core
+    }
+
+    /// The command line this core runs with (also used to start a rival on the
+    /// same socket).
+    pub fn command(&self, banner: &str) -> Command {
+        let mut cmd = command(&binaries().msgserver, &self.log, banner);
+        cmd.arg("--socket")
+            .arg(&self.socket)
+            .arg("--config")
+            .arg(&self.config);
+        if let Some(delivery) = &self.options.delivery {
+            cmd.args(["--delivery", delivery]);
+        }
+        cmd
+    }
+
+    fn spawn_and_wait(&mut self) {
+        self.starts += 1;
+        let mut cmd = self.command(&format!("msgserver start #{}", self.starts));
+        let child = cmd.spawn().expect("spawning msgserver");
+        self.child = Some(child);
+        let deadline = Instant::now() + STARTUP_TIMEOUT;
+        loop {
+            let child = self.child.as_mut().expect("just spawned");
+            if let Some(status) = child.try_wait().expect("polling msgserver") {
+                panic!(
+                    "msgserver exited during startup ({status}); log:\n{}",
+                    self.log()
+                );
+            }
+            if self.socket.exists() && UnixStream::connect(&self.socket).is_ok() {
+                return;
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "msgserver did not accept connections on {} within {STARTUP_TIMEOUT:?}; log:\n{}",
+                    self.socket.display(),
+                    self.log()
+                );
+            }
+            std::thread::sleep(STARTUP_POLL);
+        }
+    }
+
+    /// SIGKILL, then reap. The socket file stays behind, as after a crash.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            sigkill_and_reap(&mut child);
+        }
+    }
+
+    /// Starts msgserver again on the same socket path and configuration (after
+    /// `kill` the stale socket file is still there: the server must remove it).
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn_and_wait();
+    }
+
+    /// Starts a second msgserver on this core's socket, expecting it to refuse;
+    /// returns its exit status (None if it was still running after `timeout`, in
+    /// which case it has been killed) and what it wrote to stderr.
+    pub fn start_rival(&self, timeout: Duration) -> (Option<ExitStatus>, String) {
+        let rival_log = self.dir.path().join("rival.log");
+        let mut cmd = self.command("rival msgserver (its output is in rival.log)");
+        let out = File::create(&rival_log).expect("creating rival.log");
+        cmd.stdout(Stdio::null()).stderr(out);
+        let mut child = cmd.spawn().expect("spawning the rival msgserver");
+        let status = wait_timeout(&mut child, timeout);
+        if status.is_none() {
+            sigkill_and_reap(&mut child);
+        }
+        (status, read_log(&rival_log))
+    }
+
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Process id of the running server.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("msgserver is not running").id()
+    }
+
+    /// Whether the process is still alive.
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().ok().flatten().is_none())
+    }
+
+    /// Everything msgserver wrote to stdout and stderr, across restarts.
+    pub fn log(&self) -> String {
+        read_log(&self.log)
+    }
+}
+
+impl Drop for Core {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            eprintln!(
+                "----- msgserver log ({}) -----\n{}",
+                self.log.display(),
+                self.log()
+            );
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// msghandler
+// ---------------------------------------------------------------------------
+
+/// Options for the front; `None` leaves the key out so the binary's default applies.
+#[derive(Debug, Clone)]
+pub struct HandlerOptions {
+    /// Passed as `--poll-timeout`. Short by default so that empty polls do not
+    /// dominate the run time.
+    pub poll_timeout: f64,
+    pub max_body_bytes: Option<u64>,
+    pub core_connections: Option<usize>,
+    pub cors_allowed_origins: Option<Vec<String>>,
+    /// Appended verbatim to the TOML file.
+    pub extra_toml: String,
+}
+
+impl Default for HandlerOptions {
+    fn default() -> Self {
+        HandlerOptions {
+            poll_timeout: 1.0,
+            max_body_bytes: None,
+            core_connections: None,
+            cors_allowed_origins: None,
+            extra_toml: String::new(),
+        }
+    }
+}
+
+impl HandlerOptions {
+    fn toml(&self) -> String {
+        let mut t = Toml::default();
+        t.str("log", "info");
+        if let Some(v) = self.max_body_bytes {
+            t.raw("max_body_bytes", v);
+        }
+        if let Some(v) = self.core_connections {
+            t.raw("core_connections", v);
+        }
+        if let Some(v) = &self.cors_allowed_origins {
+            t.raw("cors_allowed_origins", Value::from(v.clone()));
+        }
+        t.0.push_str(&self.extra_toml);
+        t.0
+    }
+}
+
+/// A running `msghandler` listening on a free port of 127.0.0.1.
+pub struct Handler {
+    _dir: TempDir,
+    addr: SocketAddr,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+impl Handler {
+    /// Starts msghandler for the core at `socket` and waits until its port accepts
+    /// TCP connections.
+    pub fn start(socket: &Path, options: HandlerOptions) -> Handler {
+        let dir = temp_dir("micromsg-handler-");
+        let config = dir.path().join("msghandler.toml");
+        std::fs::write(&config, options.toml()).expect("writing msghandler.toml");
+        let log = dir.path().join("msghandler.log");
+        // The free port is only free until someone else takes it: another test may
+        // grab it between our probe and the child's bind, so retry a few times.
+        for attempt in 1..=3 {
+            let addr = free_port();
+            let mut cmd = command(
+                &binaries().msghandler,
+                &log,
+                &format!("msghandler on {addr} (attempt {attempt})"),
+            );
+            cmd.arg("--socket")
+                .arg(socket)
+                .arg("--listen")
+                .arg(addr.to_string())
+                .arg("--poll-timeout")
+                .arg(options.poll_timeout.to_string())
+                .arg("--config")
+                .arg(&config);
+            let mut child = cmd.spawn().expect("spawning msghandler");
+            let deadline = Instant::now() + STARTUP_TIMEOUT;
+            loop {
+                if let Some(status) = child.try_wait().expect("polling msghandler") {
+                    let text = read_log(&log);
+                    if attempt < 3 && text.to_lowercase().contains("in use") {
+                        break; // lost the race for the port; try another
+                    }
+                    panic!("msghandler exited during startup ({status}); log:\n{text}");
+                }
+                if std::net::TcpStream::connect(addr).is_ok() {
+                    return Handler {
+                        _dir: dir,
+                        addr,
+                        log,
+                        child: Some(child),
+                    };
+                }
+                if Instant::now() >= deadline {
+                    sigkill_and_reap(&mut child);
+                    panic!(
+                        "msghandler did not listen on {addr} within {STARTUP_TIMEOUT:?}; log:\n{}",
+                        read_log(&log)
+                    );
+                }
+                std::thread::sleep(STARTUP_POLL);
+            }
+        }
+        unreachable!("the last attempt either returns or panics")
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("msghandler is not running").id()
+    }
+
+    /// Whether the process is still alive.
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().ok().flatten().is_none())
+    }
+
+    /// Sends SIGTERM without waiting.
+    pub fn send_sigterm(&self) {
+        signal(
+            self.child.as_ref().expect("msghandler is not running"),
+            Signal::SIGTERM,
+        );
+    }
+
+    /// Waits up to `timeout` for the process to exit on its own.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        wait_timeout(
+            self.child.as_mut().expect("msghandler was never started"),
+            timeout,
+        )
+    }
+
+    /// SIGTERM, then wait up to `timeout` for the exit status. Panics (after a
+    /// SIGKILL) if the process does not exit in time.
+    pub fn terminate(&mut self, timeout: Duration) -> ExitStatus {
+        self.send_sigterm();
+        match self.wait_exit(timeout) {
+            Some(status) => status,
+            None => {
+                self.kill();
+                panic!("msghandler did not exit within {timeout:?} of SIGTERM");
+            }
+        }
+    }
+
+    /// SIGKILL, then reap.
+    pub fn kill(&mut self) {
+        if let Some(child) = self.child.as_mut() {
+            sigkill_and_reap(child);
+        }
+    }
+
+    /// Everything msghandler wrote to stdout and stderr.
+    pub fn log(&self) -> String {
+        read_log(&self.log)
+    }
+
+    // -- HTTP ---------------------------------------------------------------
+
+    /// One HTTP/1.1 exchange on a fresh connection. `headers` are sent as given;
+    /// hyper adds Host and Content-Length.
+    pub async fn request(
+        &self,
+        method: Method,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: impl Into<Bytes>,
+    ) -> Reply {
+        match tokio::time::timeout(
+            REQUEST_TIMEOUT,
+            self.exchange(method.clone(), path, headers, body.into()),
+        )
+        .await
+        {
+            Ok(Ok(reply)) => reply,
+            Ok(Err(e)) => panic!("{method} {path}: {e}"),
+            Err(_) => panic!("{method} {path}: no reply within {REQUEST_TIMEOUT:?}"),
+        }
+    }
+
+    async fn exchange(
+        &self,
+        method: Method,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Bytes,
+    ) -> Result<Reply, Box<dyn std::error::Error + Send + Sync>> {
+        let stream = tokio::net::TcpStream::connect(self.addr).await?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+        // The connection future drives the socket; it ends when `sender` is dropped.
+        tokio::spawn(conn);
+        let mut req = hyper::Request::builder()
+            .method(method)
+            .uri(path)
+            .header(hyper::header::HOST, self.addr.to_string());
+        for (name, value) in headers {
+            req = req.header(*name, *value);
+        }
+        let response = sender.send_request(req.body(Full::new(body))?).await?;
+        let (parts, body) = response.into_parts();
+        let body = body.collect().await?.to_bytes();
+        Ok(Reply {
+            status: parts.status,
+            headers: parts.headers,
+            body,
+        })
+    }
+
+    /// POST `body` as the x0 client does (its exact headers).
+    pub async fn post(&self, path: &str, body: &str) -> Reply {
+        self.request(Method::POST, path, X0_HEADERS, body.to_owned())
+            .await
+    }
+
+    /// POST `body` as the x0 client does; the reply must be JSON.
+    pub async fn post_json(&self, path: &str, body: &str) -> (StatusCode, HeaderMap, Value) {
+        let reply = self.post(path, body).await;
+        let json = reply.json();
+        (reply.status, reply.headers, json)
+    }
+
+    /// `POST /set`; asserts HTTP 200 and returns the JSON reply (ok or error).
+    pub async fn set(&self, src: &str, dst: &str, payload: &Value) -> Value {
+        let body = json!({"session_src": src, "session_dst": dst, "payload": payload});
+        let (status, _, reply) = self.post_json("/set", &body.to_string()).await;
+        assert_eq!(status, StatusCode::OK, "SET {src} -> {dst}: {reply}");
+        reply
+    }
+
+    /// `POST /set` that must succeed with `{"messages":null,"status":"ok"}`.
+    pub async fn set_ok(&self, src: &str, dst: &str, payload: &Value) {
+        let reply = self.set(src, dst, payload).await;
+        assert_eq!(
+            reply,
+            json!({"messages": null, "status": "ok"}),
+            "SET {src} -> {dst}"
+        );
+    }
+
+    /// A long-poll exactly as the x0 client sends it, on `POST /get`; asserts HTTP
+    /// 200 and returns the JSON reply.
+    pub async fn poll(&self, session: &str) -> Value {
+        let (status, _, reply) = self.post_json("/get", &x0_get_body(session)).await;
+        assert_eq!(status, StatusCode::OK, "GET {session}: {reply}");
+        reply
+    }
+
+    /// A long-poll that must not fail: the messages, or None for `{"messages":null}`.
+    pub async fn poll_messages(&self, session: &str) -> Option<Vec<Value>> {
+        messages_of(&self.poll(session).await)
+    }
+
+    /// `POST /del` that must succeed.
+    pub async fn del_ok(&self, session: &str) {
+        let body = json!({"type": "DEL", "session_src": session});
+        let (status, _, reply) = self.post_json("/del", &body.to_string()).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(
+            reply,
+            json!({"messages": null, "status": "ok"}),
+            "DEL {session}"
+        );
+    }
+
+    /// Sends `request` bytes as-is on a fresh TCP connection and reads one response
+    /// (status line, headers and a Content-Length body, or up to EOF), waiting at
+    /// most `timeout`. For what a well-behaved client cannot send, such as a
+    /// Content-Length far beyond the body that follows.
+    pub async fn raw_exchange(&self, request: &[u8], timeout: Duration) -> RawReply {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let exchange = async {
+            let mut stream = tokio::net::TcpStream::connect(self.addr).await?;
+            stream.write_all(request).await?;
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 4096];
+            loop {
+                if let Some(reply) = RawReply::parse(&buf) {
+                    return Ok::<_, std::io::Error>(reply);
+                }
+                let n = stream.read(&mut chunk).await?;
+                if n == 0 {
+                    return Ok(RawReply::parse_to_eof(&buf));
+                }
+                buf.extend_from_slice(&chunk[..n]);
+            }
+        };
+        match tokio::time::timeout(timeout, exchange).await {
+            Ok(Ok(reply)) => reply,
+            Ok(Err(e)) => panic!("raw exchange with {}: {e}", self.addr),
+            Err(_) => panic!(
+                "raw exchange with {}: no complete reply within {timeout:?}",
+                self.addr
+            ),
+        }
+    }
+}
+
+impl Drop for Handler {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            eprintln!(
+                "----- msghandler log ({}) -----\n{}",
+                self.log.display(),
+                self.log()
+            );
+        }
+    }
+}
+
+/// Starts a core and a handler in front of it.
+pub fn start(core: CoreOptions, handler: HandlerOptions) -> (Core, Handler) {
+    let core = Core::start(core);
+    let handler = Handler::start(core.socket(), handler);
+    (core, handler)
+}
+
+/// Starts a core and a handler with default options (poll timeout 1 s).
+pub fn start_default() -> (Core, Handler) {
+    start(CoreOptions::default(), HandlerOptions::default())
+}
+
+fn free_port() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("binding 127.0.0.1:0");
+    listener.local_addr().expect("reading the bound address")
+}
+
+// ---------------------------------------------------------------------------
+// Replies
+// ---------------------------------------------------------------------------
+
+/// One HTTP reply, body read in full.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Reply {
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    /// The body as JSON; panics with the body text if it is not.
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "reply ({}) is not JSON ({e}): {:?}",
+                self.status,
+                self.text()
+            )
+        })
+    }
+
+    /// A header as text, if present.
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.headers
+            .get(name)
+            .map(|v| v.to_str().expect("header is not text").to_owned())
+    }
+}
+
+/// A reply read off a raw TCP socket.
+#[derive(Debug)]
+pub struct RawReply {
+    pub status: u16,
+    /// Names lower-cased.
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl RawReply {
+    /// A complete reply at the start of `buf`, if there is one (head plus as many
+    /// body bytes as Content-Length says; without Content-Length only EOF ends it).
+    fn parse(buf: &[u8]) -> Option<RawReply> {
+        let (mut reply, body_start) = Self::parse_head(buf)?;
+        let len: usize = reply.header("content-length")?.trim().parse().ok()?;
+        let body = buf.get(body_start..body_start + len)?;
+        reply.body = body.to_vec();
+        Some(reply)
+    }
+
+    fn parse_to_eof(buf: &[u8]) -> RawReply {
+        let (mut reply, body_start) = Self::parse_head(buf).unwrap_or_else(|| {
+            panic!(
+                "connection closed before a complete response head: {:?}",
+                String::from_utf8_lossy(buf)
+            )
+        });
+        reply.body = buf[body_start..].to_vec();
+        reply
+    }
+
+    fn parse_head(buf: &[u8]) -> Option<(RawReply, usize)> {
+        let mut headers = [httparse::EMPTY_HEADER; 64];
+        let mut response = httparse::Response::new(&mut headers);
+        let body_start = match response.parse(buf) {
+            Ok(httparse::Status::Complete(len)) => len,
+            Ok(httparse::Status::Partial) => return None,
+            Err(e) => panic!(
+                "malformed response head ({e}): {:?}",
+                String::from_utf8_lossy(buf)
+            ),
+        };
+        let headers = response
+            .headers
+            .iter()
+            .map(|h| {
+                let value = std::str::from_utf8(h.value).expect("header value is not text");
+                (h.name.to_ascii_lowercase(), value.to_owned())
+            })
+            .collect();
+        let status = response.code.expect("a complete head has a status");
+        Some((
+            RawReply {
+                status,
+                headers,
+                body: Vec::new(),
+            },
+            body_start,
+        ))
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+// ---------------------------------------------------------------------------
+// x0 bodies and checks
+// ---------------------------------------------------------------------------
+
+/// The long-poll body the real x0 client sends.
+pub fn x0_get_body(session: &str) -> String {
+    json!({
+        "session_src": session,
+        "type": "GET",
+        "SessionData": {"ID": "SYS_SESSION", "Value": session}
+    })
+    .to_string()
+}
+
+/// `messages` of a poll reply: Some(array) or None for null. Panics on anything
+/// else (an error body, a missing key).
+pub fn messages_of(reply: &Value) -> Option<Vec<Value>> {
+    match reply.get("messages") {
+        Some(Value::Null) => None,
+        Some(Value::Array(messages)) => Some(messages.clone()),
+        _ => panic!("not a poll reply: {reply}"),
+    }
+}
+
+/// Asserts that `reply` is the x0 error body of kind `kind` and returns its text.
+pub fn assert_error(reply: &Value, kind: &str) -> String {
+    assert_eq!(
+        reply.get("error"),
+        Some(&Value::Bool(true)),
+        "expected an error body, got {reply}"
+    );
+    assert_eq!(
+        reply.get("exception_id").and_then(Value::as_str),
+        Some(kind),
+        "expected exception_id {kind:?}, got {reply}"
+    );
+    let text = reply
+        .get("exception")
+        .and_then(Value::as_str)
+        .unwrap_or_else(|| panic!("error body without an exception text: {reply}"));
+    assert!(!text.is_empty(), "empty exception text: {reply}");
+    text.to_owned()
+}
+
+/// A unique-enough session id for one test (tests share nothing, but readable
+/// distinct names help when reading logs).
+pub fn session(name: &str) -> String {
+    format!("{name}-{}", std::process::id())
+}
+
+/// The members of a JSON object as their raw text, exactly as they appear in
+/// `json` (for "passes through untouched" checks that a parsed Value would hide).
+pub fn raw_members(json: &str) -> std::collections::BTreeMap<String, String> {
+    let members: std::collections::BTreeMap<String, Box<serde_json::value::RawValue>> =
+        serde_json::from_str(json).unwrap_or_else(|e| panic!("not a JSON object ({e}): {json}"));
+    members
+        .into_iter()
+        .map(|(k, v)| (k, v.get().to_owned()))
+        .collect()
+}
+
+/// The elements of a JSON array as their raw text.
+pub fn raw_elements(json: &str) -> Vec<String> {
+    let elements: Vec<Box<serde_json::value::RawValue>> =
+        serde_json::from_str(json).unwrap_or_else(|e| panic!("not a JSON array ({e}): {json}"));
+    elements.into_iter().map(|v| v.get().to_owned()).collect()
+}
