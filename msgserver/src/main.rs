@@ -92,7 +92,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         "msgserver listening"
     );
 
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    // One thread: the broker is a single owner anyway, and keeping the connection
+    // tasks on its thread spares every request two cross-thread wake-ups.
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;
