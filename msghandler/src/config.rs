@@ -20,7 +20,11 @@ pub struct HandlerConfig {
     pub max_body_bytes: u64,
     /// Origins allowed by CORS; `"*"` allows any.
     pub cors_allowed_origins: Vec<String>,
-    /// Persistent IPC connections to the core (requests are multiplexed on them).
+    /// Worker threads, each with its own runtime and IPC connections; 0 means one
+    /// per CPU.
+    pub threads: usize,
+    /// Persistent IPC connections to the core per worker thread (requests are
+    /// multiplexed on them).
     pub core_connections: usize,
     /// Requests one IPC connection may have unanswered; parked polls count.
     pub max_in_flight: usize,
@@ -42,7 +46,8 @@ impl Default for HandlerConfig {
             poll_timeout: 10.0,
             max_body_bytes: 1024 * 1024,
             cors_allowed_origins: vec!["*".into()],
-            core_connections: 2,
+            threads: 0,
+            core_connections: 1,
             max_in_flight: 65_536,
             heartbeat_interval: 5.0,
             core_wait: 1.0,

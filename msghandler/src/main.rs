@@ -79,49 +79,126 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    tokio::runtime::Builder::new_multi_thread()
+
+    let listener = std::net::TcpListener::bind(config.listen)
+        .with_context(|| format!("listening on {}", config.listen))?;
+    listener.set_nonblocking(true)?;
+    let threads = match config.threads {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    };
+    let settings = Arc::new(Settings::new(&config)?);
+    info!(listen = %config.listen, socket = %config.socket.display(), threads, "msghandler listening");
+
+    // Thread per core: each worker has its own single-threaded runtime, its own IPC
+    // connections and accepts on its own handle of the one listening socket. A
+    // request, its IPC round trip and its reply never cross threads, so the hot path
+    // has no cross-thread wake-ups, and one worker's frames coalesce into one write.
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let workers = (0..threads)
+        .map(|i| {
+            let listener = listener
+                .try_clone()
+                .context("sharing the listening socket")?;
+            let settings = settings.clone();
+            let stopped = stopped.clone();
+            std::thread::Builder::new()
+                .name(format!("http-{i}"))
+                .spawn(move || worker(listener, settings, stopped))
+                .context("starting a worker thread")
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    drop(listener);
+
+    tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .context("starting the async runtime")?
-        .block_on(serve(config))
+        .context("starting the signal runtime")?
+        .block_on(wait_for_signal());
+    // Parked polls answer {"messages":null} now; keep-alive connections close after
+    // their current request.
+    let _ = stop.send(true);
+    for worker in workers {
+        match worker.join() {
+            Ok(result) => result?,
+            Err(_) => anyhow::bail!("a worker thread panicked"),
+        }
+    }
+    info!("msghandler stopped");
+    Ok(())
 }
 
-async fn serve(config: HandlerConfig) -> anyhow::Result<()> {
-    let listener = TcpListener::bind(config.listen)
-        .await
-        .with_context(|| format!("listening on {}", config.listen))?;
-    let core = CorePool::start(PoolConfig {
-        socket: config.socket.clone(),
-        connections: config.core_connections,
-        max_in_flight: config.max_in_flight,
-        heartbeat_interval: seconds("heartbeat_interval", config.heartbeat_interval)?,
-        core_wait: seconds("core_wait", config.core_wait)?,
-    });
-    let (stop, stopped) = tokio::sync::watch::channel(false);
+/// What every worker needs, read once from the configuration.
+struct Settings {
+    pool: PoolConfig,
+    poll_timeout: std::time::Duration,
+    max_body_bytes: u64,
+    cors_allowed_origins: Vec<String>,
+    grace: std::time::Duration,
+}
+
+impl Settings {
+    fn new(config: &HandlerConfig) -> anyhow::Result<Self> {
+        // Checked here so that a bad origin stops the process before it serves.
+        Cors::new(&config.cors_allowed_origins)?;
+        Ok(Settings {
+            pool: PoolConfig {
+                socket: config.socket.clone(),
+                connections: config.core_connections,
+                max_in_flight: config.max_in_flight,
+                heartbeat_interval: seconds("heartbeat_interval", config.heartbeat_interval)?,
+                core_wait: seconds("core_wait", config.core_wait)?,
+            },
+            poll_timeout: seconds("poll_timeout", config.poll_timeout)?,
+            max_body_bytes: config.max_body_bytes,
+            cors_allowed_origins: config.cors_allowed_origins.clone(),
+            grace: seconds("shutdown_grace", config.shutdown_grace)?,
+        })
+    }
+}
+
+fn worker(
+    listener: std::net::TcpListener,
+    settings: Arc<Settings>,
+    stopped: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting a worker runtime")?
+        .block_on(serve(listener, settings, stopped))
+}
+
+async fn serve(
+    listener: std::net::TcpListener,
+    settings: Arc<Settings>,
+    mut stopped: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let listener = TcpListener::from_std(listener)?;
+    let core = CorePool::start(settings.pool.clone());
     let app = Arc::new(App {
         core: core.clone(),
-        poll_timeout: seconds("poll_timeout", config.poll_timeout)?,
-        max_body_bytes: config.max_body_bytes,
-        cors: Cors::new(&config.cors_allowed_origins)?,
-        shutdown: stopped,
+        poll_timeout: settings.poll_timeout,
+        max_body_bytes: settings.max_body_bytes,
+        cors: Cors::new(&settings.cors_allowed_origins)?,
+        shutdown: stopped.clone(),
     });
-    let grace = seconds("shutdown_grace", config.shutdown_grace)?;
-    info!(listen = %config.listen, socket = %config.socket.display(), "msghandler listening");
 
     let graceful = GracefulShutdown::new();
-    let signal = wait_for_signal();
-    tokio::pin!(signal);
     loop {
         let (stream, _) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
+                // Another worker took it (the socket is shared) or the connection
+                // was already reset.
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
                 Err(e) => {
                     warn!(error = %e, "accept failed");
                     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                     continue;
                 }
             },
-            () = &mut signal => break,
+            _ = stopped.wait_for(|stop| *stop) => break,
         };
         let _ = stream.set_nodelay(true);
         let app = app.clone();
@@ -138,17 +215,16 @@ async fn serve(config: HandlerConfig) -> anyhow::Result<()> {
     }
 
     drop(listener);
-    // Parked polls answer {"messages":null} now; keep-alive connections close after
-    // their current request.
-    let _ = stop.send(true);
-    if tokio::time::timeout(grace, graceful.shutdown())
+    if tokio::time::timeout(settings.grace, graceful.shutdown())
         .await
         .is_err()
     {
-        warn!("connections still open after {grace:?}; closing them");
+        warn!(
+            "connections still open after {:?}; closing them",
+            settings.grace
+        );
     }
     core.flush().await;
-    info!("msghandler stopped");
     Ok(())
 }
 

@@ -228,6 +228,8 @@ async fn fifty_parked_polls_on_one_ipc_connection_each_get_their_own_message() {
         HandlerOptions {
             poll_timeout: 10.0,
             core_connections: Some(1),
+            // One worker thread, so exactly one IPC connection carries all of it.
+            extra_toml: "threads = 1\n".into(),
             ..Default::default()
         },
     );
