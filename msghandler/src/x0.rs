@@ -109,28 +109,8 @@ struct SelectDstUser {
 
 /// Understands a JSON request body that arrived on `endpoint`.
 pub fn parse(endpoint: Endpoint, json: &[u8]) -> Result<Operation, X0Error> {
-    let mut de = serde_json::Deserializer::from_slice(json);
-    let body: Body = serde_path_to_error::deserialize(&mut de).map_err(|e| {
-        let path = e.path().to_string();
-        let inner = e.into_inner();
-        if inner.is_syntax() || inner.is_eof() {
-            X0Error::new(
-                "InvalidJson",
-                format!("the request body is not valid JSON: {inner}"),
-            )
-        } else if path == "." {
-            X0Error::new("InvalidField", "the request body must be a JSON object")
-        } else {
-            X0Error::new("InvalidField", format!("{path}: {inner}"))
-        }
-    })?;
-    de.end().map_err(|e| {
-        X0Error::new(
-            "InvalidJson",
-            format!("the request body is not valid JSON: {e}"),
-        )
-    })?;
-
+    // The plain parser on the hot path; the path-tracking one only to word an error.
+    let body: Body = serde_json::from_slice(json).map_err(|_| describe_parse_error(json))?;
     let is_form_button = body
         .request_data
         .as_ref()
@@ -165,6 +145,28 @@ pub fn parse(endpoint: Endpoint, json: &[u8]) -> Result<Operation, X0Error> {
             "UnknownType",
             format!("type {other:?} is not one of \"GET\", \"SET\", \"DEL\""),
         )),
+    }
+}
+
+fn describe_parse_error(json: &[u8]) -> X0Error {
+    let mut de = serde_json::Deserializer::from_slice(json);
+    let error = match serde_path_to_error::deserialize::<_, Body>(&mut de) {
+        Ok(_) => match de.end() {
+            Ok(()) => return X0Error::new("InvalidJson", "the request body is not valid JSON"),
+            Err(e) => e,
+        },
+        Err(e) if e.path().to_string() != "." && e.inner().is_data() => {
+            return X0Error::new("InvalidField", format!("{}: {}", e.path(), e.inner()));
+        }
+        Err(e) => e.into_inner(),
+    };
+    if error.is_data() {
+        X0Error::new("InvalidField", "the request body must be a JSON object")
+    } else {
+        X0Error::new(
+            "InvalidJson",
+            format!("the request body is not valid JSON: {error}"),
+        )
     }
 }
 
@@ -215,10 +217,36 @@ fn form_button(src: String, body: &Body) -> Result<Operation, X0Error> {
 }
 
 /// `payload` with `"session_src": src` added (replacing any the sender put there: the
-/// recipient must be able to trust it). Every value is passed through as raw text,
-/// so numbers, escapes and key order arrive exactly as sent.
+/// recipient must be able to trust it). The payload's text is kept as sent, so
+/// numbers, escapes and key order arrive exactly as the sender wrote them.
 fn delivered_object(payload: &RawValue, src: &str) -> Result<String, X0Error> {
-    let mut object: IndexMap<String, &RawValue> = serde_json::from_str(payload.get())
+    let text = payload.get();
+    let not_an_object = || X0Error::new("InvalidField", "payload must be a JSON object");
+    // RawValue is valid JSON without surrounding whitespace, so an object starts with
+    // '{' and ends with '}'.
+    if !text.starts_with('{') {
+        return Err(not_an_object());
+    }
+    if text.contains("session_src") {
+        return replace_session_src(text, src);
+    }
+    // Common case: splice the member in before the closing brace.
+    let inner = text[1..text.len() - 1].trim();
+    let mut out = String::with_capacity(text.len() + src.len() + 20);
+    out.push_str(&text[..text.len() - 1]);
+    if !inner.is_empty() {
+        out.push(',');
+    }
+    out.push_str(r#""session_src":"#);
+    out.push_str(&json_string(src));
+    out.push('}');
+    Ok(out)
+}
+
+/// The rare path: the payload mentions `session_src` (as a key, or anywhere in a
+/// string), so rebuild the object member by member, each value as raw text.
+fn replace_session_src(text: &str, src: &str) -> Result<String, X0Error> {
+    let mut object: IndexMap<String, &RawValue> = serde_json::from_str(text)
         .map_err(|_| X0Error::new("InvalidField", "payload must be a JSON object"))?;
     let src = RawValue::from_string(json_string(src)).expect("a JSON string is valid JSON");
     object.insert("session_src".to_owned(), &src);
@@ -292,6 +320,41 @@ mod tests {
         assert_eq!(
             body,
             r#"{"big":12345678901234567890,"f":1.50,"s":"\u00fc","n":{"z":[1,2]},"session_src":"A"}"#
+        );
+    }
+
+    #[test]
+    fn empty_and_spaced_payloads_get_a_well_formed_object() {
+        for (payload, want) in [
+            ("{}", r#"{"session_src":"A"}"#),
+            ("{ }", r#"{ "session_src":"A"}"#),
+            (
+                r#"{ "k" : [1, {"x":"}"}] }"#,
+                r#"{ "k" : [1, {"x":"}"}] ,"session_src":"A"}"#,
+            ),
+        ] {
+            // Whitespace around the value is not part of it.
+            let json = format!(
+                r#"{{"session_src":"A","session_dst":"B","payload":  {payload}
+ }}"#
+            );
+            let Operation::Set { body, .. } = parse(Endpoint::Set, json.as_bytes()).unwrap() else {
+                panic!()
+            };
+            assert_eq!(body, want);
+            serde_json::from_str::<serde_json::Value>(&body).expect("valid JSON");
+        }
+    }
+
+    #[test]
+    fn a_payload_that_merely_mentions_session_src_keeps_its_values() {
+        let (_, _, body) = set(
+            Endpoint::Set,
+            r#"{"session_src":"A","session_dst":"B","payload":{"note":"session_src is added"}}"#,
+        );
+        assert_eq!(
+            body,
+            serde_json::json!({"note":"session_src is added","session_src":"A"})
         );
     }
 
