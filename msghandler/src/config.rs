@@ -21,7 +21,7 @@ pub struct HandlerConfig {
     /// Origins allowed by CORS; `"*"` allows any.
     pub cors_allowed_origins: Vec<String>,
     /// Worker threads, each with its own runtime and IPC connections; 0 means one
-    /// per CPU.
+    /// per two CPUs.
     pub threads: usize,
     /// Persistent IPC connections to the core per worker thread (requests are
     /// multiplexed on them).
