@@ -1,0 +1,371 @@
+#!/usr/bin/env bash
+# Benchmarks micromsg against nginx+nchan and the bare hyper `hello` server on this
+# machine, side by side in one run (issue 3; BENCHMARKS.md has the figures).
+#
+#   bench/run.sh            every scenario, each target RUNS times (interleaved),
+#                           medians and ratios as a markdown table
+#   bench/run.sh --quick    CI smoke (same as SMOKE=1): micromsg only, scenario 1 for
+#                           3 s, once; fails if anything was lost, duplicated or
+#                           misrouted. Needs no nginx.
+#
+# Environment:
+#   DURATION   seconds per run (default 15; 3 in --quick)
+#   RUNS       runs per scenario and target (default 3)
+#   SCENARIOS  which scenarios, in order (default "1 2 3 4 5")
+#   TARGETS    which servers (default "micromsg nchan hello"; scenario 3 skips hello)
+#   IDLE       parked long-polls in scenario 3 (default 10000)
+#   ATTEMPTS   tries per measurement while runs come out disturbed (default 3)
+#   RESULTS    file for the raw JSON lines (default target/bench/results-<time>.jsonl;
+#              the markdown table goes next to it as .md)
+#   KEEP_TMP=1 keep the servers' logs and configs
+#
+# Installs nginx and libnginx-mod-nchan with apt if they are missing (the system
+# nginx service is not enabled or left running), builds in release mode, starts
+# micromsg (msgserver + msghandler on a private socket), nginx+nchan (own prefix and
+# config in a temporary directory) and hello, each on a free loopback port, and stops
+# everything it started on exit. Load only ever goes to 127.0.0.1.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+quick=0
+[ "${SMOKE:-0}" = 1 ] && quick=1
+for arg in "$@"; do
+    case $arg in
+        --quick | --smoke) quick=1 ;;
+        -h | --help)
+            sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'
+            exit 0
+            ;;
+        *)
+            echo "run.sh: unknown argument $arg (try --help)" >&2
+            exit 2
+            ;;
+    esac
+done
+
+duration=${DURATION:-15}
+runs=${RUNS:-3}
+idle_polls=${IDLE:-10000}
+attempts=${ATTEMPTS:-3}
+scenarios=${SCENARIOS:-1 2 3 4 5}
+targets=${TARGETS:-micromsg nchan hello}
+[ "$quick" = 1 ] && duration=${DURATION:-3}
+
+log() { echo "run.sh: $*" >&2; }
+
+tmp=$(mktemp -d -t msgbench.XXXXXX)
+# msgserver drops to www-data and nginx workers run as nobody: let them in.
+chmod 755 "$tmp"
+declare -A started=() # pid -> what
+cleanup() {
+    local pid
+    for pid in "${!started[@]}"; do
+        kill "$pid" 2>/dev/null || true
+    done
+    for pid in "${!started[@]}"; do
+        wait "$pid" 2>/dev/null || true
+    done
+    if [ "${KEEP_TMP:-0}" = 1 ]; then
+        log "kept $tmp"
+    else
+        rm -rf "$tmp"
+    fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# ---------------------------------------------------------------------------------
+# Setup
+
+port_in_use() { (: <"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+free_port() {
+    local port=$1
+    while port_in_use "$port"; do port=$((port + 1)); done
+    echo "$port"
+}
+wait_for_port() { # port pid what
+    local _
+    for _ in $(seq 200); do
+        port_in_use "$1" && return 0
+        kill -0 "$2" 2>/dev/null || break
+        sleep 0.05
+    done
+    log "$3 did not come up on port $1; its log:"
+    cat "$tmp/$3.log" >&2 || true
+    exit 1
+}
+stop() { # pid
+    kill "$1" 2>/dev/null || true
+    wait "$1" 2>/dev/null || true
+    unset "started[$1]"
+}
+
+nchan_module=/usr/lib/nginx/modules/ngx_nchan_module.so
+install_nchan() {
+    if command -v nginx >/dev/null && [ -f "$nchan_module" ]; then
+        return
+    fi
+    log "installing nginx and libnginx-mod-nchan"
+    local was_running=0
+    if [ -f /run/nginx.pid ] && kill -0 "$(cat /run/nginx.pid)" 2>/dev/null; then
+        was_running=1
+    fi
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y --no-install-recommends nginx libnginx-mod-nchan >"$tmp/apt.log" 2>&1 ||
+        { apt-get update >>"$tmp/apt.log" 2>&1 &&
+            apt-get install -y --no-install-recommends nginx libnginx-mod-nchan >>"$tmp/apt.log" 2>&1; } ||
+        { cat "$tmp/apt.log" >&2; exit 1; }
+    # The package may have started the system service (on port 80): only ours runs.
+    if [ "$was_running" = 0 ] && [ -f /run/nginx.pid ] && kill -0 "$(cat /run/nginx.pid)" 2>/dev/null; then
+        log "stopping the system nginx the package started"
+        nginx -s stop 2>/dev/null || kill "$(cat /run/nginx.pid)" 2>/dev/null || true
+    fi
+    command -v systemctl >/dev/null && systemctl disable nginx >/dev/null 2>&1 || true
+}
+
+if [ "$quick" = 0 ]; then
+    install_nchan
+fi
+
+log "building (release)"
+cargo build --release --bins -p msgserver -p msghandler -p msgbench >&2
+# Run private copies: other sessions may rebuild target/ while this runs.
+mkdir -p "$tmp/bin"
+for b in msgserver msghandler msgbench hello; do
+    cp "target/release/$b" "$tmp/bin/$b"
+done
+bin=$tmp/bin
+
+# Parked polls and subscribers need a descriptor each, in the servers and here.
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+log "open-file limit $(ulimit -n)"
+if [ "$(id -u)" = 0 ] && ! getent passwd www-data >/dev/null; then
+    # msgserver started as root hands its socket to www-data and drops to it.
+    useradd --system --user-group --no-create-home --shell /usr/sbin/nologin www-data
+fi
+
+# ---------------------------------------------------------------------------------
+# The three servers
+
+micromsg_port=$(free_port 18080)
+socket=$tmp/msgserver.sock
+start_micromsg() {
+    rm -f "$socket"
+    "$bin/msgserver" --config etc/msgserver.toml --socket "$socket" >"$tmp/msgserver.log" 2>&1 &
+    msgserver_pid=$!
+    started[$msgserver_pid]=msgserver
+    local _
+    for _ in $(seq 200); do [ -S "$socket" ] && break; sleep 0.05; done
+    [ -S "$socket" ] || { log "msgserver did not create $socket"; cat "$tmp/msgserver.log" >&2; exit 1; }
+    "$bin/msghandler" --config etc/msghandler.toml --socket "$socket" \
+        --listen "127.0.0.1:$micromsg_port" --poll-timeout 10 >"$tmp/msghandler.log" 2>&1 &
+    msghandler_pid=$!
+    started[$msghandler_pid]=msghandler
+    wait_for_port "$micromsg_port" "$msghandler_pid" msghandler
+}
+stop_micromsg() {
+    stop "$msghandler_pid"
+    stop "$msgserver_pid"
+}
+
+nchan_port=$(free_port $((micromsg_port + 1)))
+start_nchan() {
+    local dir=$tmp/nginx
+    mkdir -p "$dir"
+    cat >"$dir/nginx.conf" <<EOF
+# nginx + nchan for bench/run.sh: its own prefix, loopback only, nothing system-wide.
+load_module $nchan_module;
+worker_processes 2;
+worker_rlimit_nofile $(ulimit -n);
+pid $dir/nginx.pid;
+error_log $dir/error.log warn;
+events {
+    worker_connections 16384;
+}
+http {
+    access_log off;
+    client_body_temp_path $dir/client_body;
+    proxy_temp_path $dir/proxy;
+    fastcgi_temp_path $dir/fastcgi;
+    uwsgi_temp_path $dir/uwsgi;
+    scgi_temp_path $dir/scgi;
+    # The generator keeps one connection per task for the whole run.
+    keepalive_requests 100000000;
+    keepalive_timeout 300s;
+    # nchan keeps delivered messages in shared memory until they expire or are
+    # pushed out of the channel's buffer: give it room (the default is 32M).
+    nchan_max_reserved_memory 1024M;
+
+    server {
+        listen 127.0.0.1:$nchan_port backlog=4096;
+        # One channel per subscriber session, as micromsg has one mailbox per session;
+        # keep as many undelivered messages as micromsg's mailbox_max_len.
+        nchan_message_buffer_length 1000;
+        # Every message is delivered within seconds here; expiring them after 30 s
+        # (default 1h) keeps the shared memory from filling up over a long run.
+        nchan_message_timeout 30s;
+
+        location = /pub {
+            nchan_publisher;
+            nchan_channel_id \$arg_id;
+        }
+        location = /sub {
+            nchan_subscriber longpoll;
+            nchan_channel_id \$arg_id;
+            # A new subscriber starts at the next message, not at what earlier runs
+            # left in the channel's buffer (nchan keeps delivered messages until
+            # they expire; micromsg deletes them on delivery).
+            nchan_subscriber_first_message newest;
+            # micromsg runs with --poll-timeout 10.
+            nchan_subscriber_timeout 10s;
+            # Everything waiting in one reply (multipart/mixed), as a micromsg poll does.
+            nchan_longpoll_multipart_response on;
+        }
+    }
+}
+EOF
+    nginx -p "$dir/" -c "$dir/nginx.conf" -g 'daemon off;' >"$tmp/nginx.log" 2>&1 &
+    nginx_pid=$!
+    started[$nginx_pid]=nginx
+    wait_for_port "$nchan_port" "$nginx_pid" nginx
+}
+stop_nchan() {
+    stop "$nginx_pid"
+}
+
+hello_port=$(free_port $((nchan_port + 1)))
+start_hello() {
+    "$bin/hello" --listen "127.0.0.1:$hello_port" >"$tmp/hello.log" 2>&1 &
+    hello_pid=$!
+    started[$hello_pid]=hello
+    wait_for_port "$hello_port" "$hello_pid" hello
+}
+
+# ---------------------------------------------------------------------------------
+# Runs
+
+mkdir -p target/bench
+results=${RESULTS:-target/bench/results-$(date +%Y%m%d-%H%M%S).jsonl}
+: >"$results"
+failures=0
+
+# run_one TARGET LABEL [msgbench flags...]: one measured run, appended to $results.
+# A run disturbed by other load on the machine (or by the hypervisor taking CPU away)
+# is repeated, up to ATTEMPTS runs in all; the last one counts either way and the
+# report says how many of the counted runs were disturbed.
+run_one() {
+    local target=$1 label=$2
+    shift 2
+    local url watch
+    case $target in
+        micromsg)
+            url=http://127.0.0.1:$micromsg_port
+            watch=(--watch "msgserver:$msgserver_pid" --watch "msghandler:$msghandler_pid")
+            ;;
+        nchan)
+            url=http://127.0.0.1:$nchan_port
+            watch=(--watch "nginx:$nginx_pid")
+            ;;
+        hello)
+            url=http://127.0.0.1:$hello_port
+            watch=(--watch "hello:$hello_pid")
+            ;;
+    esac
+    local attempt line rc
+    for attempt in $(seq "$attempts"); do
+        rc=0
+        line=$("$bin/msgbench" --target "$target" --url "$url" "${watch[@]}" \
+            --duration "$duration" --label "$label" "$@") || rc=$?
+        if [ "$rc" -ge 2 ] || [ -z "$line" ]; then
+            log "msgbench failed ($target, $label)"
+            failures=$((failures + 1))
+            return 0
+        fi
+        if [[ $line == *'"disturbed":true'* ]] && [ "$attempt" -lt "$attempts" ]; then
+            log "run disturbed (other processes or hypervisor steal over 10% of a core): repeating"
+            echo "$line" >>"$results.disturbed"
+            sleep 2
+            continue
+        fi
+        break
+    done
+    echo "$line" >>"$results"
+    if [ "$rc" -ne 0 ]; then
+        log "FAILED: $target $label lost, duplicated or misrouted messages"
+        failures=$((failures + 1))
+    fi
+}
+
+if [ "$quick" = 1 ]; then
+    start_micromsg
+    log "smoke: micromsg, S=100 P=4, ${duration}s"
+    rc=0
+    "$bin/msgbench" --target micromsg --url "http://127.0.0.1:$micromsg_port" \
+        --watch "msgserver:$msgserver_pid" --watch "msghandler:$msghandler_pid" \
+        --subscribers 100 --publishers 4 --duration "$duration" --label smoke \
+        >>"$results" || rc=$?
+    [ "$rc" = 0 ] && log "smoke passed: nothing lost, duplicated or misrouted" ||
+        log "smoke FAILED (exit $rc); see $results"
+    exit "$rc"
+fi
+
+start_micromsg
+start_nchan
+start_hello
+log "micromsg :$micromsg_port  nchan :$nchan_port  hello :$hello_port  ${duration}s × $runs  results $results"
+
+label_of() {
+    case $1 in
+        1) echo "1: S=100 P=4" ;;
+        2) echo "2: S=1000 P=8" ;;
+        3) echo "3: $idle_polls idle parked long-polls" ;;
+        4) echo "4: S=100 P=4, CORS preflight before every request" ;;
+        5) echo "5: backlog, S=100 P=4, subscribers pause 20 ms between polls" ;;
+    esac
+}
+flags_of() {
+    case $1 in
+        1) echo "--subscribers 100 --publishers 4" ;;
+        2) echo "--subscribers 1000 --publishers 8" ;;
+        3) echo "--idle $idle_polls" ;;
+        4) echo "--subscribers 100 --publishers 4 --preflight" ;;
+        5) echo "--subscribers 100 --publishers 4 --poll-pause-ms 20" ;;
+    esac
+}
+
+started_at=$SECONDS
+for scenario in $scenarios; do
+    label=$(label_of "$scenario")
+    read -r -a flags <<<"$(flags_of "$scenario")"
+    # Each scenario starts from freshly started servers.
+    [[ " $targets " == *" micromsg "* ]] && { stop_micromsg; start_micromsg; }
+    [[ " $targets " == *" nchan "* ]] && { stop_nchan; start_nchan; }
+    for rep in $(seq "$runs"); do
+        if [ "$scenario" = 3 ]; then
+            # Memory per poll is measured on freshly started servers, so that nothing
+            # left from earlier runs hides in the "before" figure.
+            for target in $targets; do
+                [ "$target" = hello ] && continue
+                log "scenario $label: $target, run $rep/$runs"
+                if [ "$target" = micromsg ]; then stop_micromsg; start_micromsg; fi
+                if [ "$target" = nchan ]; then stop_nchan; start_nchan; fi
+                sleep 1
+                run_one "$target" "$label" "${flags[@]}"
+            done
+            continue
+        fi
+        for target in $targets; do
+            log "scenario $label: $target, run $rep/$runs"
+            run_one "$target" "$label" "${flags[@]}"
+        done
+    done
+done
+log "measured in $((SECONDS - started_at)) s"
+
+echo
+"$bin/msgbench" --report "$results" | tee "${results%.jsonl}.md"
+log "raw results: $results; table: ${results%.jsonl}.md"
+if [ "$failures" -gt 0 ]; then
+    log "$failures run(s) failed or lost/duplicated/misrouted messages"
+    exit 1
+fi

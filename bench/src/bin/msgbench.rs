@@ -1,0 +1,1391 @@
+//! msgbench — the micromsg load generator. See the crate documentation and
+//! `msgbench --help`; `bench/run.sh` shows how it is used.
+
+#![recursion_limit = "256"]
+
+use std::borrow::Cow;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use bytes::Bytes;
+use clap::{Parser, ValueEnum};
+use hdrhistogram::Histogram;
+use http_body_util::Full;
+use hyper::header::{self, HeaderValue};
+use hyper::{Method, Request, StatusCode, Uri};
+use msgbench::client::{Connection, Reply};
+use msgbench::procfs::{self, CpuDelta, Memory, Watched};
+use msgbench::{raise_fd_limit, report, unix_micros};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::sync::{Semaphore, watch};
+use tokio::task::JoinSet;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Target {
+    /// micromsg over the x0 protocol (POST /set, POST /python/MsgHandler.py).
+    Micromsg,
+    /// nginx + nchan long-poll (POST /pub?id=, GET /sub?id= with Etag/Last-Modified).
+    Nchan,
+    /// The bare `hello` server: counts answered requests only.
+    Hello,
+}
+
+impl Target {
+    fn name(self) -> &'static str {
+        match self {
+            Target::Micromsg => "micromsg",
+            Target::Nchan => "nchan",
+            Target::Hello => "hello",
+        }
+    }
+}
+
+/// Load generator for micromsg, nginx+nchan and the hello baseline.
+///
+/// P closed-loop publishers and S long-polling subscriber sessions, one persistent
+/// HTTP/1.1 connection each, for a timed window; then a drain. Prints a table on
+/// stderr and one JSON line on stdout; exits 1 if anything was lost, duplicated or
+/// misrouted (or nothing was delivered).
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Args {
+    #[arg(long, value_enum, default_value = "micromsg")]
+    target: Target,
+    /// Base URL of the server.
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    url: String,
+    /// Subscriber sessions (one long-poll connection each).
+    #[arg(long, default_value_t = 100)]
+    subscribers: usize,
+    /// Closed-loop publishers (one connection each).
+    #[arg(long, default_value_t = 4)]
+    publishers: usize,
+    /// Length of the timed window, in seconds.
+    #[arg(long, default_value_t = 15.0)]
+    duration: f64,
+    /// Size of each payload (the JSON object delivered), in bytes.
+    #[arg(long, default_value_t = 100)]
+    payload_bytes: usize,
+    /// Send the x0 client's CORS preflight (OPTIONS) before every request.
+    #[arg(long)]
+    preflight: bool,
+    /// Subscribers wait this long between polls (backlog scenario).
+    #[arg(long, default_value_t = 0)]
+    poll_pause_ms: u64,
+    /// Idle scenario: hold this many parked long-polls (distinct sessions) for
+    /// --duration and report memory per poll; no publishers.
+    #[arg(long, default_value_t = 0)]
+    idle: usize,
+    /// Process name (/proc/<pid>/comm) whose CPU and memory to measure, all processes
+    /// of that name summed; NAME:PID[,PID...] takes those pids and their children of
+    /// that name instead. Repeatable.
+    #[arg(long = "watch", value_name = "NAME")]
+    watch: Vec<String>,
+    /// After the window: seconds to wait for the messages still under way.
+    #[arg(long, default_value_t = 5.0)]
+    drain: f64,
+    /// Print only the JSON line.
+    #[arg(long)]
+    json: bool,
+    /// Free text copied into the JSON line (run.sh: the scenario).
+    #[arg(long, default_value = "")]
+    label: String,
+    /// Instead of running: read JSON result lines from FILE and print the markdown
+    /// table of medians and ratios.
+    #[arg(long, value_name = "FILE")]
+    report: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    if let Some(path) = &args.report {
+        return match report::markdown_from_file(path) {
+            Ok(text) => {
+                print!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(error) => {
+                eprintln!("msgbench: {error:#}");
+                ExitCode::from(2)
+            }
+        };
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("msgbench: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    // Whatever a server does, a run ends: connecting (10 s per connection, 100 at a
+    // time), the window, the drain and a margin.
+    let connections = args.subscribers.max(args.idle) + args.publishers;
+    let limit = args.duration.max(0.0)
+        + args.drain.max(0.0)
+        + 10.0 * (connections as f64 / 100.0).ceil()
+        + 90.0;
+    let bounded = runtime
+        .block_on(async { tokio::time::timeout(Duration::from_secs_f64(limit), run(args)).await });
+    match bounded {
+        Ok(Ok(true)) => ExitCode::SUCCESS,
+        Ok(Ok(false)) => ExitCode::from(1),
+        Ok(Err(error)) => {
+            eprintln!("msgbench: {error:#}");
+            ExitCode::from(2)
+        }
+        Err(_) => {
+            eprintln!("msgbench: the run did not finish within {limit:.0} s; gave up");
+            ExitCode::from(2)
+        }
+    }
+}
+
+const ORIGIN: &str = "http://localhost:8000";
+/// Longest wait for a publish or a preflight reply.
+const REQUEST_LIMIT: Duration = Duration::from_secs(10);
+/// Longest wait for a long-poll reply (the servers hold a poll for 10 s).
+const POLL_LIMIT: Duration = Duration::from_secs(30);
+const JSON_UTF8: &str = "application/json; charset=UTF-8";
+/// What the x0 client's preflight asks for.
+const PREFLIGHT_HEADERS: &str = "cache-control,content-type,upgrade-insecure-requests";
+/// A long-poll through nchan also sends these, which are not CORS-safelisted.
+const NCHAN_PREFLIGHT_HEADERS: &str = "if-modified-since,if-none-match";
+
+/// Everything the tasks share.
+struct Ctx {
+    target: Target,
+    preflight: bool,
+    payload_bytes: usize,
+    publishers: usize,
+    subscribers: usize,
+    poll_pause: Duration,
+    /// The timed window in Unix microseconds; start is u64::MAX until it begins.
+    window_start_us: AtomicU64,
+    window_end_us: AtomicU64,
+    /// Subscribers that have sent their first poll.
+    first_polls: AtomicUsize,
+    /// Publishes acknowledged, deliveries received (duplicates included): ends the drain.
+    acked_total: AtomicU64,
+    delivered_total: AtomicU64,
+}
+
+impl Ctx {
+    fn in_window(&self, now_us: u64) -> bool {
+        now_us >= self.window_start_us.load(Ordering::Relaxed)
+            && now_us < self.window_end_us.load(Ordering::Relaxed)
+    }
+}
+
+async fn run(args: Args) -> Result<bool> {
+    if args.duration <= 0.0 || !args.duration.is_finite() {
+        bail!("--duration must be positive");
+    }
+    if args.idle == 0 && (args.subscribers == 0 || args.publishers == 0) {
+        bail!("--subscribers and --publishers must be at least 1");
+    }
+    let addr = resolve(&args.url).await?;
+    let fd_limit = raise_fd_limit().unwrap_or(0);
+    let needed = (args.idle.max(args.subscribers) + args.publishers + 64) as u64;
+    if fd_limit < needed {
+        eprintln!(
+            "msgbench: warning: open-file limit {fd_limit} is below the {needed} this run needs"
+        );
+    }
+    let watched: Vec<Watched> = args.watch.iter().map(|n| Watched::find(n)).collect();
+    for w in &watched {
+        if w.pids.is_empty() {
+            eprintln!("msgbench: warning: no process named {:?} to watch", w.name);
+        }
+    }
+    let ctx = Arc::new(Ctx {
+        target: args.target,
+        preflight: args.preflight,
+        payload_bytes: args.payload_bytes,
+        publishers: args.publishers,
+        subscribers: args.subscribers,
+        poll_pause: Duration::from_millis(args.poll_pause_ms),
+        window_start_us: AtomicU64::new(u64::MAX),
+        window_end_us: AtomicU64::new(u64::MAX),
+        first_polls: AtomicUsize::new(0),
+        acked_total: AtomicU64::new(0),
+        delivered_total: AtomicU64::new(0),
+    });
+    let (result, ok) = if args.idle > 0 {
+        run_idle(&args, addr, &ctx, &watched).await?
+    } else {
+        run_load(&args, addr, &ctx, &watched).await?
+    };
+    if !args.json {
+        eprint!("{}", table(&args, &result));
+    }
+    println!("{}", serde_json::to_string(&result)?);
+    Ok(ok)
+}
+
+async fn resolve(url: &str) -> Result<SocketAddr> {
+    let rest = url
+        .strip_prefix("http://")
+        .context("--url must start with http://")?;
+    let authority = rest.split('/').next().unwrap_or(rest);
+    let authority = if authority.contains(':') {
+        authority.to_string()
+    } else {
+        format!("{authority}:80")
+    };
+    tokio::net::lookup_host(&authority)
+        .await?
+        .next()
+        .with_context(|| format!("cannot resolve {authority}"))
+}
+
+/// Opens `n` connections, at most 100 handshakes at a time: listen backlogs can be
+/// as small as 128, and a dropped SYN costs a one-second retransmission.
+async fn connect_many(addr: SocketAddr, n: usize) -> Result<Vec<Connection>> {
+    let gate = Arc::new(Semaphore::new(100));
+    let mut set = JoinSet::new();
+    for index in 0..n {
+        let permit = gate.clone().acquire_owned().await?;
+        set.spawn(async move {
+            let connection = Connection::open(addr).await;
+            drop(permit);
+            (index, connection)
+        });
+    }
+    let mut slots: Vec<Option<Connection>> = (0..n).map(|_| None).collect();
+    while let Some(joined) = set.join_next().await {
+        let (index, connection) = joined?;
+        slots[index] = Some(connection?);
+    }
+    Ok(slots
+        .into_iter()
+        .map(|c| c.expect("every slot filled"))
+        .collect())
+}
+
+// ---------------------------------------------------------------------------------
+// Requests
+
+fn payload(seq: u64, publisher: usize, dst: usize, ts: u64, size: usize) -> String {
+    let mut text = format!(r#"{{"seq":{seq},"pub":{publisher},"dst":"sub{dst}","ts":{ts},"pad":""#);
+    let pad = size.saturating_sub(text.len() + 2);
+    text.extend(std::iter::repeat_n('x', pad));
+    text.push_str("\"}");
+    text
+}
+
+fn post(uri: &str, host: &HeaderValue, body: String, origin: bool) -> Request<Full<Bytes>> {
+    let mut builder = Request::builder()
+        .method(Method::POST)
+        .uri(uri)
+        .header(header::HOST, host.clone())
+        .header(header::CONTENT_TYPE, JSON_UTF8);
+    if origin {
+        builder = builder.header(header::ORIGIN, ORIGIN);
+    }
+    builder
+        .body(Full::new(Bytes::from(body)))
+        .expect("valid request")
+}
+
+fn preflight_request(
+    uri: &str,
+    host: &HeaderValue,
+    method: &str,
+    headers: &str,
+) -> Request<Full<Bytes>> {
+    Request::builder()
+        .method(Method::OPTIONS)
+        .uri(uri)
+        .header(header::HOST, host.clone())
+        .header(header::ORIGIN, ORIGIN)
+        .header(header::ACCESS_CONTROL_REQUEST_METHOD, method)
+        .header(header::ACCESS_CONTROL_REQUEST_HEADERS, headers)
+        .body(Full::new(Bytes::new()))
+        .expect("valid request")
+}
+
+/// Sends the preflight; true when it was answered with a 2xx.
+async fn send_preflight(
+    connection: &mut Connection,
+    uri: &str,
+    method: &str,
+    headers: &str,
+) -> bool {
+    let request = preflight_request(uri, &connection.host, method, headers);
+    matches!(connection.send(request, REQUEST_LIMIT).await, Ok(reply) if reply.status.is_success())
+}
+
+#[derive(Deserialize)]
+struct PublishReply<'a> {
+    #[serde(borrow, default)]
+    status: Option<Cow<'a, str>>,
+    #[serde(default)]
+    error: bool,
+    #[serde(default)]
+    dropped: u64,
+}
+
+#[derive(Deserialize)]
+struct PollReply<'a> {
+    #[serde(borrow, default)]
+    messages: Option<Vec<Delivered<'a>>>,
+    #[serde(default)]
+    error: bool,
+}
+
+#[derive(Deserialize)]
+struct Delivered<'a> {
+    seq: u64,
+    #[serde(rename = "pub")]
+    publisher: u32,
+    #[serde(borrow)]
+    dst: Cow<'a, str>,
+    ts: u64,
+    #[serde(borrow, default)]
+    session_src: Option<Cow<'a, str>>,
+}
+
+/// Keeps the first error text of each task, for the report.
+fn note(slot: &mut Option<String>, text: impl FnOnce() -> String) {
+    if slot.is_none() {
+        *slot = Some(text());
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// Publishers
+
+#[derive(Default)]
+struct PubStats {
+    /// The publisher's number (`pub<index>`).
+    index: usize,
+    /// Messages sent (sequence numbers 0..sent).
+    sent: u64,
+    /// Sequence numbers the server acknowledged.
+    acked: Vec<u32>,
+    /// Messages the server said it dropped from a full mailbox.
+    dropped: u64,
+    errors: u64,
+    requests: u64,
+    cors_missing: u64,
+    reconnects: u64,
+    first_error: Option<String>,
+}
+
+async fn publisher(
+    ctx: Arc<Ctx>,
+    index: usize,
+    mut connection: Connection,
+    end: Instant,
+) -> PubStats {
+    let mut stats = PubStats {
+        index,
+        ..PubStats::default()
+    };
+    let (p, s) = (ctx.publishers, ctx.subscribers);
+    let mut seq: u64 = 0;
+    while Instant::now() < end {
+        let dst = (index + seq as usize * p) % s;
+        let ts = unix_micros();
+        let body = payload(seq, index, dst, ts, ctx.payload_bytes);
+        let (uri, body) = match ctx.target {
+            Target::Micromsg | Target::Hello => (
+                Cow::Borrowed("/set"),
+                format!(
+                    r#"{{"session_src":"pub{index}","session_dst":"sub{dst}","payload":{body}}}"#
+                ),
+            ),
+            Target::Nchan => (Cow::Owned(format!("/pub?id=sub{dst}")), body),
+        };
+        if ctx.preflight {
+            stats.requests += 1;
+            if !send_preflight(&mut connection, &uri, "POST", PREFLIGHT_HEADERS).await {
+                stats.errors += 1;
+                note(&mut stats.first_error, || "publish preflight failed".into());
+            }
+        }
+        let request = post(&uri, &connection.host, body, ctx.preflight);
+        stats.sent += 1;
+        stats.requests += 1;
+        match connection.send(request, REQUEST_LIMIT).await {
+            Ok(reply) => match publish_outcome(ctx.target, &reply) {
+                Ok(dropped) => {
+                    stats.acked.push(seq as u32);
+                    stats.dropped += dropped;
+                    ctx.acked_total.fetch_add(1, Ordering::Relaxed);
+                    if ctx.preflight
+                        && !reply
+                            .headers
+                            .contains_key(header::ACCESS_CONTROL_ALLOW_ORIGIN)
+                    {
+                        stats.cors_missing += 1;
+                    }
+                }
+                Err(text) => {
+                    stats.errors += 1;
+                    note(&mut stats.first_error, || text);
+                }
+            },
+            Err(error) => {
+                stats.errors += 1;
+                note(&mut stats.first_error, || format!("publish: {error:#}"));
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+        seq += 1;
+    }
+    stats.reconnects = connection.reconnects;
+    stats
+}
+
+/// Ok(messages dropped by the server) when the publish was accepted.
+fn publish_outcome(target: Target, reply: &Reply) -> Result<u64, String> {
+    let describe = || {
+        format!(
+            "publish answered {}: {}",
+            reply.status,
+            String::from_utf8_lossy(&reply.body[..reply.body.len().min(200)])
+        )
+    };
+    match target {
+        Target::Micromsg => {
+            if reply.status != StatusCode::OK {
+                return Err(describe());
+            }
+            match serde_json::from_slice::<PublishReply>(&reply.body) {
+                Ok(r) if !r.error && r.status.as_deref() == Some("ok") => Ok(r.dropped),
+                _ => Err(describe()),
+            }
+        }
+        // 201: delivered to a waiting subscriber; 202: queued.
+        Target::Nchan if reply.status.is_success() => Ok(0),
+        Target::Hello if reply.status == StatusCode::OK => Ok(0),
+        _ => Err(describe()),
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// Subscribers
+
+/// One received message: 16 bytes, kept until the end of the run.
+#[derive(Clone, Copy)]
+struct Delivery {
+    publisher: u32,
+    seq: u32,
+    latency_us: u32,
+    in_window: bool,
+}
+
+#[derive(Default)]
+struct SubStats {
+    deliveries: Vec<Delivery>,
+    misrouted: u64,
+    wrong_sender: u64,
+    errors: u64,
+    /// Requests (polls and preflights) answered inside the window.
+    requests_in_window: u64,
+    polls_in_window: u64,
+    /// Polls that brought at least one message, and how many messages they brought.
+    polls_with_messages: u64,
+    messages_in_polls: u64,
+    cors_missing: u64,
+    reconnects: u64,
+    first_error: Option<String>,
+}
+
+/// Where a nchan long-poll subscriber is in its channel's queue.
+#[derive(Default)]
+struct NchanCursor {
+    last_modified: Option<HeaderValue>,
+    etag: Option<HeaderValue>,
+}
+
+async fn subscriber(
+    ctx: Arc<Ctx>,
+    session: String,
+    mut connection: Connection,
+    mut stop: watch::Receiver<bool>,
+) -> SubStats {
+    let mut stats = SubStats::default();
+    let mut cursor = NchanCursor::default();
+    let poll_body = Bytes::from(format!(
+        r#"{{"session_src":"{session}","type":"GET","SessionData":{{"ID":"SYS_SESSION","Value":"{session}"}}}}"#
+    ));
+    let nchan_uri = format!("/sub?id={session}");
+    let mut first = true;
+    loop {
+        let uri = match ctx.target {
+            Target::Nchan => nchan_uri.clone(),
+            _ => format!("/python/MsgHandler.py?a__={}", fastrand::u64(..)),
+        };
+        let (method, method_name, asked) = match ctx.target {
+            Target::Nchan => (Method::GET, "GET", NCHAN_PREFLIGHT_HEADERS),
+            _ => (Method::POST, "POST", PREFLIGHT_HEADERS),
+        };
+        if first {
+            ctx.first_polls.fetch_add(1, Ordering::Relaxed);
+            first = false;
+        }
+        if ctx.preflight {
+            let ok = tokio::select! {
+                biased;
+                _ = stop.wait_for(|s| *s) => break,
+                ok = send_preflight(&mut connection, &uri, method_name, asked) => ok,
+            };
+            if ctx.in_window(unix_micros()) {
+                stats.requests_in_window += 1;
+            }
+            if !ok {
+                stats.errors += 1;
+                note(&mut stats.first_error, || "poll preflight failed".into());
+            }
+        }
+        let mut builder = Request::builder()
+            .method(method)
+            .uri(uri.parse::<Uri>().expect("valid uri"))
+            .header(header::HOST, connection.host.clone());
+        if ctx.preflight {
+            builder = builder.header(header::ORIGIN, ORIGIN);
+        }
+        let request = match ctx.target {
+            Target::Nchan => {
+                if let Some(value) = &cursor.last_modified {
+                    builder = builder.header(header::IF_MODIFIED_SINCE, value.clone());
+                }
+                if let Some(value) = &cursor.etag {
+                    builder = builder.header(header::IF_NONE_MATCH, value.clone());
+                }
+                builder.body(Full::new(Bytes::new()))
+            }
+            _ => builder
+                .header(header::CONTENT_TYPE, JSON_UTF8)
+                .body(Full::new(poll_body.clone())),
+        }
+        .expect("valid request");
+        let result = tokio::select! {
+            biased;
+            _ = stop.wait_for(|s| *s) => break,
+            result = connection.send(request, POLL_LIMIT) => result,
+        };
+        let now_us = unix_micros();
+        let in_window = ctx.in_window(now_us);
+        if in_window {
+            stats.requests_in_window += 1;
+            stats.polls_in_window += 1;
+        }
+        match result {
+            Ok(reply) => {
+                if ctx.preflight
+                    && !reply
+                        .headers
+                        .contains_key(header::ACCESS_CONTROL_ALLOW_ORIGIN)
+                {
+                    stats.cors_missing += 1;
+                }
+                let before = stats.deliveries.len();
+                handle_poll_reply(&ctx, &session, &reply, now_us, &mut cursor, &mut stats);
+                let got = (stats.deliveries.len() - before) as u64;
+                if got > 0 {
+                    stats.polls_with_messages += 1;
+                    stats.messages_in_polls += got;
+                    ctx.delivered_total.fetch_add(got, Ordering::Relaxed);
+                }
+            }
+            Err(error) => {
+                stats.errors += 1;
+                note(&mut stats.first_error, || format!("poll: {error:#}"));
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+        if !ctx.poll_pause.is_zero() {
+            tokio::select! {
+                biased;
+                _ = stop.wait_for(|s| *s) => break,
+                _ = tokio::time::sleep(ctx.poll_pause) => {}
+            }
+        }
+    }
+    stats.reconnects = connection.reconnects;
+    stats
+}
+
+fn handle_poll_reply(
+    ctx: &Ctx,
+    session: &str,
+    reply: &Reply,
+    now_us: u64,
+    cursor: &mut NchanCursor,
+    stats: &mut SubStats,
+) {
+    let bad = |stats: &mut SubStats, what: &str| {
+        stats.errors += 1;
+        note(&mut stats.first_error, || {
+            format!(
+                "{what}: {} {}",
+                reply.status,
+                String::from_utf8_lossy(&reply.body[..reply.body.len().min(200)])
+            )
+        });
+    };
+    match ctx.target {
+        Target::Micromsg | Target::Hello => {
+            if reply.status != StatusCode::OK {
+                return bad(stats, "poll answered");
+            }
+            match serde_json::from_slice::<PollReply>(&reply.body) {
+                Ok(parsed) if !parsed.error => {
+                    for message in parsed.messages.into_iter().flatten() {
+                        record(ctx, session, &message, now_us, true, stats);
+                    }
+                }
+                _ => bad(stats, "poll answered"),
+            }
+        }
+        Target::Nchan => match reply.status {
+            StatusCode::OK => {
+                if let Some(value) = reply.headers.get(header::LAST_MODIFIED) {
+                    cursor.last_modified = Some(value.clone());
+                }
+                if let Some(value) = reply.headers.get(header::ETAG) {
+                    cursor.etag = Some(value.clone());
+                }
+                // One message, or several as multipart/mixed parts: every payload is
+                // one JSON object on a line of its own, the rest is multipart framing.
+                for line in reply.body.split(|&b| b == b'\n') {
+                    let line = line.strip_suffix(b"\r").unwrap_or(line);
+                    if line.first() != Some(&b'{') {
+                        continue;
+                    }
+                    match serde_json::from_slice::<Delivered>(line) {
+                        Ok(message) => record(ctx, session, &message, now_us, false, stats),
+                        Err(_) => bad(stats, "unreadable nchan message"),
+                    }
+                }
+            }
+            // Long-poll timed out (408) or nothing new (304): poll again from the same place.
+            StatusCode::REQUEST_TIMEOUT | StatusCode::NOT_MODIFIED => {}
+            _ => bad(stats, "poll answered"),
+        },
+    }
+}
+
+fn record(
+    ctx: &Ctx,
+    session: &str,
+    message: &Delivered,
+    now_us: u64,
+    expect_sender: bool,
+    stats: &mut SubStats,
+) {
+    if message.dst != session {
+        stats.misrouted += 1;
+        note(&mut stats.first_error, || {
+            format!("{session} was given a message for {}", message.dst)
+        });
+        return;
+    }
+    if expect_sender {
+        let expected = format!("pub{}", message.publisher);
+        if message.session_src.as_deref() != Some(expected.as_str()) {
+            stats.wrong_sender += 1;
+        }
+    }
+    stats.deliveries.push(Delivery {
+        publisher: message.publisher,
+        seq: message.seq.min(u32::MAX as u64) as u32,
+        latency_us: now_us.saturating_sub(message.ts).min(u32::MAX as u64) as u32,
+        in_window: now_us < ctx.window_end_us.load(Ordering::Relaxed),
+    });
+}
+
+// ---------------------------------------------------------------------------------
+// The load scenario
+
+async fn run_load(
+    args: &Args,
+    addr: SocketAddr,
+    ctx: &Arc<Ctx>,
+    watched: &[Watched],
+) -> Result<(Value, bool)> {
+    let s = args.subscribers;
+    let p = args.publishers;
+    let sub_connections = connect_many(addr, s).await?;
+    let pub_connections = connect_many(addr, p).await?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+
+    let mut subscribers = JoinSet::new();
+    for (j, connection) in sub_connections.into_iter().enumerate() {
+        subscribers.spawn(subscriber(
+            ctx.clone(),
+            format!("sub{j}"),
+            connection,
+            stop_rx.clone(),
+        ));
+    }
+    // Every subscriber's first poll parked before the window starts.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while ctx.first_polls.load(Ordering::Relaxed) < s && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let duration = Duration::from_secs_f64(args.duration);
+    let start = Instant::now();
+    let start_us = unix_micros();
+    let end = start + duration;
+    ctx.window_end_us
+        .store(start_us + duration.as_micros() as u64, Ordering::Relaxed);
+    ctx.window_start_us.store(start_us, Ordering::Relaxed);
+    let cpu_before = procfs::cpu_sample(watched);
+
+    let mut publishers = JoinSet::new();
+    for (i, connection) in pub_connections.into_iter().enumerate() {
+        publishers.spawn(publisher(ctx.clone(), i, connection, end));
+    }
+    tokio::time::sleep_until(end.into()).await;
+    let cpu_after = procfs::cpu_sample(watched);
+    let window = start.elapsed().as_secs_f64();
+    let memory: Vec<Memory> = watched.iter().map(|w| procfs::memory_of(&w.pids)).collect();
+
+    let mut pub_stats = Vec::new();
+    while let Some(joined) = publishers.join_next().await {
+        pub_stats.push(joined?);
+    }
+    let drain_start = Instant::now();
+    if ctx.target != Target::Hello {
+        let drain = Duration::from_secs_f64(args.drain.max(0.0));
+        while ctx.delivered_total.load(Ordering::Relaxed) < ctx.acked_total.load(Ordering::Relaxed)
+            && drain_start.elapsed() < drain
+        {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    let drained = drain_start.elapsed().as_secs_f64();
+    let _ = stop_tx.send(true);
+    let mut sub_stats = Vec::new();
+    while let Some(joined) = subscribers.join_next().await {
+        sub_stats.push(joined?);
+    }
+    Ok(summarize_load(
+        args,
+        ctx,
+        watched,
+        window,
+        drained,
+        &CpuDelta::between(&cpu_before, &cpu_after),
+        &memory,
+        pub_stats,
+        sub_stats,
+    ))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn summarize_load(
+    args: &Args,
+    ctx: &Ctx,
+    watched: &[Watched],
+    window: f64,
+    drained: f64,
+    cpu: &CpuDelta,
+    memory: &[Memory],
+    pubs: Vec<PubStats>,
+    subs: Vec<SubStats>,
+) -> (Value, bool) {
+    // seen[publisher][seq]: how many times that message was delivered.
+    let mut seen: Vec<Vec<u8>> = vec![Vec::new(); args.publishers];
+    for stats in &pubs {
+        seen[stats.index] = vec![0u8; stats.sent as usize];
+    }
+    let mut histogram =
+        Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3).expect("valid bounds");
+    let (mut unique, mut duplicated, mut unknown, mut in_window) = (0u64, 0u64, 0u64, 0u64);
+    for sub in &subs {
+        for d in &sub.deliveries {
+            let Some(slot) = seen
+                .get_mut(d.publisher as usize)
+                .and_then(|v| v.get_mut(d.seq as usize))
+            else {
+                unknown += 1;
+                continue;
+            };
+            if *slot == 0 {
+                unique += 1;
+                if d.in_window {
+                    in_window += 1;
+                }
+                let _ = histogram.record(u64::from(d.latency_us).max(1));
+            } else {
+                duplicated += 1;
+            }
+            *slot = slot.saturating_add(1);
+        }
+    }
+    // Lost: acknowledged, never delivered.
+    let mut lost = 0u64;
+    let mut acked = 0u64;
+    for stats in &pubs {
+        acked += stats.acked.len() as u64;
+        if ctx.target == Target::Hello {
+            // hello delivers nothing; its replies are only counted.
+            continue;
+        }
+        for &seq in &stats.acked {
+            if seen[stats.index][seq as usize] == 0 {
+                lost += 1;
+            }
+        }
+    }
+    let sum = |f: fn(&SubStats) -> u64| subs.iter().map(f).sum::<u64>();
+    let psum = |f: fn(&PubStats) -> u64| pubs.iter().map(f).sum::<u64>();
+    let misrouted = sum(|s| s.misrouted) + unknown;
+    let wrong_sender = sum(|s| s.wrong_sender);
+    let errors = sum(|s| s.errors) + psum(|s| s.errors);
+    let requests = sum(|s| s.requests_in_window) + psum(|s| s.requests);
+    let polls = sum(|s| s.polls_in_window);
+    let polls_with = sum(|s| s.polls_with_messages);
+    let msgs_in_polls = sum(|s| s.messages_in_polls);
+    let first_errors: Vec<String> = subs
+        .iter()
+        .filter_map(|s| s.first_error.clone())
+        .chain(pubs.iter().filter_map(|s| s.first_error.clone()))
+        .take(5)
+        .collect();
+
+    let server_cpu: f64 = cpu.watched.iter().sum();
+    let is_hello = ctx.target == Target::Hello;
+    let delivered_per_s = in_window as f64 / window;
+    let requests_per_s = requests as f64 / window;
+    let per_unit = if is_hello { requests } else { in_window };
+    let cpu_us_per_unit = if per_unit > 0 {
+        server_cpu * 1e6 / per_unit as f64
+    } else {
+        0.0
+    };
+    let disturbed_by = disturbances(cpu, window);
+    let q = |p: f64| histogram.value_at_quantile(p) as f64 / 1000.0;
+    let latency = if histogram.is_empty() {
+        Value::Null
+    } else {
+        json!({"p50": q(0.50), "p90": q(0.90), "p99": q(0.99), "max": histogram.max() as f64 / 1000.0})
+    };
+    let cpu_by_name: serde_json::Map<String, Value> = watched
+        .iter()
+        .zip(&cpu.watched)
+        .map(|(w, s)| (w.name.clone(), json!(round(*s, 3))))
+        .collect();
+    let rss: serde_json::Map<String, Value> = watched
+        .iter()
+        .zip(memory)
+        .map(|(w, m)| (w.name.clone(), json!(m.rss_kb)))
+        .collect();
+    let pss: serde_json::Map<String, Value> = watched
+        .iter()
+        .zip(memory)
+        .map(|(w, m)| (w.name.clone(), json!(m.pss_kb)))
+        .collect();
+    let ok = lost == 0 && duplicated == 0 && misrouted == 0 && wrong_sender == 0;
+    let ok = ok && (is_hello || unique > 0);
+    let result = json!({
+        "label": args.label,
+        "target": ctx.target.name(),
+        "url": args.url,
+        "subscribers": args.subscribers,
+        "publishers": args.publishers,
+        "duration_s": round(window, 3),
+        "payload_bytes": args.payload_bytes,
+        "preflight": args.preflight,
+        "poll_pause_ms": args.poll_pause_ms,
+        "idle": 0,
+        "published": acked,
+        "published_per_s": round(acked as f64 / window, 1),
+        "delivered": unique,
+        "delivered_in_window": in_window,
+        "delivered_per_s": round(delivered_per_s, 1),
+        "requests_in_window": requests,
+        "requests_per_s": round(requests_per_s, 1),
+        "rate_per_s": round(if is_hello { requests_per_s } else { delivered_per_s }, 1),
+        "polls_in_window": polls,
+        "messages_per_nonempty_poll": round(if polls_with > 0 { msgs_in_polls as f64 / polls_with as f64 } else { 0.0 }, 3),
+        "latency_ms": latency,
+        "lost": lost,
+        "duplicated": duplicated,
+        "misrouted": misrouted,
+        "wrong_sender": wrong_sender,
+        "dropped_by_server": psum(|s| s.dropped),
+        "errors": errors,
+        "cors_missing": sum(|s| s.cors_missing) + psum(|s| s.cors_missing),
+        "reconnects": sum(|s| s.reconnects) + psum(|s| s.reconnects),
+        "first_errors": first_errors,
+        "drain_s": round(drained, 3),
+        "cpu_s": cpu_by_name,
+        "server_cpu_s": round(server_cpu, 3),
+        "server_cores": round(server_cpu / window, 3),
+        "cpu_per": if is_hello { "request" } else { "delivered message" },
+        "server_cpu_us_per_msg": round(if is_hello { 0.0 } else { cpu_us_per_unit }, 2),
+        "server_cpu_us_per_request": round(if requests > 0 { server_cpu * 1e6 / requests as f64 } else { 0.0 }, 2),
+        "server_cpu_us_per_unit": round(cpu_us_per_unit, 2),
+        "generator_cpu_s": round(cpu.own, 3),
+        "generator_cores": round(cpu.own / window, 3),
+        "other_cpu_s": round(cpu.other, 3),
+        "irq_cpu_s": round(cpu.irq, 3),
+        "steal_cpu_s": round(cpu.steal, 3),
+        "total_busy_cpu_s": round(cpu.total_busy, 3),
+        "disturbed": !disturbed_by.is_empty(),
+        "disturbed_by": disturbed_by,
+        "rss_kb": rss,
+        "pss_kb": pss,
+        "ok": ok,
+    });
+    (result, ok)
+}
+
+/// Why a run does not show what this machine can do: other processes used more than
+/// 10% of a core, or the hypervisor took more than 10% of a core away (steal).
+fn disturbances(cpu: &CpuDelta, window: f64) -> Vec<&'static str> {
+    let mut why = Vec::new();
+    if cpu.other / window > 0.10 {
+        why.push("other processes");
+    }
+    if cpu.steal / window > 0.10 {
+        why.push("hypervisor steal");
+    }
+    why
+}
+
+fn round(x: f64, places: i32) -> f64 {
+    let f = 10f64.powi(places);
+    (x * f).round() / f
+}
+
+// ---------------------------------------------------------------------------------
+// The idle scenario
+
+async fn run_idle(
+    args: &Args,
+    addr: SocketAddr,
+    ctx: &Arc<Ctx>,
+    watched: &[Watched],
+) -> Result<(Value, bool)> {
+    let n = args.idle;
+    let memory_before: Vec<Memory> = watched.iter().map(|w| procfs::memory_of(&w.pids)).collect();
+    let opening = Instant::now();
+    let connections = connect_many(addr, n).await?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut polls = JoinSet::new();
+    for (k, connection) in connections.into_iter().enumerate() {
+        polls.spawn(subscriber(
+            ctx.clone(),
+            format!("idle{k}"),
+            connection,
+            stop_rx.clone(),
+        ));
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while ctx.first_polls.load(Ordering::Relaxed) < n && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // Let the last requests reach the server and park.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let opened_in = opening.elapsed().as_secs_f64();
+    let memory_parked: Vec<Memory> = watched.iter().map(|w| procfs::memory_of(&w.pids)).collect();
+
+    let duration = Duration::from_secs_f64(args.duration);
+    let start = Instant::now();
+    let start_us = unix_micros();
+    ctx.window_end_us
+        .store(start_us + duration.as_micros() as u64, Ordering::Relaxed);
+    ctx.window_start_us.store(start_us, Ordering::Relaxed);
+    let cpu_before = procfs::cpu_sample(watched);
+    tokio::time::sleep(duration).await;
+    let cpu_after = procfs::cpu_sample(watched);
+    let window = start.elapsed().as_secs_f64();
+    let memory_end: Vec<Memory> = watched.iter().map(|w| procfs::memory_of(&w.pids)).collect();
+    let _ = stop_tx.send(true);
+    let mut stats = Vec::new();
+    while let Some(joined) = polls.join_next().await {
+        stats.push(joined?);
+    }
+    let cpu = CpuDelta::between(&cpu_before, &cpu_after);
+
+    let per_poll = |after: u64, before: u64| (after as f64 - before as f64) * 1024.0 / n as f64;
+    let mut per_name = serde_json::Map::new();
+    let (mut rss_total, mut pss_total) = (0.0, 0.0);
+    for (i, w) in watched.iter().enumerate() {
+        let rss = per_poll(memory_parked[i].rss_kb, memory_before[i].rss_kb);
+        let pss = per_poll(memory_parked[i].pss_kb, memory_before[i].pss_kb);
+        rss_total += rss;
+        pss_total += pss;
+        per_name.insert(
+            w.name.clone(),
+            json!({
+                "rss_before_kb": memory_before[i].rss_kb,
+                "rss_parked_kb": memory_parked[i].rss_kb,
+                "rss_end_kb": memory_end[i].rss_kb,
+                "pss_before_kb": memory_before[i].pss_kb,
+                "pss_parked_kb": memory_parked[i].pss_kb,
+                "pss_end_kb": memory_end[i].pss_kb,
+                "rss_per_poll_bytes": round(rss, 1),
+                "pss_per_poll_bytes": round(pss, 1),
+            }),
+        );
+    }
+    let errors: u64 = stats.iter().map(|s| s.errors).sum();
+    let answered: u64 = stats.iter().map(|s| s.polls_in_window).sum();
+    let first_errors: Vec<String> = stats
+        .iter()
+        .filter_map(|s| s.first_error.clone())
+        .take(5)
+        .collect();
+    let server_cpu: f64 = cpu.watched.iter().sum();
+    let cpu_by_name: serde_json::Map<String, Value> = watched
+        .iter()
+        .zip(&cpu.watched)
+        .map(|(w, s)| (w.name.clone(), json!(round(*s, 3))))
+        .collect();
+    let parked = ctx.first_polls.load(Ordering::Relaxed);
+    let result = json!({
+        "label": args.label,
+        "target": ctx.target.name(),
+        "url": args.url,
+        "idle": n,
+        "parked": parked,
+        "opened_in_s": round(opened_in, 3),
+        "duration_s": round(window, 3),
+        "rss_per_poll_bytes": round(rss_total, 1),
+        "pss_per_poll_bytes": round(pss_total, 1),
+        "memory": per_name,
+        "polls_answered_in_window": answered,
+        "errors": errors,
+        "first_errors": first_errors,
+        "cpu_s": cpu_by_name,
+        "server_cpu_s": round(server_cpu, 3),
+        "generator_cpu_s": round(cpu.own, 3),
+        "other_cpu_s": round(cpu.other, 3),
+        "irq_cpu_s": round(cpu.irq, 3),
+        "disturbed": !disturbances(&cpu, window).is_empty(),
+        "disturbed_by": disturbances(&cpu, window),
+        "ok": parked == n,
+    });
+    Ok((result, true))
+}
+
+// ---------------------------------------------------------------------------------
+// The human-readable table
+
+fn table(args: &Args, r: &Value) -> String {
+    use std::fmt::Write;
+    let f = |key: &str| r.get(key).and_then(Value::as_f64).unwrap_or(0.0);
+    let u = |key: &str| r.get(key).and_then(Value::as_u64).unwrap_or(0);
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "── msgbench: {} {}{}",
+        r["target"].as_str().unwrap_or(""),
+        args.url,
+        if args.label.is_empty() {
+            String::new()
+        } else {
+            format!("  [{}]", args.label)
+        }
+    );
+    let names = |map: &Value, unit: &str, scale: f64| -> String {
+        map.as_object()
+            .map(|m| {
+                m.iter()
+                    .map(|(k, v)| format!("{k} {:.2}{unit}", v.as_f64().unwrap_or(0.0) * scale))
+                    .collect::<Vec<_>>()
+                    .join("  ")
+            })
+            .unwrap_or_default()
+    };
+    if args.idle > 0 {
+        let _ = writeln!(
+            out,
+            "  parked polls      {} of {} (opened in {:.1} s), held {:.1} s",
+            u("parked"),
+            args.idle,
+            f("opened_in_s"),
+            f("duration_s")
+        );
+        if let Some(memory) = r["memory"].as_object() {
+            for (name, m) in memory {
+                let _ = writeln!(
+                    out,
+                    "  {name:<17} RSS {} -> {} KiB ({:.0} B/poll), PSS {:.0} B/poll",
+                    m["rss_before_kb"],
+                    m["rss_parked_kb"],
+                    m["rss_per_poll_bytes"].as_f64().unwrap_or(0.0),
+                    m["pss_per_poll_bytes"].as_f64().unwrap_or(0.0)
+                );
+            }
+        }
+        let _ = writeln!(
+            out,
+            "  per parked poll   RSS {:.0} B, PSS {:.0} B (all watched processes)",
+            f("rss_per_poll_bytes"),
+            f("pss_per_poll_bytes")
+        );
+        let _ = writeln!(
+            out,
+            "  cpu s             {}  generator {:.2}  other {:.2}",
+            names(&r["cpu_s"], "", 1.0),
+            f("generator_cpu_s"),
+            f("other_cpu_s")
+        );
+        let _ = writeln!(out, "  errors            {}", u("errors"));
+    } else {
+        let _ = writeln!(
+            out,
+            "  load              S={} P={} payload {} B{}{}, window {:.2} s, drain {:.2} s",
+            args.subscribers,
+            args.publishers,
+            args.payload_bytes,
+            if args.preflight { ", preflight" } else { "" },
+            if args.poll_pause_ms > 0 {
+                format!(", poll pause {} ms", args.poll_pause_ms)
+            } else {
+                String::new()
+            },
+            f("duration_s"),
+            f("drain_s")
+        );
+        let _ = writeln!(
+            out,
+            "  published         {:>10}  {:>10.0}/s",
+            u("published"),
+            f("published_per_s")
+        );
+        let _ = writeln!(
+            out,
+            "  delivered         {:>10}  {:>10.0}/s in the window",
+            u("delivered"),
+            f("delivered_per_s")
+        );
+        let _ = writeln!(
+            out,
+            "  requests          {:>10}  {:>10.0}/s  ({:.2} messages per non-empty poll)",
+            u("requests_in_window"),
+            f("requests_per_s"),
+            f("messages_per_nonempty_poll")
+        );
+        if let Some(l) = r["latency_ms"].as_object() {
+            let g = |k: &str| l.get(k).and_then(Value::as_f64).unwrap_or(0.0);
+            let _ = writeln!(
+                out,
+                "  latency ms        p50 {:.3}  p90 {:.3}  p99 {:.3}  max {:.3}",
+                g("p50"),
+                g("p90"),
+                g("p99"),
+                g("max")
+            );
+        }
+        let _ = writeln!(
+            out,
+            "  lost {}  duplicated {}  misrouted {}  wrong sender {}  dropped by server {}  errors {}  reconnects {}",
+            u("lost"),
+            u("duplicated"),
+            u("misrouted"),
+            u("wrong_sender"),
+            u("dropped_by_server"),
+            u("errors"),
+            u("reconnects")
+        );
+        let _ = writeln!(
+            out,
+            "  server cpu s      {}  = {:.2} s ({:.2} cores) -> {:.1} µs per {}",
+            names(&r["cpu_s"], "", 1.0),
+            f("server_cpu_s"),
+            f("server_cores"),
+            f("server_cpu_us_per_unit"),
+            r["cpu_per"].as_str().unwrap_or("")
+        );
+        let _ = writeln!(
+            out,
+            "  generator cpu     {:.2} s ({:.2} cores)  other {:.2} s  irq {:.2} s  steal {:.2} s{}",
+            f("generator_cpu_s"),
+            f("generator_cores"),
+            f("other_cpu_s"),
+            f("irq_cpu_s"),
+            f("steal_cpu_s"),
+            if r["disturbed"].as_bool() == Some(true) {
+                format!("  DISTURBED ({})", r["disturbed_by"])
+            } else {
+                String::new()
+            }
+        );
+        let _ = writeln!(
+            out,
+            "  rss MiB           {}",
+            names(&r["rss_kb"], "", 1.0 / 1024.0)
+        );
+    }
+    if let Some(errors) = r["first_errors"].as_array() {
+        for e in errors.iter().take(3) {
+            let _ = writeln!(out, "  first error: {}", e.as_str().unwrap_or(""));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ctx(target: Target) -> Ctx {
+        Ctx {
+            target,
+            preflight: false,
+            payload_bytes: 100,
+            publishers: 4,
+            subscribers: 100,
+            poll_pause: Duration::ZERO,
+            window_start_us: AtomicU64::new(0),
+            window_end_us: AtomicU64::new(u64::MAX),
+            first_polls: AtomicUsize::new(0),
+            acked_total: AtomicU64::new(0),
+            delivered_total: AtomicU64::new(0),
+        }
+    }
+
+    fn reply(status: StatusCode, headers: &[(&'static str, &'static str)], body: &str) -> Reply {
+        let mut map = hyper::HeaderMap::new();
+        for (k, v) in headers {
+            map.insert(*k, HeaderValue::from_static(v));
+        }
+        Reply {
+            status,
+            headers: map,
+            body: Bytes::from(body.to_string()),
+        }
+    }
+
+    #[test]
+    fn payload_has_the_requested_size_and_reads_back() {
+        for size in [100, 150, 1000] {
+            let text = payload(123_456, 3, 42, 1_700_000_000_000_000, size);
+            assert_eq!(text.len(), size, "{text}");
+            let parsed: Delivered = serde_json::from_str(&text).unwrap();
+            assert_eq!(
+                (parsed.seq, parsed.publisher, parsed.dst.as_ref()),
+                (123_456, 3, "sub42")
+            );
+        }
+        // Too small to pad: the message is never cut.
+        assert!(payload(1, 0, 0, 1, 10).ends_with(r#""pad":""}"#));
+    }
+
+    #[test]
+    fn micromsg_batch_is_checked_per_message() {
+        let c = ctx(Target::Micromsg);
+        let mut cursor = NchanCursor::default();
+        let mut stats = SubStats::default();
+        let body = r#"{"messages":[
+            {"seq":0,"pub":1,"dst":"sub5","ts":10,"pad":"x","session_src":"pub1"},
+            {"seq":1,"pub":1,"dst":"sub6","ts":10,"pad":"x","session_src":"pub1"},
+            {"seq":2,"pub":2,"dst":"sub5","ts":10,"pad":"x","session_src":"pub1"}]}"#;
+        handle_poll_reply(
+            &c,
+            "sub5",
+            &reply(StatusCode::OK, &[], body),
+            1010,
+            &mut cursor,
+            &mut stats,
+        );
+        assert_eq!(stats.deliveries.len(), 2);
+        assert_eq!(stats.deliveries[0].latency_us, 1000);
+        assert_eq!(stats.misrouted, 1);
+        assert_eq!(stats.wrong_sender, 1);
+        assert_eq!(stats.errors, 0);
+
+        let error = r#"{"error":true,"exception_id":"CoreUnavailable","exception":"x"}"#;
+        handle_poll_reply(
+            &c,
+            "sub5",
+            &reply(StatusCode::OK, &[], error),
+            0,
+            &mut cursor,
+            &mut stats,
+        );
+        assert_eq!(stats.errors, 1);
+        handle_poll_reply(
+            &c,
+            "sub5",
+            &reply(StatusCode::OK, &[], r#"{"messages":null}"#),
+            0,
+            &mut cursor,
+            &mut stats,
+        );
+        assert_eq!((stats.errors, stats.deliveries.len()), (1, 2));
+    }
+
+    #[test]
+    fn nchan_multipart_reply_and_cursor() {
+        let c = ctx(Target::Nchan);
+        let mut cursor = NchanCursor::default();
+        let mut stats = SubStats::default();
+        let body = "--B\r\nContent-Type: application/json\r\n\r\n{\"seq\":0,\"pub\":0,\"dst\":\"sub0\",\"ts\":1}\r\n\
+                    --B\r\nContent-Type: application/json\r\n\r\n{\"seq\":4,\"pub\":0,\"dst\":\"sub0\",\"ts\":1}\r\n--B--\r\n";
+        let headers = [
+            ("content-type", "multipart/mixed; boundary=B"),
+            ("last-modified", "Sun, 22 Nov 2026 05:53:20 GMT"),
+            ("etag", "2"),
+        ];
+        handle_poll_reply(
+            &c,
+            "sub0",
+            &reply(StatusCode::OK, &headers, body),
+            5,
+            &mut cursor,
+            &mut stats,
+        );
+        assert_eq!(stats.deliveries.len(), 2);
+        assert_eq!(stats.deliveries[1].seq, 4);
+        assert_eq!(cursor.etag.as_ref().unwrap(), "2");
+        assert!(cursor.last_modified.is_some());
+        // A timed-out long-poll keeps the cursor and is no error.
+        handle_poll_reply(
+            &c,
+            "sub0",
+            &reply(StatusCode::REQUEST_TIMEOUT, &[], ""),
+            5,
+            &mut cursor,
+            &mut stats,
+        );
+        assert_eq!(
+            (stats.errors, cursor.etag.as_ref().unwrap().as_bytes()),
+            (0, &b"2"[..])
+        );
+    }
+
+    #[test]
+    fn publish_replies() {
+        let ok = reply(StatusCode::OK, &[], r#"{"messages":null,"status":"ok"}"#);
+        assert_eq!(publish_outcome(Target::Micromsg, &ok), Ok(0));
+        let dropped = reply(
+            StatusCode::OK,
+            &[],
+            r#"{"messages":null,"status":"ok","dropped":2}"#,
+        );
+        assert_eq!(publish_outcome(Target::Micromsg, &dropped), Ok(2));
+        let error = reply(
+            StatusCode::OK,
+            &[],
+            r#"{"error":true,"exception_id":"MailboxFull","exception":"x"}"#,
+        );
+        assert!(publish_outcome(Target::Micromsg, &error).is_err());
+        assert_eq!(
+            publish_outcome(Target::Nchan, &reply(StatusCode::ACCEPTED, &[], "queued")),
+            Ok(0)
+        );
+        assert!(publish_outcome(Target::Nchan, &reply(StatusCode::FORBIDDEN, &[], "")).is_err());
+    }
+}
