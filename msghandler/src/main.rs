@@ -80,9 +80,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 
-    let listener = std::net::TcpListener::bind(config.listen)
-        .with_context(|| format!("listening on {}", config.listen))?;
-    listener.set_nonblocking(true)?;
+    let listener =
+        listen(config.listen).with_context(|| format!("listening on {}", config.listen))?;
     // By default one worker per two CPUs: msgserver and the kernel's network stack
     // need the rest, and fewer workers batch more IPC frames per wake-up (measured:
     // one worker instead of two cut syscalls per message from 7.3 to 5.4 here, and
@@ -130,6 +129,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
     info!("msghandler stopped");
     Ok(())
+}
+
+/// The listening socket. std's `TcpListener::bind` fixes the backlog at 128, which
+/// drops connection attempts when many browsers (re)connect at once, and a dropped
+/// SYN is retried only after a second; the kernel caps ours at `somaxconn`.
+fn listen(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    // A restart must not wait for the old process's connections to leave TIME_WAIT.
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(4096)?;
+    socket.set_nonblocking(true)?;
+    Ok(socket.into())
 }
 
 /// What every worker needs, read once from the configuration.
