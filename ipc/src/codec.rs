@@ -164,6 +164,7 @@ mod tests {
                 src: "a".into(),
                 dst: "b".into(),
                 body: r#"{"x":"ü","session_src":"a"}"#.into(),
+                key: Some("k1".into()),
             },
         }
     }
@@ -180,6 +181,7 @@ mod tests {
                     request: Request::Poll {
                         session: "b".into(),
                         timeout_ms: 10_000,
+                        ack_previous: true,
                     },
                 },
                 &mut buf,
@@ -256,6 +258,7 @@ mod tests {
                 src: "a".into(),
                 dst: "b".into(),
                 body: "x".repeat(100),
+                key: None,
             },
         };
         let mut buf = BytesMut::new();

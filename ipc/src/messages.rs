@@ -4,14 +4,17 @@ use serde::{Deserialize, Serialize};
 /// its requests in flight on that connection.
 pub type RequestId = u64;
 
-/// Server-assigned message id: increases monotonically for the lifetime of a core.
+/// Server-assigned message id. Increases monotonically, also across restarts: a
+/// durable core continues after the highest id it stored, and a memory-only core
+/// starts from the wall clock in microseconds (below 2^53, so exact in JavaScript).
 pub type MessageId = u64;
 
-/// What the connecting peer is. Only the HTTP front exists today; the operator CLI
-/// joins as its own role so that the core can offer it a different set of requests.
+/// What the connecting peer is: the HTTP front, or the operator CLI, which may also
+/// send the operator's requests ([`Request::DeadLetters`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Role {
     Handler,
+    Admin,
 }
 
 /// The first frame a client sends.
@@ -77,21 +80,65 @@ pub enum Request {
         src: String,
         dst: String,
         body: String,
+        /// The publisher's own id for this message. A second publish with the same
+        /// `src` and key inside the core's dedup window is not stored again, so a
+        /// publish whose answer was lost can be retried safely.
+        key: Option<String>,
     },
     /// Long-poll for `session`: answered with [`Response::Messages`] as soon as the
     /// session has messages, or with none after `timeout_ms`.
-    Poll { session: String, timeout_ms: u64 },
+    Poll {
+        session: String,
+        timeout_ms: u64,
+        /// The x0 rule: asking again acknowledges everything given before (in `ack`
+        /// delivery mode). A client that acknowledges by id sends `false`.
+        ack_previous: bool,
+    },
     /// Withdraw the parked poll that was sent with request id `poll` on this same
     /// connection (its browser went away). The poll is answered with no messages.
     CancelPoll { poll: RequestId },
-    /// Acknowledge the batch that `session` was last given (the x0 `DEL`).
-    Ack { session: String },
+    /// Acknowledge messages `session` was given (the x0 `DEL`), so that they are
+    /// never given again. Answered with [`Response::Acked`].
+    Ack { session: String, which: AckSelector },
     /// Messages that were handed to this client for `session` but could not be passed
     /// on to the browser: the core puts them back at the head of the mailbox.
     Return {
         session: String,
         messages: Vec<Message>,
     },
+    /// Operator only: the dead-letter queue. Answered with
+    /// [`Response::DeadLetters`] for `List` and [`Response::Count`] otherwise.
+    DeadLetters(DeadLetterOp),
+}
+
+/// Which delivered-but-unacknowledged messages an ack covers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AckSelector {
+    /// Everything the session was given and has not acknowledged.
+    All,
+    /// Exactly these ids (others stay in flight).
+    Ids(Vec<MessageId>),
+    /// Every id up to and including this cursor.
+    UpTo(MessageId),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DeadLetterOp {
+    /// The oldest `limit` dead letters, and how many there are in all.
+    List { limit: u32 },
+    /// Give dead letters back to their sessions (all of them when `ids` is `None`).
+    Replay { ids: Option<Vec<MessageId>> },
+    /// Delete dead letters for good (all of them when `ids` is `None`).
+    Purge { ids: Option<Vec<MessageId>> },
+}
+
+/// A message that was delivered too often without being acknowledged.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeadLetter {
+    pub id: MessageId,
+    pub session: String,
+    pub body: String,
+    pub deliveries: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -109,6 +156,8 @@ pub enum Response {
     Published {
         id: MessageId,
         dropped: u32,
+        /// The key was seen before: nothing new was stored, `id` is the first one's.
+        duplicate: bool,
     },
     /// The answer to a poll; empty when the poll timed out or was withdrawn.
     Messages(Vec<Message>),
@@ -118,6 +167,12 @@ pub enum Response {
     },
     /// The request was carried out and has nothing to report.
     Done,
+    DeadLetters {
+        letters: Vec<DeadLetter>,
+        total: u64,
+    },
+    /// How many things an operator's request affected.
+    Count(u64),
     Error(Error),
 }
 
@@ -136,6 +191,11 @@ pub enum ErrorKind {
     PayloadTooLarge,
     /// The request was well-formed on the wire but cannot be carried out as asked.
     InvalidRequest,
+    /// The core is stopping: the request was not carried out. Retry once a core is
+    /// back (a publish with its key, so that it cannot be stored twice).
+    ShuttingDown,
+    /// Storage failed; the request was not carried out.
+    StorageFailed,
 }
 
 impl ErrorKind {
@@ -145,6 +205,8 @@ impl ErrorKind {
             ErrorKind::MailboxFull => "MailboxFull",
             ErrorKind::PayloadTooLarge => "PayloadTooLarge",
             ErrorKind::InvalidRequest => "InvalidRequest",
+            ErrorKind::ShuttingDown => "ShuttingDown",
+            ErrorKind::StorageFailed => "StorageFailed",
         }
     }
 }

@@ -14,8 +14,8 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use ipc::{
-    ClientFrame, FrameCodec, Hello, Message, Request, RequestId, Response, Role, ServerFrame,
-    Welcome,
+    ClientFrame, ErrorKind, FrameCodec, Hello, Message, Request, RequestId, Response, Role,
+    ServerFrame, Welcome,
 };
 use tokio::net::UnixStream;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
@@ -49,6 +49,8 @@ pub struct CorePool {
     next_slot: AtomicUsize,
     /// Woken whenever a slot (re)connects, for requests waiting out an outage.
     connected: Notify,
+    key_prefix: u64,
+    key_counter: AtomicU64,
 }
 
 impl CorePool {
@@ -62,6 +64,8 @@ impl CorePool {
             slots,
             next_slot: AtomicUsize::new(0),
             connected: Notify::new(),
+            key_prefix: fastrand::u64(..),
+            key_counter: AtomicU64::new(0),
         });
         for slot in 0..pool.slots.len() {
             tokio::spawn(supervise(pool.clone(), slot));
@@ -80,10 +84,65 @@ impl CorePool {
         conn.call(request, None).await?.wait().await
     }
 
+    /// Publishes with an idempotency key (the client's, or one made here), so that a
+    /// publish whose answer was lost to a core restart is retried on the next core
+    /// without being stored twice. Gives up after `core_wait` without a core.
+    pub async fn publish(
+        &self,
+        src: String,
+        dst: String,
+        body: String,
+        key: Option<String>,
+    ) -> Result<Response, CoreError> {
+        let key = key.unwrap_or_else(|| self.next_key());
+        let deadline = Instant::now() + self.config.core_wait;
+        loop {
+            let conn = self
+                .connection(deadline)
+                .await
+                .ok_or(CoreError::Unavailable)?;
+            let request = Request::Publish {
+                src: src.clone(),
+                dst: dst.clone(),
+                body: body.clone(),
+                key: Some(key.clone()),
+            };
+            let reply = match conn.call(request, None).await {
+                Ok(call) => call.wait().await,
+                Err(e) => Err(e),
+            };
+            match reply {
+                Err(CoreError::ConnectionLost)
+                | Ok(Response::Error(ipc::Error {
+                    kind: ErrorKind::ShuttingDown,
+                    ..
+                })) if Instant::now() < deadline => {
+                    debug!(%key, "retrying a publish on the next core");
+                    // Let the supervisor notice the dead connection before picking again.
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                Err(CoreError::ConnectionLost) => return Err(CoreError::Unavailable),
+                other => return other,
+            }
+        }
+    }
+
+    /// A key unique to this handler process: a random prefix chosen at start and a
+    /// counter. Short, since the core remembers it for its dedup window.
+    fn next_key(&self) -> String {
+        let n = self.key_counter.fetch_add(1, Ordering::Relaxed);
+        format!("~{:x}.{n:x}", self.key_prefix)
+    }
+
     /// Long-polls `session` for up to `timeout`. A poll has no side effect until it
     /// is answered, so when a connection drops mid-poll it is re-issued on the next
     /// one: the browser sees one uninterrupted poll across a core restart.
-    pub async fn poll(&self, session: &str, timeout: Duration) -> Result<Vec<Message>, CoreError> {
+    pub async fn poll(
+        &self,
+        session: &str,
+        timeout: Duration,
+        ack_previous: bool,
+    ) -> Result<Vec<Message>, CoreError> {
         let deadline = Instant::now() + timeout;
         loop {
             let Some(conn) = self.connection(deadline).await else {
@@ -93,6 +152,7 @@ impl CorePool {
             let request = Request::Poll {
                 session: session.to_owned(),
                 timeout_ms: remaining.as_millis() as u64,
+                ack_previous,
             };
             let call = match conn.call(request, Some(session)).await {
                 Ok(call) => call,
@@ -108,6 +168,11 @@ impl CorePool {
             guard.armed = false;
             match reply {
                 Ok(Response::Messages(messages)) => return Ok(messages),
+                // The core is stopping: park again on the next one.
+                Ok(Response::Error(e)) if e.kind == ErrorKind::ShuttingDown => {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
                 Ok(other) => {
                     warn!(?other, "unexpected reply to a poll");
                     return Ok(Vec::new());
@@ -340,6 +405,13 @@ async fn run_connection(pool: &CorePool, slot: usize, mut reader: Reader, writer
             frame = reader.next() => match frame {
                 Some(Ok(frame)) => {
                     last_heard = Instant::now();
+                    if frame.id == 0 && matches!(&frame.response, Response::Error(e) if e.kind == ErrorKind::ShuttingDown) {
+                        // The core is stopping: send nothing new here, but keep reading
+                        // the replies it still owes.
+                        info!(slot, "msgserver is stopping");
+                        *pool.slots[slot].write().unwrap() = None;
+                        continue;
+                    }
                     conn.dispatch(frame);
                 }
                 Some(Err(e)) => {

@@ -157,7 +157,10 @@ fn query_get(query: Option<&str>) -> Result<Operation, X0Error> {
             "session_src is empty or too long",
         ));
     }
-    Ok(Operation::Get { session })
+    Ok(Operation::Get {
+        session,
+        ack_previous: true,
+    })
 }
 
 /// JSON only; `; charset=UTF-8` and other parameters are fine. A request with no
@@ -218,28 +221,36 @@ async fn read_body(request: Request<Incoming>, limit: u64) -> Result<Bytes, Refu
 
 async fn execute(app: &App, operation: Operation) -> Result<String, X0Error> {
     match operation {
-        Operation::Set { src, dst, body } => {
-            match app
-                .core
-                .request(ipc::Request::Publish { src, dst, body })
-                .await
-            {
-                Ok(CoreResponse::Published { dropped, .. }) => Ok(x0::set_reply(dropped)),
+        Operation::Set {
+            src,
+            dst,
+            body,
+            key,
+        } => match app.core.publish(src, dst, body, key).await {
+            Ok(CoreResponse::Published {
+                id,
+                dropped,
+                duplicate,
+            }) => Ok(x0::set_reply(id, dropped, duplicate)),
+            other => Err(unexpected(other)),
+        },
+        Operation::Del { session, which } => {
+            match app.core.request(ipc::Request::Ack { session, which }).await {
+                Ok(CoreResponse::Acked { .. }) => Ok(x0::OK.to_owned()),
                 other => Err(unexpected(other)),
             }
         }
-        Operation::Del { session } => match app.core.request(ipc::Request::Ack { session }).await {
-            Ok(CoreResponse::Acked { .. }) => Ok(x0::OK.to_owned()),
-            other => Err(unexpected(other)),
-        },
-        Operation::Get { session } => {
+        Operation::Get {
+            session,
+            ack_previous,
+        } => {
             let mut shutdown = app.shutdown.clone();
             if *shutdown.borrow_and_update() {
                 return Ok(x0::NO_MESSAGES.to_owned());
             }
             tokio::select! {
-                polled = app.core.poll(&session, app.poll_timeout) => match polled {
-                    Ok(messages) => Ok(x0::messages_reply(messages.iter().map(|m| m.body.as_str()))),
+                polled = app.core.poll(&session, app.poll_timeout, ack_previous) => match polled {
+                    Ok(messages) => Ok(x0::messages_reply(&messages)),
                     Err(e) => Err(core_error(e)),
                 },
                 // Dropping the poll withdraws it at the core, so nothing is lost.

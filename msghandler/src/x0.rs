@@ -2,6 +2,7 @@
 //! it must get back, and the error body. Pure functions over bytes, no I/O.
 
 use indexmap::IndexMap;
+use ipc::{AckSelector, Message, MessageId};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
@@ -58,12 +59,19 @@ pub enum Operation {
         src: String,
         dst: String,
         body: String,
+        /// The sender's own message id (`msg_id`), for idempotent retries.
+        key: Option<String>,
     },
     Get {
         session: String,
+        /// False when the client acknowledges by id (`"auto_ack":false`) instead of
+        /// by asking again.
+        ack_previous: bool,
     },
     Del {
         session: String,
+        /// `ids` or `cursor` when given, else everything given out.
+        which: AckSelector,
     },
 }
 
@@ -81,6 +89,13 @@ struct Body<'a> {
     session_data: Option<SessionData>,
     #[serde(rename = "RequestData", borrow)]
     request_data: Option<RequestData<'a>>,
+    /// Beyond x0: idempotency key of a SET.
+    msg_id: Option<String>,
+    /// Beyond x0: `false` makes a GET leave earlier messages unacknowledged.
+    auto_ack: Option<bool>,
+    /// Beyond x0: a DEL of exactly these message ids, or of every id up to `cursor`.
+    ids: Option<Vec<MessageId>>,
+    cursor: Option<MessageId>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -129,17 +144,49 @@ pub fn parse(endpoint: Endpoint, json: &[u8]) -> Result<Operation, X0Error> {
         }
     };
     let src = session(&body)?;
+    if body
+        .msg_id
+        .as_ref()
+        .is_some_and(|k| k.is_empty() || k.len() > MAX_SESSION_LEN)
+    {
+        return Err(X0Error::new(
+            "InvalidField",
+            format!("msg_id must be 1 to {MAX_SESSION_LEN} bytes"),
+        ));
+    }
     match op {
-        "GET" | "get" => Ok(Operation::Get { session: src }),
-        "DEL" | "del" => Ok(Operation::Del { session: src }),
+        "GET" | "get" => Ok(Operation::Get {
+            session: src,
+            ack_previous: body.auto_ack.unwrap_or(true),
+        }),
+        "DEL" | "del" => {
+            let which = match (body.ids, body.cursor) {
+                (Some(_), Some(_)) => {
+                    return Err(X0Error::new("InvalidField", "give ids or cursor, not both"));
+                }
+                (Some(ids), None) => AckSelector::Ids(ids),
+                (None, Some(cursor)) => AckSelector::UpTo(cursor),
+                (None, None) => AckSelector::All,
+            };
+            Ok(Operation::Del {
+                session: src,
+                which,
+            })
+        }
         "SET" | "set" if is_form_button && body.payload.is_none() => form_button(src, &body),
         "SET" | "set" => {
             let dst = checked_session("session_dst", body.session_dst.clone())?;
             let payload = body
                 .payload
                 .ok_or_else(|| X0Error::new("MissingField", "payload is missing"))?;
+            let key = body.msg_id.clone();
             let body = delivered_object(payload, &src)?;
-            Ok(Operation::Set { src, dst, body })
+            Ok(Operation::Set {
+                src,
+                dst,
+                body,
+                key,
+            })
         }
         other => Err(X0Error::new(
             "UnknownType",
@@ -208,12 +255,17 @@ fn form_button(src: String, body: &Body) -> Result<Operation, X0Error> {
             "RequestData.FormlistExchangeData is missing",
         )
     })?;
-    let body = format!(
+    let delivered = format!(
         r#"{{"msg-type":"net-message","method-id":"set-data","dst-object":"FormlistExchangeData","payload":{},"session_src":{}}}"#,
         data.get(),
         json_string(&src),
     );
-    Ok(Operation::Set { src, dst, body })
+    Ok(Operation::Set {
+        src,
+        dst,
+        body: delivered,
+        key: body.msg_id.clone(),
+    })
 }
 
 /// `payload` with `"session_src": src` added (replacing any the sender put there: the
@@ -257,18 +309,30 @@ fn json_string(s: &str) -> String {
     serde_json::to_string(s).expect("strings serialize")
 }
 
-/// `{"messages":[...]}` from message bodies that are each one JSON object, or
-/// `{"messages":null}` when there are none (what the x0 client expects).
-pub fn messages_reply<'a>(bodies: impl ExactSizeIterator<Item = &'a str>) -> String {
-    if bodies.len() == 0 {
+/// `{"messages":[...],"ids":[...]}` from message bodies that are each one JSON
+/// object, or `{"messages":null}` when there are none (what the x0 client expects).
+/// The x0 client reads only `messages`; `ids` (same order) is for clients that
+/// acknowledge by id or cursor.
+pub fn messages_reply(messages: &[Message]) -> String {
+    if messages.is_empty() {
         return NO_MESSAGES.to_owned();
     }
-    let mut out = String::from(r#"{"messages":["#);
-    for (i, body) in bodies.enumerate() {
+    let bytes: usize = messages.iter().map(|m| m.body.len() + 20).sum();
+    let mut out = String::with_capacity(bytes + 32);
+    out.push_str(r#"{"messages":["#);
+    for (i, message) in messages.iter().enumerate() {
         if i > 0 {
             out.push(',');
         }
-        out.push_str(body);
+        out.push_str(&message.body);
+    }
+    out.push_str(r#"],"ids":["#);
+    let mut digits = itoa::Buffer::new();
+    for (i, message) in messages.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(digits.format(message.id));
     }
     out.push_str("]}");
     out
@@ -277,13 +341,18 @@ pub fn messages_reply<'a>(bodies: impl ExactSizeIterator<Item = &'a str>) -> Str
 pub const NO_MESSAGES: &str = r#"{"messages":null}"#;
 pub const OK: &str = r#"{"messages":null,"status":"ok"}"#;
 
-/// The SET reply; says how many older messages were dropped to make room, if any.
-pub fn set_reply(dropped: u32) -> String {
-    if dropped == 0 {
-        OK.to_owned()
-    } else {
-        format!(r#"{{"messages":null,"status":"ok","dropped":{dropped}}}"#)
+/// The SET reply: the message's id, and how many older messages were dropped to
+/// make room or whether this was a retry of a message already stored.
+pub fn set_reply(id: MessageId, dropped: u32, duplicate: bool) -> String {
+    let mut out = format!(r#"{{"messages":null,"status":"ok","id":{id}"#);
+    if dropped > 0 {
+        out.push_str(&format!(r#","dropped":{dropped}"#));
     }
+    if duplicate {
+        out.push_str(r#","duplicate":true"#);
+    }
+    out.push('}');
+    out
 }
 
 #[cfg(test)]
@@ -292,7 +361,9 @@ mod tests {
 
     fn set(endpoint: Endpoint, json: &str) -> (String, String, serde_json::Value) {
         match parse(endpoint, json.as_bytes()).unwrap() {
-            Operation::Set { src, dst, body } => (src, dst, serde_json::from_str(&body).unwrap()),
+            Operation::Set { src, dst, body, .. } => {
+                (src, dst, serde_json::from_str(&body).unwrap())
+            }
             other => panic!("{other:?}"),
         }
     }
@@ -377,7 +448,8 @@ mod tests {
         assert_eq!(
             op,
             Operation::Get {
-                session: "S1".into()
+                session: "S1".into(),
+                ack_previous: true,
             }
         );
     }
@@ -400,13 +472,15 @@ mod tests {
         assert_eq!(
             parse(Endpoint::Get, br#"{"session_src":"S"}"#).unwrap(),
             Operation::Get {
-                session: "S".into()
+                session: "S".into(),
+                ack_previous: true,
             }
         );
         assert_eq!(
             parse(Endpoint::Del, br#"{"type":"DEL","session_src":"S"}"#).unwrap(),
             Operation::Del {
-                session: "S".into()
+                session: "S".into(),
+                which: AckSelector::All,
             }
         );
     }
@@ -452,17 +526,80 @@ mod tests {
 
     #[test]
     fn replies_have_the_x0_shape() {
-        assert_eq!(messages_reply([].into_iter()), r#"{"messages":null}"#);
+        assert_eq!(messages_reply(&[]), r#"{"messages":null}"#);
+        let batch = [
+            Message {
+                id: 7,
+                body: r#"{"a":1}"#.into(),
+            },
+            Message {
+                id: 9,
+                body: r#"{"b":2}"#.into(),
+            },
+        ];
         assert_eq!(
-            messages_reply([r#"{"a":1}"#, r#"{"b":2}"#].into_iter()),
-            r#"{"messages":[{"a":1},{"b":2}]}"#
+            messages_reply(&batch),
+            r#"{"messages":[{"a":1},{"b":2}],"ids":[7,9]}"#
         );
-        assert_eq!(set_reply(0), r#"{"messages":null,"status":"ok"}"#);
+        assert_eq!(
+            set_reply(5, 0, false),
+            r#"{"messages":null,"status":"ok","id":5}"#
+        );
+        assert_eq!(
+            set_reply(5, 2, true),
+            r#"{"messages":null,"status":"ok","id":5,"dropped":2,"duplicate":true}"#
+        );
         let error: serde_json::Value =
             serde_json::from_str(&X0Error::new("MissingField", "x \"y\"").to_json()).unwrap();
         assert_eq!(
             error,
             serde_json::json!({"error":true,"exception_id":"MissingField","exception":"x \"y\""})
+        );
+    }
+
+    #[test]
+    fn beyond_x0_fields_select_keys_and_acks() {
+        let op = parse(
+            Endpoint::Set,
+            br#"{"session_src":"A","session_dst":"B","payload":{},"msg_id":"m-1"}"#,
+        )
+        .unwrap();
+        assert!(matches!(op, Operation::Set { key: Some(ref k), .. } if k == "m-1"));
+        assert_eq!(
+            parse(Endpoint::Get, br#"{"session_src":"S","auto_ack":false}"#).unwrap(),
+            Operation::Get {
+                session: "S".into(),
+                ack_previous: false,
+            }
+        );
+        assert_eq!(
+            parse(Endpoint::Del, br#"{"session_src":"S","ids":[3,4]}"#).unwrap(),
+            Operation::Del {
+                session: "S".into(),
+                which: AckSelector::Ids(vec![3, 4]),
+            }
+        );
+        assert_eq!(
+            parse(Endpoint::Del, br#"{"session_src":"S","cursor":9}"#).unwrap(),
+            Operation::Del {
+                session: "S".into(),
+                which: AckSelector::UpTo(9),
+            }
+        );
+        assert_eq!(
+            error_kind(Endpoint::Del, r#"{"session_src":"S","cursor":9,"ids":[1]}"#),
+            "InvalidField"
+        );
+        assert_eq!(
+            error_kind(Endpoint::Del, r#"{"session_src":"S","ids":["x"]}"#),
+            "InvalidField"
+        );
+        assert_eq!(
+            error_kind(
+                Endpoint::Set,
+                r#"{"session_src":"A","session_dst":"B","payload":{},"msg_id":""}"#
+            ),
+            "InvalidField"
         );
     }
 }

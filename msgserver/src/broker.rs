@@ -1,15 +1,22 @@
 //! The broker: every routing and delivery rule of the core, as a plain state machine.
 //!
-//! It owns the mailboxes and the parked polls, and nothing else: no sockets, no
-//! tasks, no clock. Each method takes the current time and appends what must be sent
-//! where to an output vector; the I/O shell around it (`server.rs`) feeds it requests
-//! and timer ticks and routes the replies. So every rule below is a unit test away.
+//! It owns the mailboxes, the messages in flight, the parked polls, the dead-letter
+//! queue and the publish keys, and nothing else: no sockets, no tasks, no clock, no
+//! files. Each method takes the current time and appends what must be sent where to
+//! an output vector; every change to stored state is also written to a journal of
+//! [`Record`]s that the I/O shell (`server.rs`) hands to storage before it lets the
+//! replies go. So every rule below is a unit test away.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
-use ipc::{ErrorKind, Message, MessageId, Request, RequestId, Response};
+use ipc::{
+    AckSelector, DeadLetter, DeadLetterOp, ErrorKind, Message, MessageId, Request, RequestId,
+    Response,
+};
 use serde::Deserialize;
+
+use crate::storage::{Record, Recovered, StoredMessage};
 
 /// Identifies one IPC connection to the core for the life of the process.
 pub type ConnId = u64;
@@ -32,8 +39,9 @@ pub struct Reply {
 pub enum DeliveryMode {
     /// A poll removes what it returns: x0's original behaviour.
     X0,
-    /// A returned batch stays in flight until the session's next poll or an ack, and
-    /// is given again after the visibility timeout otherwise.
+    /// A returned message stays in flight until it is acknowledged (by id, by
+    /// cursor, by `DEL`, or by the session's next poll) and is given again after the
+    /// visibility timeout otherwise.
     Ack,
 }
 
@@ -49,7 +57,7 @@ pub enum OverflowPolicy {
 #[derive(Debug, Clone)]
 pub struct BrokerConfig {
     pub delivery: DeliveryMode,
-    /// Messages waiting in one mailbox, not counting a batch in flight.
+    /// Messages waiting in one mailbox, not counting those in flight.
     pub mailbox_max_len: usize,
     pub overflow: OverflowPolicy,
     pub max_payload_bytes: usize,
@@ -60,6 +68,11 @@ pub struct BrokerConfig {
     pub idle_mailbox_timeout: Duration,
     /// Upper bound on the poll timeout a client may ask for.
     pub max_poll_timeout: Duration,
+    /// Deliveries without an acknowledgement after which a message moves to the
+    /// dead-letter queue instead of being given again; 0 never gives up.
+    pub max_deliveries: u32,
+    /// How long a publish key is remembered for deduplication.
+    pub dedup_window: Duration,
 }
 
 impl Default for BrokerConfig {
@@ -73,21 +86,69 @@ impl Default for BrokerConfig {
             visibility_timeout: Duration::from_secs(30),
             idle_mailbox_timeout: Duration::from_secs(300),
             max_poll_timeout: Duration::from_secs(120),
+            max_deliveries: 10,
+            dedup_window: Duration::from_secs(30),
         }
     }
 }
 
-/// Counts an operator (and the tests) can read without walking the state.
+/// The wall-clock time of one instant. Storage needs absolute expiry times and the
+/// broker reads no clock, so the shell gives it this once and it does the arithmetic.
+#[derive(Debug, Clone, Copy)]
+pub struct ClockAnchor {
+    pub instant: Instant,
+    pub unix_ms: u64,
+}
+
+impl ClockAnchor {
+    /// Reads both clocks; for the shell, never called inside the broker.
+    pub fn now() -> Self {
+        ClockAnchor {
+            instant: Instant::now(),
+            unix_ms: SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
+        }
+    }
+
+    fn unix_ms(&self, at: Instant) -> u64 {
+        match at.checked_duration_since(self.instant) {
+            Some(after) => self.unix_ms + after.as_millis() as u64,
+            None => self
+                .unix_ms
+                .saturating_sub(self.instant.duration_since(at).as_millis() as u64),
+        }
+    }
+
+    fn instant(&self, unix_ms: u64) -> Instant {
+        if unix_ms >= self.unix_ms {
+            self.instant + Duration::from_millis(unix_ms - self.unix_ms)
+        } else {
+            let before = Duration::from_millis(self.unix_ms - unix_ms);
+            self.instant.checked_sub(before).unwrap_or(self.instant)
+        }
+    }
+}
+
+/// Counts an operator (and the tests) can read without walking the state by hand.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Stats {
     pub mailboxes: usize,
+    pub ready: usize,
+    pub in_flight: usize,
     pub parked_polls: usize,
     pub pending_timers: usize,
+    pub dead_letters: usize,
+    pub dedup_keys: usize,
 }
 
 struct Stored {
     message: Message,
     expires_at: Option<Instant>,
+    /// Times it was handed out without being acknowledged (ack mode).
+    deliveries: u32,
+    /// The publisher's key, kept so that a snapshot can write it back.
+    key: Option<String>,
 }
 
 impl Stored {
@@ -97,8 +158,11 @@ impl Stored {
 }
 
 struct InFlight {
-    batch: Vec<Stored>,
+    stored: Stored,
+    /// The visibility timer of the batch it went out in.
     timer: TimerKey,
+    /// The connection it went out on: if that handler dies, nobody will pass it on.
+    conn: ConnId,
 }
 
 struct Parked {
@@ -107,9 +171,10 @@ struct Parked {
 }
 
 struct Mailbox {
+    /// In id order, which is publish order.
     ready: VecDeque<Stored>,
-    /// Only in `ack` mode: the batch last given and not yet acknowledged.
-    in_flight: Option<InFlight>,
+    /// Only in `ack` mode: given out and not yet acknowledged.
+    in_flight: BTreeMap<MessageId, InFlight>,
     /// At most one poll waits per session; a newer poll supersedes it.
     waiter: Option<Parked>,
     last_active: Instant,
@@ -119,31 +184,63 @@ impl Mailbox {
     fn new(now: Instant) -> Self {
         Mailbox {
             ready: VecDeque::new(),
-            in_flight: None,
+            in_flight: BTreeMap::new(),
             waiter: None,
             last_active: now,
         }
     }
 
-    fn drop_expired(&mut self, now: Instant) {
-        self.ready.retain(|m| !m.expired(now));
-    }
-
     fn is_idle(&self) -> bool {
-        self.ready.is_empty() && self.in_flight.is_none() && self.waiter.is_none()
+        self.ready.is_empty() && self.in_flight.is_empty() && self.waiter.is_none()
     }
+}
+
+/// A message that went to the dead-letter queue, with the mailbox it came from.
+struct Dead {
+    session: String,
+    stored: Stored,
 }
 
 /// The sequence number makes keys unique when two timers share an instant.
 type TimerKey = (Instant, u64);
 
 enum Timer {
-    PollTimeout { session: String },
-    Visibility { session: String },
+    PollTimeout {
+        session: String,
+    },
+    Visibility {
+        session: String,
+        ids: Vec<MessageId>,
+    },
+}
+
+/// Changes to stored state not yet taken by the shell. A memory-only broker keeps
+/// none, so that mode pays nothing for durability.
+struct Journal {
+    durable: bool,
+    records: Vec<Record>,
+}
+
+impl Journal {
+    fn push(&mut self, record: impl FnOnce() -> Record) {
+        if self.durable {
+            self.records.push(record());
+        }
+    }
+
+    fn removed(&mut self, ids: impl IntoIterator<Item = MessageId>) {
+        if self.durable {
+            let ids: Vec<MessageId> = ids.into_iter().collect();
+            if !ids.is_empty() {
+                self.records.push(Record::Removed { ids });
+            }
+        }
+    }
 }
 
 pub struct Broker {
     config: BrokerConfig,
+    clock: ClockAnchor,
     mailboxes: HashMap<String, Mailbox>,
     /// Parked polls by where their reply goes, so that a cancel or a dropped
     /// connection finds its session without scanning every mailbox.
@@ -152,25 +249,105 @@ pub struct Broker {
     timers: BTreeMap<TimerKey, Timer>,
     timer_seq: u64,
     next_message_id: MessageId,
+    /// By id, so an operator sees the oldest first.
+    dead: BTreeMap<MessageId, Dead>,
+    /// Publish keys seen inside the dedup window: key → (id given, forget at).
+    dedup: HashMap<String, (MessageId, Instant)>,
+    journal: Journal,
 }
 
 impl Broker {
-    pub fn new(config: BrokerConfig) -> Self {
+    /// A memory-only broker.
+    pub fn new(config: BrokerConfig, clock: ClockAnchor) -> Self {
         Broker {
             config,
+            clock,
             mailboxes: HashMap::new(),
             parked: HashMap::new(),
             timers: BTreeMap::new(),
             timer_seq: 0,
-            next_message_id: 1,
+            // Wall-clock microseconds: ids keep increasing across restarts even
+            // though nothing is stored, so a client's cursor never acks a newer message.
+            next_message_id: clock.unix_ms.saturating_mul(1000).max(1),
+            dead: BTreeMap::new(),
+            dedup: HashMap::new(),
+            journal: Journal {
+                durable: false,
+                records: Vec::new(),
+            },
         }
+    }
+
+    /// A durable broker rebuilt from what storage recovered. Everything that was in
+    /// flight is ready again; what expired while the core was down is dropped.
+    pub fn restore(
+        config: BrokerConfig,
+        clock: ClockAnchor,
+        recovered: Recovered,
+        now: Instant,
+    ) -> Self {
+        let mut broker = Broker::new(config, clock);
+        broker.journal.durable = true;
+        broker.next_message_id = broker.next_message_id.max(recovered.next_id);
+        let window = broker.config.dedup_window;
+        let now_ms = clock.unix_ms(now);
+        let mut expired = Vec::new();
+        for (id, (message, dead)) in recovered.messages {
+            let expires_at = message.expires_ms.map(|ms| clock.instant(ms));
+            if message.expires_ms.is_some_and(|ms| ms <= now_ms) && !dead {
+                expired.push(id);
+                continue;
+            }
+            if let Some(key) = &message.key {
+                broker.dedup.insert(key.clone(), (id, now + window));
+            }
+            let stored = Stored {
+                message: Message {
+                    id,
+                    body: message.body,
+                },
+                expires_at,
+                deliveries: 0,
+                key: message.key,
+            };
+            if dead {
+                broker.dead.insert(
+                    id,
+                    Dead {
+                        session: message.session,
+                        stored,
+                    },
+                );
+            } else {
+                broker
+                    .mailboxes
+                    .entry(message.session)
+                    .or_insert_with(|| Mailbox::new(now))
+                    .ready
+                    .push_back(stored);
+            }
+        }
+        broker.journal.removed(expired);
+        for (key, (id, until_ms)) in recovered.dedup {
+            if until_ms > now_ms {
+                broker
+                    .dedup
+                    .entry(key)
+                    .or_insert((id, clock.instant(until_ms)));
+            }
+        }
+        broker
     }
 
     pub fn stats(&self) -> Stats {
         Stats {
             mailboxes: self.mailboxes.len(),
+            ready: self.mailboxes.values().map(|m| m.ready.len()).sum(),
+            in_flight: self.mailboxes.values().map(|m| m.in_flight.len()).sum(),
             parked_polls: self.parked.len(),
             pending_timers: self.timers.len(),
+            dead_letters: self.dead.len(),
+            dedup_keys: self.dedup.len(),
         }
     }
 
@@ -179,17 +356,64 @@ impl Broker {
         self.timers.keys().next().map(|(at, _)| *at)
     }
 
+    /// Moves the records written since the last call to the end of `into`.
+    pub fn take_journal(&mut self, into: &mut Vec<Record>) {
+        into.append(&mut self.journal.records);
+    }
+
+    /// The whole stored state as records, for compaction: replaying them gives the
+    /// state the journal has described so far.
+    pub fn snapshot(&self) -> Vec<Record> {
+        let mut records = vec![Record::Meta {
+            next_id: self.next_message_id,
+        }];
+        let put = |session: &str, stored: &Stored| {
+            Record::Put(StoredMessage {
+                id: stored.message.id,
+                session: session.to_owned(),
+                body: stored.message.body.clone(),
+                expires_ms: stored.expires_at.map(|at| self.clock.unix_ms(at)),
+                key: stored.key.clone(),
+            })
+        };
+        for (session, mailbox) in &self.mailboxes {
+            records.extend(mailbox.ready.iter().map(|s| put(session, s)));
+            records.extend(mailbox.in_flight.values().map(|f| put(session, &f.stored)));
+        }
+        records.extend(self.dead.values().map(|d| put(&d.session, &d.stored)));
+        if !self.dead.is_empty() {
+            records.push(Record::DeadLettered {
+                ids: self.dead.keys().copied().collect(),
+            });
+        }
+        records.extend(self.dedup.iter().map(|(key, (id, until))| Record::Dedup {
+            key: key.clone(),
+            id: *id,
+            until_ms: self.clock.unix_ms(*until),
+        }));
+        records
+    }
+
     pub fn handle(&mut self, now: Instant, from: ReplyTo, request: Request, out: &mut Vec<Reply>) {
         let response = match request {
             Request::Ping => Response::Pong,
-            Request::Publish { src: _, dst, body } => self.publish(now, dst, body, out),
+            Request::Publish {
+                src,
+                dst,
+                body,
+                key,
+            } => self.publish(now, &src, dst, body, key, out),
             Request::Poll {
                 session,
                 timeout_ms,
-            } => match self.poll(now, from, session, Duration::from_millis(timeout_ms), out) {
-                Some(response) => response,
-                None => return, // parked: answered later
-            },
+                ack_previous,
+            } => {
+                let timeout = Duration::from_millis(timeout_ms);
+                match self.poll(now, from, session, timeout, ack_previous, out) {
+                    Some(response) => response,
+                    None => return, // parked: answered later
+                }
+            }
             Request::CancelPoll { poll } => {
                 self.cancel(
                     ReplyTo {
@@ -200,11 +424,12 @@ impl Broker {
                 );
                 Response::Done
             }
-            Request::Ack { session } => self.ack(now, &session),
+            Request::Ack { session, which } => self.ack(now, &session, &which),
             Request::Return { session, messages } => {
                 self.return_messages(now, session, messages, out);
                 Response::Done
             }
+            Request::DeadLetters(op) => self.dead_letters(now, op, out),
         };
         out.push(Reply { to: from, response });
     }
@@ -212,8 +437,10 @@ impl Broker {
     fn publish(
         &mut self,
         now: Instant,
+        src: &str,
         dst: String,
         body: String,
+        key: Option<String>,
         out: &mut Vec<Reply>,
     ) -> Response {
         if body.len() > self.config.max_payload_bytes {
@@ -226,13 +453,25 @@ impl Broker {
                 ),
             );
         }
+        // Scoped by sender, so that two clients choosing the same id do not collide.
+        let key = key.map(|key| format!("{src}\u{0}{key}"));
+        if let Some(key) = &key
+            && let Some(&(id, until)) = self.dedup.get(key)
+            && until > now
+        {
+            return Response::Published {
+                id,
+                dropped: 0,
+                duplicate: true,
+            };
+        }
         let mailbox = self
             .mailboxes
             .entry(dst.clone())
             .or_insert_with(|| Mailbox::new(now));
         mailbox.last_active = now;
-        mailbox.drop_expired(now);
-        let mut dropped = 0;
+        drop_expired(mailbox, now, &mut self.journal);
+        let mut dropped = Vec::new();
         if mailbox.ready.len() >= self.config.mailbox_max_len {
             match self.config.overflow {
                 OverflowPolicy::Reject => {
@@ -246,20 +485,43 @@ impl Broker {
                 }
                 OverflowPolicy::DropOldest => {
                     while mailbox.ready.len() >= self.config.mailbox_max_len.max(1) {
-                        mailbox.ready.pop_front();
-                        dropped += 1;
+                        let oldest = mailbox.ready.pop_front().expect("over the limit");
+                        dropped.push(oldest.message.id);
                     }
                 }
             }
         }
+        let dropped_count = dropped.len() as u32;
+        self.journal.removed(dropped);
         let id = self.next_message_id;
         self.next_message_id += 1;
+        let expires_at = self.config.message_ttl.map(|ttl| now + ttl);
+        let clock = self.clock;
+        self.journal.push(|| {
+            Record::Put(StoredMessage {
+                id,
+                session: dst.clone(),
+                body: body.clone(),
+                expires_ms: expires_at.map(|at| clock.unix_ms(at)),
+                key: key.clone(),
+            })
+        });
+        if let Some(key) = &key {
+            self.dedup
+                .insert(key.clone(), (id, now + self.config.dedup_window));
+        }
         mailbox.ready.push_back(Stored {
             message: Message { id, body },
-            expires_at: self.config.message_ttl.map(|ttl| now + ttl),
+            expires_at,
+            deliveries: 0,
+            key,
         });
         self.deliver_if_waiting(now, &dst, out);
-        Response::Published { id, dropped }
+        Response::Published {
+            id,
+            dropped: dropped_count,
+            duplicate: false,
+        }
     }
 
     /// Answers at once when there is something to give, else parks the poll and
@@ -270,6 +532,7 @@ impl Broker {
         from: ReplyTo,
         session: String,
         timeout: Duration,
+        ack_previous: bool,
         out: &mut Vec<Reply>,
     ) -> Option<Response> {
         let mailbox = self
@@ -277,10 +540,10 @@ impl Broker {
             .entry(session.clone())
             .or_insert_with(|| Mailbox::new(now));
         mailbox.last_active = now;
-        // The x0 rule for ack mode: asking again acknowledges what was given last.
-        if let Some(acked) = mailbox.in_flight.take() {
-            self.timers.remove(&acked.timer);
+        if ack_previous && !mailbox.in_flight.is_empty() {
+            self.ack(now, &session, &AckSelector::All);
         }
+        let mailbox = self.mailboxes.get_mut(&session).expect("created above");
         if let Some(old) = mailbox.waiter.take() {
             self.timers.remove(&old.timer);
             self.parked.remove(&old.to);
@@ -289,9 +552,9 @@ impl Broker {
                 response: Response::Messages(Vec::new()),
             });
         }
-        mailbox.drop_expired(now);
+        drop_expired(mailbox, now, &mut self.journal);
         if !mailbox.ready.is_empty() {
-            let batch = self.take_batch(now, &session);
+            let batch = self.take_batch(now, &session, from.conn);
             return Some(Response::Messages(batch));
         }
         let timeout = timeout.min(self.config.max_poll_timeout);
@@ -310,20 +573,61 @@ impl Broker {
         None
     }
 
-    fn ack(&mut self, now: Instant, session: &str) -> Response {
+    /// Acknowledges what `which` selects. By id or cursor it also covers messages
+    /// that are ready again rather than in flight: the client holds them from an
+    /// earlier delivery (one that a core restart or a visibility timeout put back in
+    /// line), and an acknowledgement the client was told succeeded must stick.
+    fn ack(&mut self, now: Instant, session: &str, which: &AckSelector) -> Response {
         let Some(mailbox) = self.mailboxes.get_mut(session) else {
             return Response::Acked { count: 0 };
         };
         mailbox.last_active = now;
-        match mailbox.in_flight.take() {
-            Some(acked) => {
-                self.timers.remove(&acked.timer);
-                Response::Acked {
-                    count: acked.batch.len() as u32,
-                }
+        let mut ids: Vec<MessageId> = match which {
+            AckSelector::All => mailbox.in_flight.keys().copied().collect(),
+            AckSelector::Ids(ids) => ids
+                .iter()
+                .copied()
+                .filter(|id| mailbox.in_flight.contains_key(id))
+                .collect(),
+            AckSelector::UpTo(cursor) => mailbox
+                .in_flight
+                .range(..=cursor)
+                .map(|(id, _)| *id)
+                .collect(),
+        };
+        let acked: Vec<InFlight> = ids
+            .iter()
+            .filter_map(|id| mailbox.in_flight.remove(id))
+            .collect();
+        for f in &acked {
+            if !mailbox.in_flight.values().any(|g| g.timer == f.timer) {
+                self.timers.remove(&f.timer);
             }
-            None => Response::Acked { count: 0 },
         }
+        let covers_ready: Option<Box<dyn Fn(MessageId) -> bool>> = match which {
+            AckSelector::All => None,
+            AckSelector::Ids(selected) => {
+                let selected: std::collections::HashSet<MessageId> =
+                    selected.iter().copied().collect();
+                Some(Box::new(move |id| selected.contains(&id)))
+            }
+            AckSelector::UpTo(cursor) => {
+                let cursor = *cursor;
+                Some(Box::new(move |id| id <= cursor))
+            }
+        };
+        if let Some(covers) = covers_ready {
+            mailbox.ready.retain(|s| {
+                let hit = covers(s.message.id);
+                if hit {
+                    ids.push(s.message.id);
+                }
+                !hit
+            });
+        }
+        let count = ids.len() as u32;
+        self.journal.removed(ids);
+        Response::Acked { count }
     }
 
     fn cancel(&mut self, poll: ReplyTo, out: &mut Vec<Reply>) {
@@ -357,41 +661,110 @@ impl Broker {
             .or_insert_with(|| Mailbox::new(now));
         match self.config.delivery {
             DeliveryMode::Ack => {
-                // The batch is still in flight here; hand it back at once instead of
-                // waiting for the visibility timeout. A batch that was acknowledged or
-                // redelivered since is not this one and is left alone.
-                let same_batch = mailbox.in_flight.as_ref().is_some_and(|f| {
-                    f.batch
-                        .iter()
-                        .map(|s| s.message.id)
-                        .eq(messages.iter().map(|m| m.id))
-                });
-                if same_batch {
-                    let returned = mailbox.in_flight.take().expect("checked above");
-                    self.timers.remove(&returned.timer);
-                    for stored in returned.batch.into_iter().rev() {
-                        mailbox.ready.push_front(stored);
+                // Still in flight here: ready again at once instead of after the
+                // visibility timeout. Ids acknowledged or redelivered since are no
+                // longer in flight and are left alone. The browser never saw them, so
+                // this was no delivery attempt.
+                let mut back = Vec::new();
+                for message in &messages {
+                    if let Some(mut f) = mailbox.in_flight.remove(&message.id) {
+                        f.stored.deliveries = f.stored.deliveries.saturating_sub(1);
+                        back.push(f);
                     }
                 }
+                for f in &back {
+                    if !mailbox.in_flight.values().any(|g| g.timer == f.timer) {
+                        self.timers.remove(&f.timer);
+                    }
+                }
+                self.requeue(
+                    now,
+                    &session,
+                    back.into_iter().map(|f| f.stored).collect(),
+                    out,
+                );
             }
             DeliveryMode::X0 => {
                 // The stored copies are gone; the returned ones get a fresh TTL rather
                 // than being lost to a deadline they never saw.
                 let expires_at = self.config.message_ttl.map(|ttl| now + ttl);
+                let clock = self.clock;
+                for message in messages.iter().rev() {
+                    self.journal.push(|| {
+                        Record::Put(StoredMessage {
+                            id: message.id,
+                            session: session.clone(),
+                            body: message.body.clone(),
+                            expires_ms: expires_at.map(|at| clock.unix_ms(at)),
+                            key: None,
+                        })
+                    });
+                }
+                let mailbox = self.mailboxes.get_mut(&session).expect("created above");
                 for message in messages.into_iter().rev() {
                     mailbox.ready.push_front(Stored {
                         message,
                         expires_at,
+                        deliveries: 0,
+                        key: None,
                     });
                 }
+                self.deliver_if_waiting(now, &session, out);
             }
         }
-        self.deliver_if_waiting(now, &session, out);
     }
 
-    /// Releases every poll parked by a connection that went away. Their messages
-    /// stay in the mailboxes for the next poll.
-    pub fn connection_closed(&mut self, conn: ConnId) {
+    /// Puts messages that went out unacknowledged back in line, in id order, or into
+    /// the dead-letter queue once they have been given out too often.
+    fn requeue(
+        &mut self,
+        now: Instant,
+        session: &str,
+        mut back: Vec<Stored>,
+        out: &mut Vec<Reply>,
+    ) {
+        if back.is_empty() {
+            return;
+        }
+        let max = self.config.max_deliveries;
+        let mut dead = Vec::new();
+        let mut expired = Vec::new();
+        back.retain_mut(|s| {
+            if s.expired(now) {
+                expired.push(s.message.id);
+                false
+            } else {
+                true
+            }
+        });
+        let (give_up, mut again): (Vec<Stored>, Vec<Stored>) = back
+            .into_iter()
+            .partition(|s| max > 0 && s.deliveries >= max);
+        for stored in give_up {
+            dead.push(stored.message.id);
+            self.dead.insert(
+                stored.message.id,
+                Dead {
+                    session: session.to_owned(),
+                    stored,
+                },
+            );
+        }
+        self.journal.removed(expired);
+        if !dead.is_empty() {
+            self.journal.push(|| Record::DeadLettered { ids: dead });
+        }
+        let Some(mailbox) = self.mailboxes.get_mut(session) else {
+            return;
+        };
+        again.sort_by_key(|s| s.message.id);
+        merge_in_order(&mut mailbox.ready, again);
+        self.deliver_if_waiting(now, session, out);
+    }
+
+    /// Releases every poll parked by a connection that went away, and in ack mode
+    /// puts what went out on it back in line: that handler will pass nothing on.
+    pub fn connection_closed(&mut self, now: Instant, conn: ConnId, out: &mut Vec<Reply>) {
         let gone: Vec<ReplyTo> = self
             .parked
             .keys()
@@ -405,6 +778,58 @@ impl Broker {
             {
                 self.timers.remove(&parked.timer);
             }
+        }
+        if self.config.delivery != DeliveryMode::Ack {
+            return;
+        }
+        let mut orphaned = Vec::new();
+        for (session, mailbox) in &mut self.mailboxes {
+            let ids: Vec<MessageId> = mailbox
+                .in_flight
+                .iter()
+                .filter(|(_, f)| f.conn == conn)
+                .map(|(id, _)| *id)
+                .collect();
+            if !ids.is_empty() {
+                let back: Vec<InFlight> = ids
+                    .iter()
+                    .filter_map(|id| mailbox.in_flight.remove(id))
+                    .collect();
+                orphaned.push((session.clone(), back));
+            }
+        }
+        for (session, back) in orphaned {
+            let mailbox = self.mailboxes.get_mut(&session).expect("listed above");
+            for f in &back {
+                if !mailbox.in_flight.values().any(|g| g.timer == f.timer) {
+                    self.timers.remove(&f.timer);
+                }
+            }
+            self.requeue(
+                now,
+                &session,
+                back.into_iter().map(|f| f.stored).collect(),
+                out,
+            );
+        }
+    }
+
+    /// Answers every parked poll with `ShuttingDown`, so that handlers re-issue them
+    /// to the next core instead of waiting out their timeouts.
+    pub fn shutdown(&mut self, out: &mut Vec<Reply>) {
+        for (to, session) in self.parked.drain() {
+            if let Some(mailbox) = self.mailboxes.get_mut(&session)
+                && let Some(parked) = mailbox.waiter.take()
+            {
+                self.timers.remove(&parked.timer);
+            }
+            out.push(Reply {
+                to,
+                response: Response::error(
+                    ErrorKind::ShuttingDown,
+                    "the message server is stopping",
+                ),
+            });
         }
     }
 
@@ -428,37 +853,99 @@ impl Broker {
                         });
                     }
                 }
-                Timer::Visibility { session } => {
+                Timer::Visibility { session, ids } => {
                     let Some(mailbox) = self.mailboxes.get_mut(&session) else {
                         continue;
                     };
-                    if let Some(unacked) = mailbox.in_flight.take_if(|f| f.timer == key) {
-                        for stored in unacked.batch.into_iter().rev() {
-                            mailbox.ready.push_front(stored);
+                    let mut back = Vec::new();
+                    for id in ids {
+                        if mailbox.in_flight.get(&id).is_some_and(|f| f.timer == key) {
+                            back.push(mailbox.in_flight.remove(&id).expect("checked").stored);
                         }
-                        self.deliver_if_waiting(now, &session, out);
                     }
+                    self.requeue(now, &session, back, out);
                 }
             }
         }
     }
 
-    /// Drops expired messages and removes mailboxes that have been empty and unused
-    /// for the idle timeout, so memory does not grow with sessions that went away.
+    /// Drops expired messages and publish keys, and removes mailboxes that have been
+    /// empty and unused for the idle timeout, so memory does not grow with sessions
+    /// that went away.
     pub fn sweep(&mut self, now: Instant) {
         let idle = self.config.idle_mailbox_timeout;
+        let journal = &mut self.journal;
         self.mailboxes.retain(|_, mailbox| {
-            mailbox.drop_expired(now);
+            drop_all_expired(mailbox, now, journal);
             !(mailbox.is_idle() && now.saturating_duration_since(mailbox.last_active) >= idle)
         });
+        self.dedup.retain(|_, (_, until)| *until > now);
+    }
+
+    fn dead_letters(&mut self, now: Instant, op: DeadLetterOp, out: &mut Vec<Reply>) -> Response {
+        let selected = |dead: &BTreeMap<MessageId, Dead>, ids: Option<Vec<MessageId>>| match ids {
+            None => dead.keys().copied().collect::<Vec<_>>(),
+            Some(ids) => ids.into_iter().filter(|id| dead.contains_key(id)).collect(),
+        };
+        match op {
+            DeadLetterOp::List { limit } => Response::DeadLetters {
+                letters: self
+                    .dead
+                    .iter()
+                    .take(limit as usize)
+                    .map(|(id, d)| DeadLetter {
+                        id: *id,
+                        session: d.session.clone(),
+                        body: d.stored.message.body.clone(),
+                        deliveries: d.stored.deliveries,
+                    })
+                    .collect(),
+                total: self.dead.len() as u64,
+            },
+            DeadLetterOp::Purge { ids } => {
+                let ids = selected(&self.dead, ids);
+                for id in &ids {
+                    self.dead.remove(id);
+                }
+                let count = ids.len() as u64;
+                self.journal.removed(ids);
+                Response::Count(count)
+            }
+            DeadLetterOp::Replay { ids } => {
+                let ids = selected(&self.dead, ids);
+                let count = ids.len() as u64;
+                let mut by_session: HashMap<String, Vec<Stored>> = HashMap::new();
+                for id in &ids {
+                    let mut dead = self.dead.remove(id).expect("selected");
+                    dead.stored.deliveries = 0;
+                    by_session
+                        .entry(dead.session)
+                        .or_default()
+                        .push(dead.stored);
+                }
+                if !ids.is_empty() {
+                    self.journal.push(|| Record::Revived { ids });
+                }
+                for (session, mut back) in by_session {
+                    let mailbox = self
+                        .mailboxes
+                        .entry(session.clone())
+                        .or_insert_with(|| Mailbox::new(now));
+                    back.sort_by_key(|s| s.message.id);
+                    merge_in_order(&mut mailbox.ready, back);
+                    self.deliver_if_waiting(now, &session, out);
+                }
+                Response::Count(count)
+            }
+        }
     }
 
     fn deliver_if_waiting(&mut self, now: Instant, session: &str, out: &mut Vec<Reply>) {
         let Some(mailbox) = self.mailboxes.get_mut(session) else {
             return;
         };
-        mailbox.drop_expired(now);
-        if mailbox.ready.is_empty() || mailbox.in_flight.is_some() {
+        drop_expired(mailbox, now, &mut self.journal);
+        if mailbox.ready.is_empty() {
             return;
         }
         let Some(parked) = mailbox.waiter.take() else {
@@ -466,37 +953,45 @@ impl Broker {
         };
         self.timers.remove(&parked.timer);
         self.parked.remove(&parked.to);
-        let batch = self.take_batch(now, session);
+        let batch = self.take_batch(now, session, parked.to.conn);
         out.push(Reply {
             to: parked.to,
             response: Response::Messages(batch),
         });
     }
 
-    /// Takes everything ready for `session`; in ack mode a copy stays in flight.
-    fn take_batch(&mut self, now: Instant, session: &str) -> Vec<Message> {
+    /// Takes everything ready for `session`; in ack mode it stays in flight.
+    fn take_batch(&mut self, now: Instant, session: &str, conn: ConnId) -> Vec<Message> {
         let mailbox = self.mailboxes.get_mut(session).expect("caller checked");
-        let taken: Vec<Stored> = mailbox
-            .ready
-            .drain(..)
-            .filter(|m| !m.expired(now))
-            .collect();
+        drop_all_expired(mailbox, now, &mut self.journal);
+        let taken = std::mem::take(&mut mailbox.ready);
         match self.config.delivery {
-            DeliveryMode::X0 => taken.into_iter().map(|s| s.message).collect(),
+            DeliveryMode::X0 => {
+                self.journal.removed(taken.iter().map(|s| s.message.id));
+                taken.into_iter().map(|s| s.message).collect()
+            }
             DeliveryMode::Ack if taken.is_empty() => Vec::new(),
             DeliveryMode::Ack => {
-                let batch = taken.iter().map(|s| s.message.clone()).collect();
+                let batch: Vec<Message> = taken.iter().map(|s| s.message.clone()).collect();
                 let timer = self.add_timer(
                     now + self.config.visibility_timeout,
                     Timer::Visibility {
                         session: session.to_owned(),
+                        ids: batch.iter().map(|m| m.id).collect(),
                     },
                 );
                 let mailbox = self.mailboxes.get_mut(session).expect("caller checked");
-                mailbox.in_flight = Some(InFlight {
-                    batch: taken,
-                    timer,
-                });
+                for mut stored in taken {
+                    stored.deliveries += 1;
+                    mailbox.in_flight.insert(
+                        stored.message.id,
+                        InFlight {
+                            stored,
+                            timer,
+                            conn,
+                        },
+                    );
+                }
                 batch
             }
         }
@@ -507,6 +1002,59 @@ impl Broker {
         let key = (at, self.timer_seq);
         self.timers.insert(key, timer);
         key
+    }
+}
+
+/// Drops expired messages from the head of the line: cheap enough for every
+/// publish and poll, since with one TTL the oldest expire first. What expires
+/// behind a younger head (a returned message got a fresh TTL) goes at the next
+/// [`drop_all_expired`] or when the batch is taken.
+fn drop_expired(mailbox: &mut Mailbox, now: Instant, journal: &mut Journal) {
+    let mut gone = Vec::new();
+    while mailbox.ready.front().is_some_and(|m| m.expired(now)) {
+        gone.push(mailbox.ready.pop_front().expect("checked").message.id);
+    }
+    journal.removed(gone);
+}
+
+fn drop_all_expired(mailbox: &mut Mailbox, now: Instant, journal: &mut Journal) {
+    let mut gone = Vec::new();
+    mailbox.ready.retain(|m| {
+        let expired = m.expired(now);
+        if expired {
+            gone.push(m.message.id);
+        }
+        !expired
+    });
+    journal.removed(gone);
+}
+
+/// Merges `back` (sorted by id) into `ready` (sorted by id).
+fn merge_in_order(ready: &mut VecDeque<Stored>, back: Vec<Stored>) {
+    let Some(last_back) = back.last().map(|s| s.message.id) else {
+        return;
+    };
+    if ready
+        .front()
+        .is_none_or(|first| first.message.id > last_back)
+    {
+        // The usual case: what went out is older than anything still waiting.
+        for stored in back.into_iter().rev() {
+            ready.push_front(stored);
+        }
+        return;
+    }
+    let waiting: Vec<Stored> = ready.drain(..).collect();
+    let mut a = waiting.into_iter().peekable();
+    let mut b = back.into_iter().peekable();
+    loop {
+        let take_a = match (a.peek(), b.peek()) {
+            (Some(x), Some(y)) => x.message.id < y.message.id,
+            (Some(_), None) => true,
+            (None, Some(_)) => false,
+            (None, None) => break,
+        };
+        ready.push_back(if take_a { a.next() } else { b.next() }.expect("peeked"));
     }
 }
 
@@ -524,11 +1072,25 @@ mod tests {
 
     impl Harness {
         fn new(config: BrokerConfig) -> Self {
+            let t0 = Instant::now();
             Harness {
-                broker: Broker::new(config),
-                t0: Instant::now(),
+                broker: Broker::new(
+                    config,
+                    ClockAnchor {
+                        instant: t0,
+                        unix_ms: 0,
+                    },
+                ),
+                t0,
                 next_request: 1,
             }
+        }
+
+        /// A durable broker whose journal the test can read back.
+        fn durable(config: BrokerConfig) -> Self {
+            let mut h = Harness::new(config);
+            h.broker.journal.durable = true;
+            h
         }
 
         fn at(&self, ms: u64) -> Instant {
@@ -554,6 +1116,7 @@ mod tests {
                     src: "sender".into(),
                     dst: dst.into(),
                     body: body.into(),
+                    key: None,
                 },
             );
             reply_for(&out, to).expect("publish is answered at once")
@@ -565,6 +1128,7 @@ mod tests {
                 Request::Poll {
                     session: session.into(),
                     timeout_ms,
+                    ack_previous: true,
                 },
             )
         }
@@ -641,6 +1205,7 @@ mod tests {
                 src: "a".into(),
                 dst: "b".into(),
                 body: "hi".into(),
+                key: None,
             },
         );
         assert_eq!(bodies(&reply_for(&out, poll).unwrap()), ["hi"]);
@@ -696,7 +1261,7 @@ mod tests {
     fn closed_connection_releases_its_polls_but_not_the_messages() {
         let mut h = Harness::new(BrokerConfig::default());
         h.poll(0, "b", 10_000);
-        h.broker.connection_closed(CONN);
+        h.broker.connection_closed(h.at(0), CONN, &mut Vec::new());
         assert_eq!(h.broker.stats().parked_polls, 0);
         assert_eq!(h.broker.stats().pending_timers, 0);
         let (_, out) = h.send(
@@ -705,6 +1270,7 @@ mod tests {
                 src: "a".into(),
                 dst: "b".into(),
                 body: "kept".into(),
+                key: None,
             },
         );
         assert_eq!(out.len(), 1, "only the publish is answered: {out:?}");
@@ -769,6 +1335,7 @@ mod tests {
             2,
             Request::Ack {
                 session: "b".into(),
+                which: AckSelector::All,
             },
         );
         assert_eq!(reply_for(&out, to), Some(Response::Acked { count: 1 }));
@@ -785,6 +1352,7 @@ mod tests {
             1,
             Request::Ack {
                 session: "b".into(),
+                which: AckSelector::All,
             },
         );
         assert_eq!(reply_for(&out, to), Some(Response::Acked { count: 0 }));
@@ -901,5 +1469,549 @@ mod tests {
         assert_eq!(h.broker.stats().mailboxes, 1);
         let (to, out) = h.poll(60_001, "parked", 0);
         assert!(reply_for(&out, to).is_some());
+    }
+
+    fn ids(response: &Response) -> Vec<MessageId> {
+        match response {
+            Response::Messages(batch) => batch.iter().map(|m| m.id).collect(),
+            other => panic!("expected messages, got {other:?}"),
+        }
+    }
+
+    fn poll_explicit(h: &mut Harness, ms: u64, session: &str) -> Vec<MessageId> {
+        let (to, out) = h.send(
+            ms,
+            Request::Poll {
+                session: session.into(),
+                timeout_ms: 0,
+                ack_previous: false,
+            },
+        );
+        ids(&reply_for(&out, to).unwrap())
+    }
+
+    fn ack(h: &mut Harness, ms: u64, session: &str, which: AckSelector) -> u32 {
+        let (to, out) = h.send(
+            ms,
+            Request::Ack {
+                session: session.into(),
+                which,
+            },
+        );
+        match reply_for(&out, to) {
+            Some(Response::Acked { count }) => count,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn publish_keyed(h: &mut Harness, ms: u64, src: &str, key: &str, body: &str) -> Response {
+        let (to, out) = h.send(
+            ms,
+            Request::Publish {
+                src: src.into(),
+                dst: "b".into(),
+                body: body.into(),
+                key: Some(key.into()),
+            },
+        );
+        reply_for(&out, to).unwrap()
+    }
+
+    /// Replays the journal written so far, as recovery would.
+    fn replay(h: &mut Harness) -> Recovered {
+        let mut records = Vec::new();
+        h.broker.take_journal(&mut records);
+        let mut recovered = Recovered::default();
+        for record in records {
+            recovered.apply(record);
+        }
+        recovered
+    }
+
+    #[test]
+    fn ack_by_ids_leaves_the_others_in_flight_until_redelivery() {
+        let mut h = Harness::new(ack_mode());
+        for body in ["1", "2", "3"] {
+            h.publish(0, "b", body);
+        }
+        let given = poll_explicit(&mut h, 1, "b");
+        assert_eq!(given.len(), 3);
+        assert_eq!(
+            ack(&mut h, 2, "b", AckSelector::Ids(vec![given[0], given[2]])),
+            2
+        );
+        // A poll that does not acknowledge leaves the unacked one in flight.
+        assert!(poll_explicit(&mut h, 3, "b").is_empty());
+        h.tick(5_001);
+        assert_eq!(poll_explicit(&mut h, 5_002, "b"), [given[1]]);
+    }
+
+    #[test]
+    fn ack_by_cursor_covers_every_id_up_to_it() {
+        let mut h = Harness::new(ack_mode());
+        for body in ["1", "2", "3"] {
+            h.publish(0, "b", body);
+        }
+        let given = poll_explicit(&mut h, 1, "b");
+        assert_eq!(ack(&mut h, 2, "b", AckSelector::UpTo(given[1])), 2);
+        h.publish(2, "b", "4");
+        assert_eq!(
+            ack(&mut h, 2, "b", AckSelector::UpTo(given[1])),
+            0,
+            "acks are idempotent"
+        );
+        h.tick(5_001);
+        let again = poll_explicit(&mut h, 5_002, "b");
+        assert_eq!(again[0], given[2]);
+        assert_eq!(
+            again.len(),
+            2,
+            "the one published after the ack is not covered"
+        );
+    }
+
+    #[test]
+    fn ack_by_id_covers_a_message_that_is_ready_again_after_a_restart() {
+        let mut h = Harness::new(ack_mode());
+        h.publish(0, "b", "1");
+        let given = poll_explicit(&mut h, 1, "b");
+        // As after a restart or a visibility timeout: the client holds it, but the
+        // core has it back in line.
+        h.tick(5_001);
+        assert_eq!(h.broker.stats().ready, 1);
+        assert_eq!(ack(&mut h, 5_002, "b", AckSelector::Ids(given.clone())), 1);
+        assert!(poll_explicit(&mut h, 5_003, "b").is_empty());
+    }
+
+    #[test]
+    fn message_given_out_max_deliveries_times_moves_to_dead_letters() {
+        let mut h = Harness::new(BrokerConfig {
+            max_deliveries: 2,
+            ..ack_mode()
+        });
+        h.publish(0, "b", "poison");
+        h.publish(0, "b", "fine");
+        assert_eq!(poll_explicit(&mut h, 1, "b").len(), 2);
+        h.tick(5_001);
+        let again = poll_explicit(&mut h, 5_002, "b");
+        assert_eq!(again.len(), 2);
+        ack(&mut h, 5_003, "b", AckSelector::Ids(vec![again[1]]));
+        h.tick(10_003);
+        assert!(
+            poll_explicit(&mut h, 10_004, "b").is_empty(),
+            "nothing left to give"
+        );
+        assert_eq!(h.broker.stats().dead_letters, 1);
+        let (to, out) = h.send(
+            10_005,
+            Request::DeadLetters(DeadLetterOp::List { limit: 10 }),
+        );
+        match reply_for(&out, to).unwrap() {
+            Response::DeadLetters { letters, total } => {
+                assert_eq!(total, 1);
+                assert_eq!(letters[0].body, "poison");
+                assert_eq!(letters[0].session, "b");
+                assert_eq!(letters[0].deliveries, 2);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn replayed_dead_letter_is_delivered_again_and_purged_one_is_gone() {
+        let mut h = Harness::new(BrokerConfig {
+            max_deliveries: 1,
+            ..ack_mode()
+        });
+        h.publish(0, "b", "x");
+        h.publish(0, "b", "y");
+        poll_explicit(&mut h, 1, "b");
+        h.tick(5_001);
+        assert_eq!(h.broker.stats().dead_letters, 2);
+        let (to, out) = h.send(
+            5_002,
+            Request::DeadLetters(DeadLetterOp::Purge { ids: Some(vec![2]) }),
+        );
+        assert_eq!(reply_for(&out, to), Some(Response::Count(1)));
+        // A parked poll is answered by the replay at once.
+        let (poll, _) = h.poll(5_003, "b", 10_000);
+        let (to, out) = h.send(
+            5_004,
+            Request::DeadLetters(DeadLetterOp::Replay { ids: None }),
+        );
+        assert_eq!(reply_for(&out, to), Some(Response::Count(1)));
+        assert_eq!(bodies(&reply_for(&out, poll).unwrap()), ["x"]);
+        assert_eq!(h.broker.stats().dead_letters, 0);
+    }
+
+    #[test]
+    fn dead_letter_requests_answer_even_when_empty() {
+        let mut h = Harness::new(ack_mode());
+        let (to, out) = h.send(
+            0,
+            Request::DeadLetters(DeadLetterOp::Replay {
+                ids: Some(vec![42]),
+            }),
+        );
+        assert_eq!(reply_for(&out, to), Some(Response::Count(0)));
+    }
+
+    #[test]
+    fn publish_retried_with_the_same_key_is_stored_once() {
+        let mut h = Harness::new(BrokerConfig {
+            dedup_window: Duration::from_secs(60),
+            ..BrokerConfig::default()
+        });
+        let first = publish_keyed(&mut h, 0, "a", "k1", "once");
+        let Response::Published {
+            id,
+            duplicate: false,
+            ..
+        } = first
+        else {
+            panic!("{first:?}")
+        };
+        assert_eq!(
+            publish_keyed(&mut h, 10, "a", "k1", "once"),
+            Response::Published {
+                id,
+                dropped: 0,
+                duplicate: true
+            }
+        );
+        // Another sender may use the same key for its own message.
+        assert!(matches!(
+            publish_keyed(&mut h, 20, "c", "k1", "other"),
+            Response::Published {
+                duplicate: false,
+                ..
+            }
+        ));
+        let (to, out) = h.poll(30, "b", 0);
+        assert_eq!(bodies(&reply_for(&out, to).unwrap()), ["once", "other"]);
+        // Still a duplicate after delivery, inside the window.
+        assert!(matches!(
+            publish_keyed(&mut h, 40, "a", "k1", "once"),
+            Response::Published {
+                duplicate: true,
+                ..
+            }
+        ));
+        h.broker.sweep(h.at(60_020));
+        assert_eq!(h.broker.stats().dedup_keys, 0);
+        assert!(matches!(
+            publish_keyed(&mut h, 60_021, "a", "k1", "once"),
+            Response::Published {
+                duplicate: false,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn closed_connection_puts_what_went_out_on_it_back_in_line() {
+        let mut h = Harness::new(ack_mode());
+        h.publish(0, "b", "1");
+        let (to, out) = h.poll(1, "b", 0);
+        assert_eq!(bodies(&reply_for(&out, to).unwrap()), ["1"]);
+        h.broker.connection_closed(h.at(2), CONN, &mut Vec::new());
+        assert_eq!(h.broker.stats().in_flight, 0);
+        assert_eq!(h.broker.stats().pending_timers, 0);
+        // The browser's next poll (through another handler) gets it again at once,
+        // without waiting for the visibility timeout.
+        let (to, out) = h.poll(3, "b", 0);
+        assert_eq!(bodies(&reply_for(&out, to).unwrap()), ["1"]);
+    }
+
+    #[test]
+    fn shutdown_tells_parked_polls_to_go_elsewhere() {
+        let mut h = Harness::new(BrokerConfig::default());
+        let (poll, _) = h.poll(0, "b", 10_000);
+        let mut out = Vec::new();
+        h.broker.shutdown(&mut out);
+        match reply_for(&out, poll) {
+            Some(Response::Error(e)) => assert_eq!(e.kind, ErrorKind::ShuttingDown),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(h.broker.stats().parked_polls, 0);
+        assert_eq!(h.broker.stats().pending_timers, 0);
+    }
+
+    #[test]
+    fn memory_only_ids_start_from_the_wall_clock() {
+        let t0 = Instant::now();
+        let mut broker = Broker::new(
+            BrokerConfig::default(),
+            ClockAnchor {
+                instant: t0,
+                unix_ms: 1_700_000_000_000,
+            },
+        );
+        let mut out = Vec::new();
+        let to = ReplyTo {
+            conn: 1,
+            request: 1,
+        };
+        broker.handle(
+            t0,
+            to,
+            Request::Publish {
+                src: "a".into(),
+                dst: "b".into(),
+                body: "x".into(),
+                key: None,
+            },
+            &mut out,
+        );
+        let Some(Response::Published { id, .. }) = reply_for(&out, to) else {
+            panic!("{out:?}")
+        };
+        assert_eq!(id, 1_700_000_000_000_000);
+        assert!(id < 1 << 53, "exact as a JavaScript number");
+    }
+
+    #[test]
+    fn memory_only_broker_journals_nothing() {
+        let mut h = Harness::new(BrokerConfig::default());
+        h.publish(0, "b", "x");
+        h.poll(1, "b", 0);
+        let mut records = Vec::new();
+        h.broker.take_journal(&mut records);
+        assert!(records.is_empty(), "{records:?}");
+    }
+
+    #[test]
+    fn restore_gives_back_what_was_pending_with_in_flight_ready_again() {
+        let mut h = Harness::durable(ack_mode());
+        h.publish(0, "b", "acked");
+        h.publish(0, "b", "in flight");
+        h.publish(0, "c", "ready");
+        let given = poll_explicit(&mut h, 1, "b");
+        ack(&mut h, 2, "b", AckSelector::Ids(vec![given[0]]));
+        let recovered = replay(&mut h);
+        let mut restored = Harness {
+            broker: Broker::restore(
+                ack_mode(),
+                ClockAnchor {
+                    instant: h.t0,
+                    unix_ms: 0,
+                },
+                recovered,
+                h.at(3),
+            ),
+            t0: h.t0,
+            next_request: 1,
+        };
+        let (to, out) = restored.poll(4, "b", 0);
+        assert_eq!(bodies(&reply_for(&out, to).unwrap()), ["in flight"]);
+        let (to, out) = restored.poll(4, "c", 0);
+        assert_eq!(bodies(&reply_for(&out, to).unwrap()), ["ready"]);
+        // Ids continue after the highest stored one.
+        assert!(matches!(
+            restored.publish(5, "b", "new"),
+            Response::Published { id: 4, .. }
+        ));
+    }
+
+    #[test]
+    fn restore_drops_what_expired_while_down_and_keeps_publish_keys() {
+        let config = BrokerConfig {
+            message_ttl: Some(Duration::from_secs(10)),
+            ..BrokerConfig::default()
+        };
+        let mut h = Harness::durable(config.clone());
+        h.publish(0, "b", "stale");
+        publish_keyed(&mut h, 5_000, "a", "k", "fresh");
+        let recovered = replay(&mut h);
+        let t = h.at(12_000);
+        let mut restored = Harness {
+            broker: Broker::restore(
+                config,
+                ClockAnchor {
+                    instant: t,
+                    unix_ms: 12_000,
+                },
+                recovered,
+                t,
+            ),
+            t0: h.t0,
+            next_request: 1,
+        };
+        assert!(matches!(
+            publish_keyed(&mut restored, 12_001, "a", "k", "fresh"),
+            Response::Published {
+                duplicate: true,
+                ..
+            }
+        ));
+        let (to, out) = restored.poll(12_002, "b", 0);
+        assert_eq!(bodies(&reply_for(&out, to).unwrap()), ["fresh"]);
+    }
+
+    #[test]
+    fn dead_letters_survive_a_restore_and_stay_dead() {
+        let mut h = Harness::durable(BrokerConfig {
+            max_deliveries: 1,
+            ..ack_mode()
+        });
+        h.publish(0, "b", "x");
+        poll_explicit(&mut h, 1, "b");
+        h.tick(5_001);
+        let recovered = replay(&mut h);
+        let broker = Broker::restore(
+            ack_mode(),
+            ClockAnchor {
+                instant: h.at(0),
+                unix_ms: 0,
+            },
+            recovered,
+            h.at(6_000),
+        );
+        assert_eq!(broker.stats().dead_letters, 1);
+        assert_eq!(broker.stats().ready, 0);
+    }
+
+    #[cfg(test)]
+    mod model {
+        //! Whatever the broker does, replaying its journal gives exactly the messages
+        //! it still holds, and so does replaying a snapshot of it.
+        use super::*;
+        use proptest::prelude::*;
+
+        #[derive(Debug, Clone)]
+        enum Op {
+            Publish { session: u8, key: Option<u8> },
+            Poll { session: u8, ack_previous: bool },
+            AckIds { session: u8, pick: u8 },
+            AckUpTo { session: u8, pick: u8 },
+            Return { session: u8 },
+            Close,
+            Advance { ms: u32 },
+            Sweep,
+            Replay,
+            Purge,
+        }
+
+        fn op() -> impl Strategy<Value = Op> {
+            prop_oneof![
+                4 => (0..3u8, proptest::option::of(0..4u8)).prop_map(|(session, key)| Op::Publish { session, key }),
+                3 => (0..3u8, any::<bool>()).prop_map(|(session, ack_previous)| Op::Poll { session, ack_previous }),
+                1 => (0..3u8, any::<u8>()).prop_map(|(session, pick)| Op::AckIds { session, pick }),
+                1 => (0..3u8, any::<u8>()).prop_map(|(session, pick)| Op::AckUpTo { session, pick }),
+                1 => (0..3u8).prop_map(|session| Op::Return { session }),
+                1 => Just(Op::Close),
+                2 => (0..8_000u32).prop_map(|ms| Op::Advance { ms }),
+                1 => Just(Op::Sweep),
+                1 => Just(Op::Replay),
+                1 => Just(Op::Purge),
+            ]
+        }
+
+        /// Every message the broker holds: id → (session, dead).
+        fn held(broker: &Broker) -> BTreeMap<MessageId, (String, bool)> {
+            let mut held = BTreeMap::new();
+            for (session, mailbox) in &broker.mailboxes {
+                for s in &mailbox.ready {
+                    held.insert(s.message.id, (session.clone(), false));
+                }
+                for id in mailbox.in_flight.keys() {
+                    held.insert(*id, (session.clone(), false));
+                }
+            }
+            for (id, dead) in &broker.dead {
+                held.insert(*id, (dead.session.clone(), true));
+            }
+            held
+        }
+
+        fn recovered_view(recovered: &Recovered) -> BTreeMap<MessageId, (String, bool)> {
+            recovered
+                .messages
+                .iter()
+                .map(|(id, (m, dead))| (*id, (m.session.clone(), *dead)))
+                .collect()
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(128))]
+            #[test]
+            fn journal_and_snapshot_replay_to_what_the_broker_holds(
+                ops in proptest::collection::vec(op(), 1..120),
+                delivery_ack in any::<bool>(),
+            ) {
+                let config = BrokerConfig {
+                    delivery: if delivery_ack { DeliveryMode::Ack } else { DeliveryMode::X0 },
+                    mailbox_max_len: 4,
+                    message_ttl: Some(Duration::from_secs(20)),
+                    visibility_timeout: Duration::from_secs(5),
+                    max_deliveries: 2,
+                    dedup_window: Duration::from_secs(30),
+                    ..BrokerConfig::default()
+                };
+                let mut h = Harness::durable(config);
+                let mut now = 0u64;
+                let mut conn = CONN;
+                let mut last_batch: HashMap<u8, Vec<Message>> = HashMap::new();
+                let mut journal = Recovered::default();
+                for op in ops {
+                    let mut out = Vec::new();
+                    let name = |s: u8| format!("s{s}");
+                    let to = ReplyTo { conn, request: h.next_request };
+                    h.next_request += 1;
+                    match op {
+                        Op::Publish { session, key } => h.broker.handle(h.t0 + Duration::from_millis(now), to, Request::Publish {
+                            src: "p".into(), dst: name(session), body: format!("m{now}"), key: key.map(|k| k.to_string()),
+                        }, &mut out),
+                        Op::Poll { session, ack_previous } => {
+                            h.broker.handle(h.t0 + Duration::from_millis(now), to, Request::Poll {
+                                session: name(session), timeout_ms: 0, ack_previous,
+                            }, &mut out);
+                            if let Some(Response::Messages(batch)) = reply_for(&out, to) {
+                                last_batch.insert(session, batch);
+                            }
+                        }
+                        Op::AckIds { session, pick } => {
+                            let ids: Vec<MessageId> = last_batch.get(&session).into_iter().flatten()
+                                .enumerate().filter(|(i, _)| pick & (1 << (i % 8)) != 0).map(|(_, m)| m.id).collect();
+                            h.broker.handle(h.t0 + Duration::from_millis(now), to, Request::Ack { session: name(session), which: AckSelector::Ids(ids) }, &mut out);
+                        }
+                        Op::AckUpTo { session, pick } => {
+                            let batch = last_batch.get(&session).cloned().unwrap_or_default();
+                            let cursor = batch.get(pick as usize % batch.len().max(1)).map_or(0, |m| m.id);
+                            h.broker.handle(h.t0 + Duration::from_millis(now), to, Request::Ack { session: name(session), which: AckSelector::UpTo(cursor) }, &mut out);
+                        }
+                        Op::Return { session } => {
+                            if let Some(batch) = last_batch.remove(&session) {
+                                h.broker.handle(h.t0 + Duration::from_millis(now), to, Request::Return { session: name(session), messages: batch }, &mut out);
+                            }
+                        }
+                        Op::Close => {
+                            h.broker.connection_closed(h.t0 + Duration::from_millis(now), conn, &mut out);
+                            conn += 1;
+                        }
+                        Op::Advance { ms } => {
+                            now += u64::from(ms);
+                            h.broker.tick(h.t0 + Duration::from_millis(now), &mut out);
+                        }
+                        Op::Sweep => h.broker.sweep(h.t0 + Duration::from_millis(now)),
+                        Op::Replay => h.broker.handle(h.t0 + Duration::from_millis(now), to, Request::DeadLetters(DeadLetterOp::Replay { ids: None }), &mut out),
+                        Op::Purge => h.broker.handle(h.t0 + Duration::from_millis(now), to, Request::DeadLetters(DeadLetterOp::Purge { ids: None }), &mut out),
+                    }
+                    let mut records = Vec::new();
+                    h.broker.take_journal(&mut records);
+                    for record in records {
+                        journal.apply(record);
+                    }
+                    prop_assert_eq!(recovered_view(&journal), held(&h.broker));
+                }
+                let mut from_snapshot = Recovered::default();
+                for record in h.broker.snapshot() {
+                    from_snapshot.apply(record);
+                }
+                prop_assert_eq!(recovered_view(&from_snapshot), held(&h.broker));
+                prop_assert!(from_snapshot.next_id >= journal.next_id);
+                prop_assert_eq!(from_snapshot.messages, journal.messages);
+            }
+        }
     }
 }

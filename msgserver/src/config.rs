@@ -33,9 +33,31 @@ pub struct ServerConfig {
     pub visibility_timeout: f64,
     pub idle_mailbox_timeout: f64,
     pub max_poll_timeout: f64,
+    pub max_deliveries: u32,
+    pub dedup_window: f64,
+    /// Where durable storage lives; unset keeps everything in memory only.
+    pub data_dir: Option<PathBuf>,
+    pub fsync: FsyncPolicy,
+    pub fsync_interval: f64,
+    pub compact_min_bytes: u64,
     pub max_in_flight: usize,
     pub heartbeat_timeout: f64,
     pub log: String,
+}
+
+/// When stored records reach the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum FsyncPolicy {
+    /// A reply that depends on a change goes out only after the change is fsynced;
+    /// everything that arrives meanwhile shares the next fsync (group commit).
+    Always,
+    /// Written at once, fsynced every `fsync_interval`: a power loss can cost that
+    /// much, a crash of the process nothing.
+    Interval,
+    /// Written at once, fsynced only at a clean stop: survives a crash of the
+    /// process, not of the machine.
+    Never,
 }
 
 impl Default for ServerConfig {
@@ -58,6 +80,12 @@ impl Default for ServerConfig {
             visibility_timeout: broker.visibility_timeout.as_secs_f64(),
             idle_mailbox_timeout: broker.idle_mailbox_timeout.as_secs_f64(),
             max_poll_timeout: broker.max_poll_timeout.as_secs_f64(),
+            max_deliveries: broker.max_deliveries,
+            dedup_window: broker.dedup_window.as_secs_f64(),
+            data_dir: None,
+            fsync: FsyncPolicy::Always,
+            fsync_interval: 0.05,
+            compact_min_bytes: 64 * 1024 * 1024,
             max_in_flight: 65_536,
             heartbeat_timeout: 15.0,
             log: "info".into(),
@@ -107,7 +135,13 @@ impl ServerConfig {
             visibility_timeout: seconds("visibility_timeout", self.visibility_timeout)?,
             idle_mailbox_timeout: seconds("idle_mailbox_timeout", self.idle_mailbox_timeout)?,
             max_poll_timeout: seconds("max_poll_timeout", self.max_poll_timeout)?,
+            max_deliveries: self.max_deliveries,
+            dedup_window: seconds("dedup_window", self.dedup_window)?,
         })
+    }
+
+    pub fn fsync_interval(&self) -> anyhow::Result<Duration> {
+        seconds("fsync_interval", self.fsync_interval)
     }
 
     pub fn heartbeat_timeout(&self) -> anyhow::Result<Duration> {

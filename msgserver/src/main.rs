@@ -5,11 +5,6 @@
 //! root, it binds its socket, hands it to `www-data` and drops to that user before
 //! serving anything.
 
-mod broker;
-mod config;
-mod server;
-mod socket;
-
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -17,8 +12,11 @@ use anyhow::Context;
 use clap::Parser;
 use tracing::{error, info};
 
-use crate::broker::{Broker, DeliveryMode};
-use crate::config::ServerConfig;
+use msgserver::broker::{Broker, ClockAnchor, DeliveryMode};
+use msgserver::config::{FsyncPolicy, ServerConfig};
+use msgserver::journal::Journal;
+use msgserver::storage::wal::Wal;
+use msgserver::{server, socket};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -36,6 +34,13 @@ struct Cli {
     /// it until acknowledged and redelivers after the visibility timeout.
     #[arg(long, value_enum)]
     delivery: Option<DeliveryArg>,
+    /// Keep messages durably in this directory (overrides `data_dir`); without it
+    /// everything lives in memory only.
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// When stored messages reach the disk (overrides `fsync`).
+    #[arg(long, value_enum)]
+    fsync: Option<FsyncPolicy>,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -61,6 +66,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     if let Some(socket) = cli.socket {
         config.socket = socket;
     }
+    if let Some(dir) = cli.data_dir {
+        config.data_dir = Some(dir);
+    }
+    if let Some(fsync) = cli.fsync {
+        config.fsync = fsync;
+    }
     if let Some(delivery) = cli.delivery {
         config.delivery = match delivery {
             DeliveryArg::X0 => DeliveryMode::X0,
@@ -76,10 +87,42 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 
-    let broker = Broker::new(config.broker()?);
+    let broker_config = config.broker()?;
     // Everything that needs root happens before the runtime starts any thread.
     let (listener, socket_gid) = socket::bind(&config)?;
+    if let Some(dir) = &config.data_dir {
+        socket::prepare_data_dir(&config, dir)?;
+    }
     socket::drop_privileges(&config)?;
+    let clock = ClockAnchor::now();
+    let (broker, journal) = match &config.data_dir {
+        None => {
+            info!("no data_dir: messages are kept in memory only");
+            (Broker::new(broker_config, clock), None)
+        }
+        Some(dir) => {
+            let started = std::time::Instant::now();
+            let (wal, recovered) =
+                Wal::open(dir).with_context(|| format!("opening storage in {}", dir.display()))?;
+            let broker = Broker::restore(broker_config, clock, recovered, clock.instant);
+            let stats = broker.stats();
+            info!(
+                dir = %dir.display(),
+                fsync = ?config.fsync,
+                ready = stats.ready,
+                dead_letters = stats.dead_letters,
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "storage recovered"
+            );
+            let journal = Journal::start(
+                Box::new(wal),
+                config.fsync,
+                config.fsync_interval()?,
+                config.compact_min_bytes,
+            );
+            (broker, Some(journal))
+        }
+    };
     let shell = server::ShellConfig {
         peers: socket::PeerPolicy::new(&config, socket_gid),
         max_in_flight: config.max_in_flight.max(1),
@@ -106,7 +149,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             wait_for_signal().await;
             let _ = stop.send(true);
         });
-        server::serve(listener, broker, shell, stopped).await;
+        server::serve(listener, broker, journal, shell, stopped).await;
         anyhow::Ok(())
     })?;
     // Best effort: after dropping privileges the directory may not be ours to write.

@@ -5,13 +5,20 @@
 //! reader task (frames in) and a writer task (frames out). The broker never waits
 //! on a connection: replies go into the connection's queue, whose size is bounded
 //! by the number of requests that connection may have in flight.
+//!
+//! With durable storage, the records of each burst of requests go to the journal
+//! thread, and the burst's replies wait until the journal reports them written as
+//! the fsync policy asks: no client hears "ok" about a change that a crash could
+//! still undo, and no message is delivered before it is stored.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
-use ipc::{ClientFrame, FrameCodec, Hello, Request, Response, ServerFrame, Welcome};
+use ipc::{
+    ClientFrame, ErrorKind, FrameCodec, Hello, Request, Response, Role, ServerFrame, Welcome,
+};
 use tokio::net::UnixListener;
 use tokio::net::UnixStream;
 use tokio::sync::{Semaphore, mpsc, watch};
@@ -19,6 +26,7 @@ use tokio_util::codec::{FramedRead, FramedWrite};
 use tracing::{Instrument, debug, info, info_span, trace, warn};
 
 use crate::broker::{Broker, ConnId, Reply, ReplyTo};
+use crate::journal::{Journal, Seq};
 use crate::socket::PeerPolicy;
 
 /// Settings of the shell itself (the broker has its own).
@@ -33,6 +41,8 @@ pub struct ShellConfig {
 }
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a stopping core waits for its last replies to reach the handlers.
+const FINAL_WRITE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// What connection tasks tell the broker task.
 enum Event {
@@ -47,12 +57,16 @@ enum Event {
     Closed {
         conn: ConnId,
     },
+    /// Stop taking new work, answer what is parked, persist everything, stop.
+    Shutdown,
 }
 
-/// Serves until `shutdown` turns true.
+/// Serves until `shutdown` turns true, then stops cleanly: parked polls are told,
+/// everything pending is persisted, and the last replies are written out.
 pub async fn serve(
     listener: UnixListener,
     broker: Broker,
+    journal: Option<Journal>,
     config: ShellConfig,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -60,7 +74,9 @@ pub async fn serve(
     // Bounded: when the broker falls behind, connection readers stop reading and the
     // handlers feel it, instead of this queue growing.
     let (events, inbox) = mpsc::channel(4096);
-    let broker_task = tokio::spawn(run_broker(broker, inbox, config.sweep_interval));
+    let broker_task = tokio::spawn(run_broker(broker, journal, inbox, config.sweep_interval));
+    let (stop_connections, stopping) = watch::channel(false);
+    let mut connections = tokio::task::JoinSet::new();
     let mut next_conn: ConnId = 0;
     loop {
         let stream = tokio::select! {
@@ -88,21 +104,46 @@ pub async fn serve(
         }
         next_conn += 1;
         let span = info_span!("conn", id = next_conn, pid = ?cred.pid(), uid = cred.uid());
-        tokio::spawn(
-            connection(stream, next_conn, events.clone(), config.clone()).instrument(span),
+        connections.spawn(
+            connection(
+                stream,
+                next_conn,
+                events.clone(),
+                config.clone(),
+                stopping.clone(),
+            )
+            .instrument(span),
         );
     }
+    drop(listener);
+    let _ = events.send(Event::Shutdown).await;
     drop(events);
-    broker_task.abort();
+    if broker_task.await.is_err() {
+        warn!("the broker task failed during shutdown");
+    }
+    // The broker has persisted everything and queued its last replies; the
+    // connections now stop reading and write those out.
+    let _ = stop_connections.send(true);
+    let _ = tokio::time::timeout(FINAL_WRITE_TIMEOUT, async {
+        while connections.join_next().await.is_some() {}
+    })
+    .await;
 }
 
 async fn run_broker(
     mut broker: Broker,
+    mut journal: Option<Journal>,
     mut inbox: mpsc::Receiver<Event>,
     sweep_interval: Duration,
 ) {
     let mut connections: HashMap<ConnId, mpsc::UnboundedSender<ServerFrame>> = HashMap::new();
     let mut out: Vec<Reply> = Vec::new();
+    let mut records = Vec::new();
+    // Replies waiting for their burst's records to be written, oldest first.
+    let mut held: VecDeque<(Seq, Vec<Reply>)> = VecDeque::new();
+    let mut sent: Seq = 0;
+    let mut done: Seq = 0;
+    let mut done_rx = journal.as_ref().map(|j| j.done.clone());
     let mut sweep = tokio::time::interval(sweep_interval);
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // One timer, re-armed only when the broker's next deadline changes, rather than a
@@ -111,17 +152,24 @@ async fn run_broker(
     let timer = tokio::time::sleep_until(far_future);
     tokio::pin!(timer);
     let mut armed: Option<Instant> = None;
+    let mut stopping = false;
     loop {
         tokio::select! {
-            event = inbox.recv() => {
+            event = inbox.recv(), if !stopping => {
                 let Some(event) = event else { break };
                 let now = Instant::now();
-                apply(&mut broker, &mut connections, now, event, &mut out);
+                stopping |= apply(&mut broker, &mut connections, now, event, &mut out);
                 // Take whatever else is already queued before routing replies: one
-                // wake-up, one clock read and one flush per burst.
-                while let Ok(event) = inbox.try_recv() {
-                    apply(&mut broker, &mut connections, now, event, &mut out);
+                // wake-up, one clock read, one journal write and one flush per burst.
+                while !stopping && let Ok(event) = inbox.try_recv() {
+                    stopping |= apply(&mut broker, &mut connections, now, event, &mut out);
                 }
+            }
+            changed = async { done_rx.as_mut().expect("guarded").changed().await }, if done_rx.is_some() => {
+                if changed.is_err() {
+                    break; // the journal thread is gone: it stops the process
+                }
+                done = *done_rx.as_mut().expect("guarded").borrow_and_update();
             }
             () = &mut timer, if armed.is_some() => {
                 armed = None;
@@ -130,17 +178,33 @@ async fn run_broker(
             _ = sweep.tick() => {
                 broker.sweep(Instant::now());
                 trace!(stats = ?broker.stats(), "swept");
+                if let Some(journal) = journal.as_mut()
+                    && journal.compaction_due()
+                {
+                    broker.take_journal(&mut records);
+                    if !records.is_empty() {
+                        sent = journal.append(std::mem::take(&mut records));
+                    }
+                    journal.compact(broker.snapshot());
+                }
             }
         }
-        for reply in out.drain(..) {
-            if let Some(conn) = connections.get(&reply.to.conn) {
-                // A send fails only while the connection is closing; its Closed event
-                // follows and releases what it parked.
-                let _ = conn.send(ServerFrame {
-                    id: reply.to.request,
-                    response: reply.response,
-                });
+        if let Some(journal) = journal.as_mut() {
+            broker.take_journal(&mut records);
+            if !records.is_empty() {
+                sent = journal.append(std::mem::take(&mut records));
             }
+        }
+        if sent > done && !out.is_empty() {
+            held.push_back((sent, std::mem::take(&mut out)));
+        }
+        while held.front().is_some_and(|(seq, _)| *seq <= done) {
+            let (_, replies) = held.pop_front().expect("checked");
+            route(&connections, replies);
+        }
+        route(&connections, out.drain(..));
+        if stopping {
+            break;
         }
         let next = broker.next_deadline();
         if next != armed {
@@ -149,15 +213,71 @@ async fn run_broker(
             timer.as_mut().reset(at);
         }
     }
+    // A clean stop: handlers are told first (id 0 is never a request's), so they
+    // send nothing new here; parked polls are told to go elsewhere, requests still
+    // queued are refused (the handlers retry them on the next core), and everything
+    // is fsynced whatever the policy before the last replies go out.
+    for conn in connections.values() {
+        let _ = conn.send(ServerFrame {
+            id: 0,
+            response: Response::error(ErrorKind::ShuttingDown, "the message server is stopping"),
+        });
+    }
+    broker.shutdown(&mut out);
+    route(&connections, out.drain(..));
+    inbox.close();
+    while let Some(event) = inbox.recv().await {
+        if let Event::Request { from, .. } = event {
+            route(
+                &connections,
+                [Reply {
+                    to: from,
+                    response: Response::error(
+                        ErrorKind::ShuttingDown,
+                        "the message server is stopping",
+                    ),
+                }],
+            );
+        }
+    }
+    if let Some(journal) = journal.as_mut() {
+        broker.take_journal(&mut records);
+        if !records.is_empty() {
+            journal.append(std::mem::take(&mut records));
+        }
+        journal.flush().await;
+        info!("storage flushed");
+    }
+    for (_, replies) in held.drain(..) {
+        route(&connections, replies);
+    }
 }
 
+/// Hands replies to their connections' writers.
+fn route(
+    connections: &HashMap<ConnId, mpsc::UnboundedSender<ServerFrame>>,
+    replies: impl IntoIterator<Item = Reply>,
+) {
+    for reply in replies {
+        if let Some(conn) = connections.get(&reply.to.conn) {
+            // A send fails only while the connection is closing; its Closed event
+            // follows and releases what it parked.
+            let _ = conn.send(ServerFrame {
+                id: reply.to.request,
+                response: reply.response,
+            });
+        }
+    }
+}
+
+/// Applies one event; returns whether it was the signal to stop.
 fn apply(
     broker: &mut Broker,
     connections: &mut HashMap<ConnId, mpsc::UnboundedSender<ServerFrame>>,
     now: Instant,
     event: Event,
     out: &mut Vec<Reply>,
-) {
+) -> bool {
     match event {
         Event::Connected { conn, replies } => {
             connections.insert(conn, replies);
@@ -165,9 +285,11 @@ fn apply(
         Event::Request { from, request } => broker.handle(now, from, request, out),
         Event::Closed { conn } => {
             connections.remove(&conn);
-            broker.connection_closed(conn);
+            broker.connection_closed(now, conn, out);
         }
+        Event::Shutdown => return true,
     }
+    false
 }
 
 async fn connection(
@@ -175,6 +297,7 @@ async fn connection(
     conn: ConnId,
     events: mpsc::Sender<Event>,
     config: Arc<ShellConfig>,
+    mut stopping: watch::Receiver<bool>,
 ) {
     let (read_half, write_half) = stream.into_split();
     let mut reader = FramedRead::new(read_half, FrameCodec::<Hello, Welcome>::new());
@@ -227,7 +350,11 @@ async fn connection(
     let write_task = tokio::spawn(write_frames(writer, outbox, permits.clone()));
 
     loop {
-        let frame = match tokio::time::timeout(config.heartbeat_timeout, reader.next()).await {
+        let next = tokio::select! {
+            next = tokio::time::timeout(config.heartbeat_timeout, reader.next()) => next,
+            _ = stopping.changed() => break,
+        };
+        let frame = match next {
             Ok(Some(Ok(frame))) => frame,
             Ok(Some(Err(e))) => {
                 warn!(error = %e, "dropping connection after a bad frame");
@@ -251,6 +378,16 @@ async fn connection(
             });
             continue;
         }
+        if hello.role != Role::Admin && matches!(frame.request, Request::DeadLetters(_)) {
+            let _ = replies.send(ServerFrame {
+                id: frame.id,
+                response: Response::error(
+                    ErrorKind::InvalidRequest,
+                    "dead-letter requests are for the admin role only",
+                ),
+            });
+            continue;
+        }
         let Ok(permit) = permits.acquire().await else {
             break;
         };
@@ -269,7 +406,13 @@ async fn connection(
     }
     let _ = events.send(Event::Closed { conn }).await;
     drop(replies);
-    write_task.abort();
+    if *stopping.borrow() {
+        // The broker dropped its sender too: the writer ends once the last replies
+        // are out.
+        let _ = write_task.await;
+    } else {
+        write_task.abort();
+    }
     info!("peer disconnected");
 }
 

@@ -97,6 +97,29 @@ pub fn drop_privileges(config: &ServerConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Creates the data directory (mode 0700) and, as root, gives it to the user the
+/// core is about to become, so that everything inside is created by that user.
+pub fn prepare_data_dir(config: &ServerConfig, dir: &Path) -> anyhow::Result<()> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("creating data directory {}", dir.display()))?;
+    if Uid::effective().is_root() {
+        let user = user(&config.user)?;
+        let group = group(&config.group)?;
+        chown(dir, Some(user.uid), Some(group.gid)).with_context(|| {
+            format!("handing data directory {} to {}", dir.display(), user.name)
+        })?;
+        for entry in std::fs::read_dir(dir)? {
+            let path = entry?.path();
+            chown(&path, Some(user.uid), Some(group.gid))
+                .with_context(|| format!("handing {} to {}", path.display(), user.name))?;
+        }
+    }
+    Ok(())
+}
+
 fn user(name: &str) -> anyhow::Result<User> {
     User::from_name(name)
         .with_context(|| format!("looking up user {name:?}"))?

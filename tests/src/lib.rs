@@ -17,6 +17,7 @@ use std::ffi::OsString;
 use std::fs::File;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener};
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -58,11 +59,12 @@ pub const X0_PATHS: &[&str] = &["/python/MsgHandler.py", "/get", "/set", "/del"]
 // Binaries
 // ---------------------------------------------------------------------------
 
-/// Paths of the two freshly built binaries.
+/// Paths of the freshly built binaries.
 #[derive(Debug)]
 pub struct Binaries {
     pub msgserver: PathBuf,
     pub msghandler: PathBuf,
+    pub msgctl: PathBuf,
 }
 
 /// Builds `msgserver` and `msghandler` once per test process and returns where they
@@ -115,8 +117,9 @@ fn build_binaries() -> Binaries {
     let binaries = Binaries {
         msgserver: profile_dir.join("msgserver"),
         msghandler: profile_dir.join("msghandler"),
+        msgctl: profile_dir.join("msgctl"),
     };
-    for bin in [&binaries.msgserver, &binaries.msghandler] {
+    for bin in [&binaries.msgserver, &binaries.msghandler, &binaries.msgctl] {
         assert!(
             bin.exists(),
             "cargo build succeeded but {} is missing",
@@ -228,6 +231,10 @@ pub struct CoreOptions {
     pub message_ttl: Option<f64>,
     pub visibility_timeout: Option<f64>,
     pub max_poll_timeout: Option<f64>,
+    /// Durable storage in `<core dir>/data` (`--data-dir`).
+    pub durable: bool,
+    /// Passed as `--fsync` ("always", "interval" or "never").
+    pub fsync: Option<String>,
     /// Appended verbatim to the TOML file.
     pub extra_toml: String,
 }
@@ -275,6 +282,11 @@ impl Core {
     /// Starts msgserver on `<tmp>/core.sock` and waits until it accepts connections.
     pub fn start(options: CoreOptions) -> Core {
         let dir = temp_dir("micromsg-core-");
+        if options.durable {
+            // The core drops to www-data before it opens its data directory inside.
+            std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711))
+                .expect("opening the core's directory for traversal");
+        }
         let socket = dir.path().join("core.sock");
         let config = dir.path().join("msgserver.toml");
         std::fs::write(&config, options.toml(&socket)).expect("writing msgserver.toml");
@@ -303,7 +315,37 @@ impl Core {
         if let Some(delivery) = &self.options.delivery {
             cmd.args(["--delivery", delivery]);
         }
+        if self.options.durable {
+            cmd.arg("--data-dir").arg(self.data_dir());
+        }
+        if let Some(fsync) = &self.options.fsync {
+            cmd.args(["--fsync", fsync]);
+        }
         cmd
+    }
+
+    /// Where a durable core keeps its log.
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// SIGTERM, then waits up to `timeout` for the exit; panics if it does not come.
+    pub fn terminate(&mut self, timeout: Duration) -> ExitStatus {
+        let mut child = self.child.take().expect("msgserver is not running");
+        signal(&child, Signal::SIGTERM);
+        match wait_timeout(&mut child, timeout) {
+            Some(status) => status,
+            None => {
+                sigkill_and_reap(&mut child);
+                panic!("msgserver did not exit within {timeout:?} of SIGTERM");
+            }
+        }
+    }
+
+    /// Starts msgserver again after `terminate` or `kill`.
+    pub fn start_again(&mut self) {
+        self.kill();
+        self.spawn_and_wait();
     }
 
     fn spawn_and_wait(&mut self) {
@@ -387,6 +429,22 @@ impl Core {
     /// Everything msgserver wrote to stdout and stderr, across restarts.
     pub fn log(&self) -> String {
         read_log(&self.log)
+    }
+
+    /// Runs `msgctl --socket <this core's socket> args...`; returns its exit status
+    /// and stdout, with stderr appended.
+    pub fn msgctl(&self, args: &[&str]) -> (ExitStatus, String) {
+        let output = Command::new(&binaries().msgctl)
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(args)
+            .env_remove("MICROMSG_SOCKET")
+            .stdin(Stdio::null())
+            .output()
+            .expect("running msgctl");
+        let mut text = String::from_utf8_lossy(&output.stdout).into_owned();
+        text.push_str(&String::from_utf8_lossy(&output.stderr));
+        (output.status, text)
     }
 }
 
@@ -643,14 +701,11 @@ impl Handler {
         reply
     }
 
-    /// `POST /set` that must succeed with `{"messages":null,"status":"ok"}`.
-    pub async fn set_ok(&self, src: &str, dst: &str, payload: &Value) {
+    /// `POST /set` that must succeed with `{"messages":null,"status":"ok","id":N}`;
+    /// returns the message id.
+    pub async fn set_ok(&self, src: &str, dst: &str, payload: &Value) -> u64 {
         let reply = self.set(src, dst, payload).await;
-        assert_eq!(
-            reply,
-            json!({"messages": null, "status": "ok"}),
-            "SET {src} -> {dst}"
-        );
+        assert_ok_with_id(&reply, &format!("SET {src} -> {dst}"))
     }
 
     /// A long-poll exactly as the x0 client sends it, on `POST /get`; asserts HTTP
@@ -850,6 +905,15 @@ impl RawReply {
 // x0 bodies and checks
 // ---------------------------------------------------------------------------
 
+/// Asserts an x0 SET reply that stored a message; returns its id.
+pub fn assert_ok_with_id(reply: &Value, what: &str) -> u64 {
+    assert_eq!(reply["status"], "ok", "{what}: {reply}");
+    assert_eq!(reply["messages"], Value::Null, "{what}: {reply}");
+    reply["id"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{what}: no message id in {reply}"))
+}
+
 /// The long-poll body the real x0 client sends.
 pub fn x0_get_body(session: &str) -> String {
     json!({
@@ -912,4 +976,39 @@ pub fn raw_elements(json: &str) -> Vec<String> {
     let elements: Vec<Box<serde_json::value::RawValue>> =
         serde_json::from_str(json).unwrap_or_else(|e| panic!("not a JSON array ({e}): {json}"));
     elements.into_iter().map(|v| v.get().to_owned()).collect()
+}
+
+/// One JSON POST to `addr` that may fail (refused connection, reset, timeout, a
+/// non-JSON body): for load that keeps going while processes are killed under it.
+pub async fn try_post(addr: SocketAddr, path: &str, body: String) -> Result<Value, String> {
+    let exchange = async {
+        let stream = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|e| e.to_string())?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| e.to_string())?;
+        tokio::spawn(conn);
+        let request = hyper::Request::builder()
+            .method(Method::POST)
+            .uri(path)
+            .header(hyper::header::HOST, addr.to_string())
+            .header(hyper::header::CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|e| e.to_string())?;
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|e| e.to_string())?;
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| e.to_string())?
+            .to_bytes();
+        serde_json::from_slice(&body).map_err(|e| format!("not JSON ({e}): {body:?}"))
+    };
+    tokio::time::timeout(REQUEST_TIMEOUT, exchange)
+        .await
+        .unwrap_or_else(|_| Err(format!("no reply within {REQUEST_TIMEOUT:?}")))
 }

@@ -151,7 +151,7 @@ async fn msghandler_survives_a_core_restart_without_being_restarted() {
     loop {
         attempts += 1;
         let reply = h.set(&a, &b, &json!({"attempt": attempts})).await;
-        if reply == json!({"messages": null, "status": "ok"}) {
+        if reply["status"] == "ok" {
             break;
         }
         assert_error(&reply, "CoreUnavailable");

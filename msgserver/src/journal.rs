@@ -1,0 +1,196 @@
+//! The journal thread: takes the broker's records, writes them to storage and
+//! syncs them by the fsync policy, off the broker's thread so that the broker keeps
+//! routing while the disk works.
+//!
+//! Group commit falls out of the shape: while one fsync runs, the broker goes on
+//! handling requests and sends their records; the thread then writes everything
+//! that queued up and covers it with a single fsync. The broker holds each burst's
+//! replies until the thread reports that burst done (see `server.rs`).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{oneshot, watch};
+use tracing::{error, info};
+
+use crate::config::FsyncPolicy;
+use crate::storage::{Record, Storage};
+
+/// Identifies a burst of records; bursts are numbered from 1 in the order sent.
+pub type Seq = u64;
+
+enum Command {
+    Append {
+        records: Vec<Record>,
+        seq: Seq,
+    },
+    Compact {
+        snapshot: Vec<Record>,
+    },
+    /// Fsync now whatever the policy (a clean stop), then answer.
+    Flush {
+        done: oneshot::Sender<()>,
+    },
+}
+
+/// The broker task's handle on the journal thread.
+pub struct Journal {
+    commands: mpsc::Sender<Command>,
+    sent: Seq,
+    /// The highest burst written as the policy requires (fsynced under `always`).
+    pub done: watch::Receiver<Seq>,
+    disk_bytes: Arc<AtomicU64>,
+    /// Disk use right after the last compaction: the next one is due when the log
+    /// has doubled from there.
+    compacted_bytes: Arc<AtomicU64>,
+    compact_min_bytes: u64,
+}
+
+impl Journal {
+    pub fn start(
+        mut storage: Box<dyn Storage>,
+        policy: FsyncPolicy,
+        interval: Duration,
+        compact_min_bytes: u64,
+    ) -> Journal {
+        let (commands, inbox) = mpsc::channel::<Command>();
+        let (done_tx, done) = watch::channel(0);
+        let disk_bytes = Arc::new(AtomicU64::new(storage.disk_bytes()));
+        let compacted_bytes = Arc::new(AtomicU64::new(storage.disk_bytes()));
+        let (disk, compacted) = (disk_bytes.clone(), compacted_bytes.clone());
+        std::thread::Builder::new()
+            .name("journal".into())
+            .spawn(move || {
+                if let Err(e) = run(
+                    &mut *storage,
+                    policy,
+                    interval,
+                    &inbox,
+                    &done_tx,
+                    &disk,
+                    &compacted,
+                ) {
+                    // Fail-stop: replies that waited for this write were never sent, so
+                    // nothing a client was told is stored is lost; a restart recovers
+                    // from what did reach the disk.
+                    error!(error = %e, "storage failed; stopping the core");
+                    std::process::exit(1);
+                }
+            })
+            .expect("spawning the journal thread");
+        Journal {
+            commands,
+            sent: 0,
+            done,
+            disk_bytes,
+            compacted_bytes,
+            compact_min_bytes,
+        }
+    }
+
+    /// Sends one burst; returns its sequence number.
+    pub fn append(&mut self, records: Vec<Record>) -> Seq {
+        self.sent += 1;
+        let _ = self.commands.send(Command::Append {
+            records,
+            seq: self.sent,
+        });
+        self.sent
+    }
+
+    /// Whether the log has grown enough that rewriting it as a snapshot pays.
+    pub fn compaction_due(&self) -> bool {
+        let disk = self.disk_bytes.load(Ordering::Relaxed);
+        disk >= self.compact_min_bytes && disk >= 2 * self.compacted_bytes.load(Ordering::Relaxed)
+    }
+
+    pub fn compact(&mut self, snapshot: Vec<Record>) {
+        // Stops a second trigger before this one has run.
+        self.compacted_bytes
+            .store(self.disk_bytes.load(Ordering::Relaxed), Ordering::Relaxed);
+        let _ = self.commands.send(Command::Compact { snapshot });
+    }
+
+    /// Fsyncs everything sent so far, whatever the policy.
+    pub async fn flush(&self) {
+        let (done, flushed) = oneshot::channel();
+        if self.commands.send(Command::Flush { done }).is_ok() {
+            let _ = flushed.await;
+        }
+    }
+}
+
+fn run(
+    storage: &mut dyn Storage,
+    policy: FsyncPolicy,
+    interval: Duration,
+    inbox: &mpsc::Receiver<Command>,
+    done: &watch::Sender<Seq>,
+    disk_bytes: &AtomicU64,
+    compacted_bytes: &AtomicU64,
+) -> std::io::Result<()> {
+    let mut last_sync = Instant::now();
+    let mut unsynced = false;
+    loop {
+        let first = match policy {
+            FsyncPolicy::Interval if unsynced => {
+                let wait = interval.saturating_sub(last_sync.elapsed());
+                match inbox.recv_timeout(wait) {
+                    Ok(command) => Some(command),
+                    Err(mpsc::RecvTimeoutError::Timeout) => None,
+                    Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                }
+            }
+            _ => match inbox.recv() {
+                Ok(command) => Some(command),
+                Err(_) => break,
+            },
+        };
+        let mut highest = None;
+        let mut flushed = Vec::new();
+        // Everything queued behind the first command joins this group.
+        for command in first
+            .into_iter()
+            .chain(std::iter::from_fn(|| inbox.try_recv().ok()))
+        {
+            match command {
+                Command::Append { records, seq } => {
+                    storage.append(&records)?;
+                    highest = Some(seq);
+                    unsynced = true;
+                }
+                Command::Compact { snapshot } => {
+                    let before = storage.disk_bytes();
+                    storage.compact(&snapshot)?;
+                    let after = storage.disk_bytes();
+                    compacted_bytes.store(after, Ordering::Relaxed);
+                    info!(before, after, records = snapshot.len(), "log compacted");
+                }
+                Command::Flush { done } => flushed.push(done),
+            }
+        }
+        let sync_now = match policy {
+            FsyncPolicy::Always => unsynced,
+            FsyncPolicy::Interval => unsynced && last_sync.elapsed() >= interval,
+            FsyncPolicy::Never => false,
+        } || (!flushed.is_empty() && unsynced);
+        if sync_now {
+            storage.sync()?;
+            last_sync = Instant::now();
+            unsynced = false;
+        }
+        disk_bytes.store(storage.disk_bytes(), Ordering::Relaxed);
+        if let Some(seq) = highest {
+            done.send_replace(seq);
+        }
+        for flushed in flushed {
+            let _ = flushed.send(());
+        }
+    }
+    if unsynced {
+        storage.sync()?;
+    }
+    Ok(())
+}

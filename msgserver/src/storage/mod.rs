@@ -1,0 +1,118 @@
+//! Durable storage of the core's queue state, behind a small interface.
+//!
+//! The broker never touches a file: it emits [`Record`]s describing each change
+//! (a message stored, messages removed, moved to or from the dead-letter queue),
+//! the server's journal task appends them to a [`Storage`] and syncs them by the
+//! configured fsync policy, and on start the storage replays them into a
+//! [`Recovered`] state that the broker is rebuilt from. Delivery state (which
+//! message is in flight to whom) is deliberately not stored: after a restart every
+//! pending message is ready again, which is what at-least-once delivery asks for.
+//!
+//! [`wal::Wal`] is the one backend today: an append-only log of CRC-checked records.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io;
+
+use ipc::MessageId;
+use serde::{Deserialize, Serialize};
+
+pub mod wal;
+
+/// One message as it is stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredMessage {
+    pub id: MessageId,
+    /// The session whose mailbox holds it.
+    pub session: String,
+    pub body: String,
+    /// Wall-clock expiry in Unix milliseconds; `None` never expires.
+    pub expires_ms: Option<u64>,
+    /// The publisher's idempotency key, if it gave one.
+    pub key: Option<String>,
+}
+
+/// One change to the stored state. Records are applied in log order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Record {
+    /// Ids below `next_id` are never handed out again, even after everything that
+    /// carried them is gone. Written at the start of every snapshot.
+    Meta { next_id: MessageId },
+    /// A message was accepted.
+    Put(StoredMessage),
+    /// Messages are gone for good: acknowledged, deleted on delivery, expired,
+    /// dropped for room, or purged from the dead-letter queue.
+    Removed { ids: Vec<MessageId> },
+    /// Messages moved to the dead-letter queue after too many deliveries.
+    DeadLettered { ids: Vec<MessageId> },
+    /// Dead letters given back to their mailboxes by an operator.
+    Revived { ids: Vec<MessageId> },
+    /// A publish key remembered after its message is gone, so that a late retry is
+    /// still recognised. Written only in snapshots; live keys ride on their `Put`.
+    Dedup {
+        key: String,
+        id: MessageId,
+        until_ms: u64,
+    },
+}
+
+/// The state a log replays to.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Recovered {
+    pub next_id: MessageId,
+    /// Every message not yet removed, by id (so in publish order), with whether it
+    /// sits in the dead-letter queue.
+    pub messages: BTreeMap<MessageId, (StoredMessage, bool)>,
+    /// Publish keys of messages already removed: key → (id, remembered until ms).
+    pub dedup: HashMap<String, (MessageId, u64)>,
+}
+
+impl Recovered {
+    /// Applies one record. Records about unknown ids are ignored: a removal can
+    /// follow a compaction that already left the message out.
+    pub fn apply(&mut self, record: Record) {
+        match record {
+            Record::Meta { next_id } => self.next_id = self.next_id.max(next_id),
+            Record::Put(message) => {
+                self.next_id = self.next_id.max(message.id + 1);
+                self.messages.insert(message.id, (message, false));
+            }
+            Record::Removed { ids } => {
+                for id in ids {
+                    self.messages.remove(&id);
+                }
+            }
+            Record::DeadLettered { ids } => {
+                for id in ids {
+                    if let Some((_, dead)) = self.messages.get_mut(&id) {
+                        *dead = true;
+                    }
+                }
+            }
+            Record::Revived { ids } => {
+                for id in ids {
+                    if let Some((_, dead)) = self.messages.get_mut(&id) {
+                        *dead = false;
+                    }
+                }
+            }
+            Record::Dedup { key, id, until_ms } => {
+                self.next_id = self.next_id.max(id + 1);
+                self.dedup.insert(key, (id, until_ms));
+            }
+        }
+    }
+}
+
+/// What the journal task needs from a backend. Calls come from one thread.
+pub trait Storage: Send + 'static {
+    /// Appends records after everything appended before; durable only after `sync`.
+    fn append(&mut self, records: &[Record]) -> io::Result<()>;
+    /// Makes everything appended so far durable (fdatasync or the backend's commit).
+    fn sync(&mut self) -> io::Result<()>;
+    /// Replaces everything stored with `snapshot`, the whole live state at this
+    /// point of the record stream, so that disk use tracks what is still pending.
+    /// Durable when it returns; a crash midway leaves the old state intact.
+    fn compact(&mut self, snapshot: &[Record]) -> io::Result<()>;
+    /// Bytes the backend occupies on disk now.
+    fn disk_bytes(&self) -> u64;
+}
