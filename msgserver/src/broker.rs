@@ -351,6 +351,39 @@ impl Broker {
         }
     }
 
+    /// About what a snapshot of everything stored takes on disk. Walks every
+    /// message: for the compaction check, which runs only once the log is large.
+    pub fn stored_bytes(&self) -> u64 {
+        // Record framing, id, expiry and the bincode lengths.
+        const OVERHEAD: usize = 32;
+        let size = |session: &str, s: &Stored| {
+            (OVERHEAD
+                + session.len()
+                + s.message.body.len()
+                + s.key.as_ref().map_or(0, String::len)) as u64
+        };
+        let mut total = 0;
+        for (session, mailbox) in &self.mailboxes {
+            total += mailbox.ready.iter().map(|s| size(session, s)).sum::<u64>();
+            total += mailbox
+                .in_flight
+                .values()
+                .map(|f| size(session, &f.stored))
+                .sum::<u64>();
+        }
+        total += self
+            .dead
+            .values()
+            .map(|d| size(&d.session, &d.stored))
+            .sum::<u64>();
+        total
+            + self
+                .dedup
+                .keys()
+                .map(|k| (OVERHEAD + k.len()) as u64)
+                .sum::<u64>()
+    }
+
     /// When [`Broker::tick`] next has work to do.
     pub fn next_deadline(&self) -> Option<Instant> {
         self.timers.keys().next().map(|(at, _)| *at)

@@ -42,9 +42,6 @@ pub struct Journal {
     /// The highest burst written as the policy requires (fsynced under `always`).
     pub done: watch::Receiver<Seq>,
     disk_bytes: Arc<AtomicU64>,
-    /// Disk use right after the last compaction: the next one is due when the log
-    /// has doubled from there.
-    compacted_bytes: Arc<AtomicU64>,
     compact_min_bytes: u64,
 }
 
@@ -58,20 +55,11 @@ impl Journal {
         let (commands, inbox) = mpsc::channel::<Command>();
         let (done_tx, done) = watch::channel(0);
         let disk_bytes = Arc::new(AtomicU64::new(storage.disk_bytes()));
-        let compacted_bytes = Arc::new(AtomicU64::new(storage.disk_bytes()));
-        let (disk, compacted) = (disk_bytes.clone(), compacted_bytes.clone());
+        let disk = disk_bytes.clone();
         std::thread::Builder::new()
             .name("journal".into())
             .spawn(move || {
-                if let Err(e) = run(
-                    &mut *storage,
-                    policy,
-                    interval,
-                    &inbox,
-                    &done_tx,
-                    &disk,
-                    &compacted,
-                ) {
+                if let Err(e) = run(&mut *storage, policy, interval, &inbox, &done_tx, &disk) {
                     // Fail-stop: replies that waited for this write were never sent, so
                     // nothing a client was told is stored is lost; a restart recovers
                     // from what did reach the disk.
@@ -85,7 +73,6 @@ impl Journal {
             sent: 0,
             done,
             disk_bytes,
-            compacted_bytes,
             compact_min_bytes,
         }
     }
@@ -100,16 +87,21 @@ impl Journal {
         self.sent
     }
 
-    /// Whether the log has grown enough that rewriting it as a snapshot pays.
-    pub fn compaction_due(&self) -> bool {
-        let disk = self.disk_bytes.load(Ordering::Relaxed);
-        disk >= self.compact_min_bytes && disk >= 2 * self.compacted_bytes.load(Ordering::Relaxed)
+    /// Whether the log is big enough that a compaction may pay; only then is it
+    /// worth asking the broker how much is still pending.
+    pub fn compaction_worth_checking(&self) -> bool {
+        self.disk_bytes.load(Ordering::Relaxed) >= self.compact_min_bytes
+    }
+
+    /// Whether the log holds more than twice what a snapshot of the `pending` bytes
+    /// would take, so that rewriting it pays.
+    pub fn compaction_due(&self, pending: u64) -> bool {
+        self.compaction_worth_checking() && self.disk_bytes.load(Ordering::Relaxed) > 2 * pending
     }
 
     pub fn compact(&mut self, snapshot: Vec<Record>) {
         // Stops a second trigger before this one has run.
-        self.compacted_bytes
-            .store(self.disk_bytes.load(Ordering::Relaxed), Ordering::Relaxed);
+        self.disk_bytes.store(0, Ordering::Relaxed);
         let _ = self.commands.send(Command::Compact { snapshot });
     }
 
@@ -129,7 +121,6 @@ fn run(
     inbox: &mpsc::Receiver<Command>,
     done: &watch::Sender<Seq>,
     disk_bytes: &AtomicU64,
-    compacted_bytes: &AtomicU64,
 ) -> std::io::Result<()> {
     let mut last_sync = Instant::now();
     let mut unsynced = false;
@@ -165,7 +156,6 @@ fn run(
                     let before = storage.disk_bytes();
                     storage.compact(&snapshot)?;
                     let after = storage.disk_bytes();
-                    compacted_bytes.store(after, Ordering::Relaxed);
                     info!(before, after, records = snapshot.len(), "log compacted");
                 }
                 Command::Flush { done } => flushed.push(done),

@@ -179,7 +179,8 @@ async fn run_broker(
                 broker.sweep(Instant::now());
                 trace!(stats = ?broker.stats(), "swept");
                 if let Some(journal) = journal.as_mut()
-                    && journal.compaction_due()
+                    && journal.compaction_worth_checking()
+                    && journal.compaction_due(broker.stored_bytes())
                 {
                     broker.take_journal(&mut records);
                     if !records.is_empty() {

@@ -475,3 +475,60 @@ fn msgctl_says_plainly_when_there_is_no_core() {
     assert!(!output.status.success());
     assert!(stderr.contains("no msgserver socket"), "{stderr}");
 }
+
+/// Bytes of every file in `dir`.
+fn dir_bytes(dir: &std::path::Path) -> u64 {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().metadata().unwrap().len())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disk_use_tracks_what_is_pending_and_compaction_loses_nothing() {
+    let mut options = durable_core("x0", "never");
+    // Publish keys are stored state too; a short window lets them go before the
+    // compaction, so that what is left is the one pending message.
+    options.extra_toml = "compact_min_bytes = 65536\ndedup_window = 0.5\n".into();
+    let mut core = Core::start(options);
+    let h = Handler::start(core.socket(), patient_handler());
+    let (a, b, keep) = (session("a"), session("b"), session("keep"));
+    let filler = "x".repeat(500);
+    h.set_ok(&a, &keep, &json!({"kept": true})).await;
+    for n in 0..600 {
+        h.set_ok(&a, &b, &json!({"n": n, "filler": filler})).await;
+    }
+    let written = dir_bytes(&core.data_dir());
+    assert!(
+        written > 300_000,
+        "{written} bytes for 600 messages of 500 bytes"
+    );
+    // Delivered in x0 mode = removed; the next compaction drops them from the disk.
+    let got = h.poll_messages(&b).await.unwrap_or_default();
+    assert_eq!(got.len(), 600);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut now_bytes = dir_bytes(&core.data_dir());
+    while now_bytes > 8_192 && Instant::now() < deadline {
+        // Compaction is checked once a second; a little traffic wakes nothing else.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        now_bytes = dir_bytes(&core.data_dir());
+    }
+    println!("log: {written} bytes with 601 pending, {now_bytes} bytes with 1 pending");
+    assert!(
+        now_bytes < 8_192,
+        "the log kept {now_bytes} bytes for one message"
+    );
+    assert!(core.log().contains("log compacted"), "{}", core.log());
+    core.kill();
+    core.start_again();
+    assert_eq!(
+        h.poll_messages(&keep).await,
+        Some(vec![json!({"kept": true, "session_src": a})])
+    );
+    assert_eq!(
+        h.poll_messages(&b).await,
+        None,
+        "delivered messages stay gone"
+    );
+}
