@@ -53,8 +53,17 @@ impl Hello {
 /// The server's answer to [`Hello`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Welcome {
-    Accepted { version: u32 },
-    Refused { reason: String },
+    Accepted {
+        version: u32,
+        /// Whether the core stores messages durably. A handler then gives every
+        /// publish an idempotency key, so that it can retry one whose answer a core
+        /// restart swallowed; a memory-only core loses everything on a restart
+        /// anyway, and the keys would only cost it memory.
+        durable: bool,
+    },
+    Refused {
+        reason: String,
+    },
 }
 
 /// Every frame a client sends after the handshake.

@@ -84,46 +84,54 @@ impl CorePool {
         conn.call(request, None).await?.wait().await
     }
 
-    /// Publishes with an idempotency key (the client's, or one made here), so that a
-    /// publish whose answer was lost to a core restart is retried on the next core
-    /// without being stored twice. Gives up after `core_wait` without a core.
+    /// Publishes, retrying on the next core within `core_wait` when the core went
+    /// away before answering. A retry is safe only under an idempotency key: the
+    /// client's, or for a durable core one made here (a memory-only core that
+    /// restarted has lost the first copy anyway, so it gets none and no retry after
+    /// a lost connection). A publish refused with `ShuttingDown` was not carried
+    /// out and is always retried.
     pub async fn publish(
         &self,
         src: String,
         dst: String,
         body: String,
-        key: Option<String>,
+        mut key: Option<String>,
     ) -> Result<Response, CoreError> {
-        let key = key.unwrap_or_else(|| self.next_key());
         let deadline = Instant::now() + self.config.core_wait;
         loop {
             let conn = self
                 .connection(deadline)
                 .await
                 .ok_or(CoreError::Unavailable)?;
+            if key.is_none() && conn.durable {
+                key = Some(self.next_key());
+            }
             let request = Request::Publish {
                 src: src.clone(),
                 dst: dst.clone(),
                 body: body.clone(),
-                key: Some(key.clone()),
+                key: key.clone(),
             };
             let reply = match conn.call(request, None).await {
                 Ok(call) => call.wait().await,
                 Err(e) => Err(e),
             };
-            match reply {
-                Err(CoreError::ConnectionLost)
-                | Ok(Response::Error(ipc::Error {
-                    kind: ErrorKind::ShuttingDown,
-                    ..
-                })) if Instant::now() < deadline => {
-                    debug!(%key, "retrying a publish on the next core");
-                    // Let the supervisor notice the dead connection before picking again.
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
-                Err(CoreError::ConnectionLost) => return Err(CoreError::Unavailable),
-                other => return other,
+            let retry = match &reply {
+                Err(CoreError::ConnectionLost) => key.is_some(),
+                Ok(Response::Error(e)) => e.kind == ErrorKind::ShuttingDown,
+                _ => false,
+            };
+            if !retry || Instant::now() >= deadline {
+                return match reply {
+                    Ok(Response::Error(e)) if e.kind == ErrorKind::ShuttingDown => {
+                        Err(CoreError::Unavailable)
+                    }
+                    other => other,
+                };
             }
+            debug!(?key, "retrying a publish on the next core");
+            // Let the supervisor notice the dead connection before picking again.
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
 
@@ -235,6 +243,8 @@ struct Pending {
 }
 
 struct CoreConnection {
+    /// The core stores messages durably (said in its handshake).
+    durable: bool,
     outbox: mpsc::UnboundedSender<Outgoing>,
     /// Waiting callers by request id. A std lock: held for one map operation.
     pending: Mutex<HashMap<RequestId, Pending>>,
@@ -339,13 +349,13 @@ async fn supervise(pool: Arc<CorePool>, slot: usize) {
     let mut failing = false;
     loop {
         match connect(&pool.config).await {
-            Ok((reader, writer)) => {
+            Ok((reader, writer, durable)) => {
                 if failing || slot == 0 {
                     info!(slot, socket = %pool.config.socket.display(), "connected to msgserver");
                 }
                 failing = false;
                 backoff = MIN_BACKOFF;
-                run_connection(&pool, slot, reader, writer).await;
+                run_connection(&pool, slot, reader, writer, durable).await;
                 warn!(slot, "connection to msgserver lost; reconnecting");
             }
             Err(e) => {
@@ -364,7 +374,8 @@ async fn supervise(pool: Arc<CorePool>, slot: usize) {
 type Reader = FramedRead<OwnedReadHalf, FrameCodec<ServerFrame, ClientFrame>>;
 type Writer = FramedWrite<OwnedWriteHalf, FrameCodec<ServerFrame, ClientFrame>>;
 
-async fn connect(config: &PoolConfig) -> anyhow::Result<(Reader, Writer)> {
+/// A connection after the handshake, and whether its core is durable.
+async fn connect(config: &PoolConfig) -> anyhow::Result<(Reader, Writer, bool)> {
     let stream = UnixStream::connect(&config.socket).await?;
     let (read_half, write_half) = stream.into_split();
     let mut reader = FramedRead::new(read_half, FrameCodec::<Welcome, Hello>::new());
@@ -375,17 +386,25 @@ async fn connect(config: &PoolConfig) -> anyhow::Result<(Reader, Writer)> {
         .map_err(|_| anyhow::anyhow!("no handshake reply within 5 s"))?
         .ok_or_else(|| anyhow::anyhow!("the core closed the connection during the handshake"))??;
     match welcome {
-        Welcome::Accepted { .. } => Ok((
+        Welcome::Accepted { durable, .. } => Ok((
             reader.map_decoder(FrameCodec::retype),
             writer.map_encoder(FrameCodec::retype),
+            durable,
         )),
         Welcome::Refused { reason } => Err(anyhow::anyhow!("the core refused us: {reason}")),
     }
 }
 
-async fn run_connection(pool: &CorePool, slot: usize, mut reader: Reader, writer: Writer) {
+async fn run_connection(
+    pool: &CorePool,
+    slot: usize,
+    mut reader: Reader,
+    writer: Writer,
+    durable: bool,
+) {
     let (outbox, queued) = mpsc::unbounded_channel();
     let conn = Arc::new(CoreConnection {
+        durable,
         outbox,
         pending: Mutex::new(HashMap::new()),
         // 0 is the heartbeat's id.

@@ -128,6 +128,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         max_in_flight: config.max_in_flight.max(1),
         heartbeat_timeout: config.heartbeat_timeout()?,
         sweep_interval: Duration::from_secs(1),
+        durable: journal.is_some(),
     };
     info!(
         socket = %config.socket.display(),

@@ -38,6 +38,8 @@ pub struct ShellConfig {
     /// A connection that sends nothing (not even a heartbeat) for this long is dropped.
     pub heartbeat_timeout: Duration,
     pub sweep_interval: Duration,
+    /// Told to handlers in the handshake.
+    pub durable: bool,
 }
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -326,6 +328,7 @@ async fn connection(
     if writer
         .send(Welcome::Accepted {
             version: ipc::PROTOCOL_VERSION,
+            durable: config.durable,
         })
         .await
         .is_err()
