@@ -203,8 +203,6 @@ pub enum ErrorKind {
     /// The core is stopping: the request was not carried out. Retry once a core is
     /// back (a publish with its key, so that it cannot be stored twice).
     ShuttingDown,
-    /// Storage failed; the request was not carried out.
-    StorageFailed,
 }
 
 impl ErrorKind {
@@ -215,7 +213,6 @@ impl ErrorKind {
             ErrorKind::PayloadTooLarge => "PayloadTooLarge",
             ErrorKind::InvalidRequest => "InvalidRequest",
             ErrorKind::ShuttingDown => "ShuttingDown",
-            ErrorKind::StorageFailed => "StorageFailed",
         }
     }
 }

@@ -410,11 +410,16 @@ async fn connection(
     }
     let _ = events.send(Event::Closed { conn }).await;
     drop(replies);
-    if *stopping.borrow() {
-        // The broker dropped its sender too: the writer ends once the last replies
-        // are out.
-        let _ = write_task.await;
-    } else {
+    // Whatever is queued still goes out: a stopping core routes its last replies
+    // (x0 mode has already deleted what they carry) just before this loop ends,
+    // and may end it by closing the event channel before the stop signal comes.
+    // The writer ends once the broker drops its sender, or fails on a peer that is
+    // gone; a peer that stopped reading gets a bound.
+    let mut write_task = write_task;
+    if tokio::time::timeout(FINAL_WRITE_TIMEOUT, &mut write_task)
+        .await
+        .is_err()
+    {
         write_task.abort();
     }
     info!("peer disconnected");
