@@ -230,6 +230,16 @@ async fn run_broker(
     route(&connections, out.drain(..));
     inbox.close();
     while let Some(event) = inbox.recv().await {
+        if let Event::Request {
+            from,
+            request: request @ Request::Return { .. },
+        } = event
+        {
+            // Messages a handler could not pass on: taken back, so the flush below
+            // stores them, instead of refused and lost.
+            broker.handle(Instant::now(), from, request, &mut out);
+            continue;
+        }
         if let Event::Request { from, .. } = event {
             route(
                 &connections,
@@ -254,6 +264,7 @@ async fn run_broker(
     for (_, replies) in held.drain(..) {
         route(&connections, replies);
     }
+    route(&connections, out.drain(..));
 }
 
 /// Hands replies to their connections' writers.
