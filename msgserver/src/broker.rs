@@ -7,7 +7,7 @@
 //! [`Record`]s that the I/O shell (`server.rs`) hands to storage before it lets the
 //! replies go. So every rule below is a unit test away.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant, SystemTime};
 
 use ipc::{
@@ -111,7 +111,7 @@ impl ClockAnchor {
         }
     }
 
-    fn unix_ms(&self, at: Instant) -> u64 {
+    fn unix_ms_at(&self, at: Instant) -> u64 {
         match at.checked_duration_since(self.instant) {
             Some(after) => self.unix_ms + after.as_millis() as u64,
             None => self
@@ -120,7 +120,7 @@ impl ClockAnchor {
         }
     }
 
-    fn instant(&self, unix_ms: u64) -> Instant {
+    fn instant_at(&self, unix_ms: u64) -> Instant {
         if unix_ms >= self.unix_ms {
             self.instant + Duration::from_millis(unix_ms - self.unix_ms)
         } else {
@@ -290,10 +290,10 @@ impl Broker {
         broker.journal.durable = true;
         broker.next_message_id = broker.next_message_id.max(recovered.next_id);
         let window = broker.config.dedup_window;
-        let now_ms = clock.unix_ms(now);
+        let now_ms = clock.unix_ms_at(now);
         let mut expired = Vec::new();
         for (id, (message, dead)) in recovered.messages {
-            let expires_at = message.expires_ms.map(|ms| clock.instant(ms));
+            let expires_at = message.expires_ms.map(|ms| clock.instant_at(ms));
             if message.expires_ms.is_some_and(|ms| ms <= now_ms) && !dead {
                 expired.push(id);
                 continue;
@@ -333,7 +333,7 @@ impl Broker {
                 broker
                     .dedup
                     .entry(key)
-                    .or_insert((id, clock.instant(until_ms)));
+                    .or_insert((id, clock.instant_at(until_ms)));
             }
         }
         broker
@@ -389,9 +389,9 @@ impl Broker {
         self.timers.keys().next().map(|(at, _)| *at)
     }
 
-    /// Moves the records written since the last call to the end of `into`.
-    pub fn take_journal(&mut self, into: &mut Vec<Record>) {
-        into.append(&mut self.journal.records);
+    /// The records written since the last call.
+    pub fn take_journal(&mut self) -> Vec<Record> {
+        std::mem::take(&mut self.journal.records)
     }
 
     /// The whole stored state as records, for compaction: replaying them gives the
@@ -405,7 +405,7 @@ impl Broker {
                 id: stored.message.id,
                 session: session.to_owned(),
                 body: stored.message.body.clone(),
-                expires_ms: stored.expires_at.map(|at| self.clock.unix_ms(at)),
+                expires_ms: stored.expires_at.map(|at| self.clock.unix_ms_at(at)),
                 key: stored.key.clone(),
             })
         };
@@ -422,7 +422,7 @@ impl Broker {
         records.extend(self.dedup.iter().map(|(key, (id, until))| Record::Dedup {
             key: key.clone(),
             id: *id,
-            until_ms: self.clock.unix_ms(*until),
+            until_ms: self.clock.unix_ms_at(*until),
         }));
         records
     }
@@ -535,7 +535,7 @@ impl Broker {
                 id,
                 session: dst.clone(),
                 body: body.clone(),
-                expires_ms: expires_at.map(|at| clock.unix_ms(at)),
+                expires_ms: expires_at.map(|at| clock.unix_ms_at(at)),
                 key: key.clone(),
             })
         });
@@ -615,41 +615,23 @@ impl Broker {
             return Response::Acked { count: 0 };
         };
         mailbox.last_active = now;
-        let mut ids: Vec<MessageId> = match which {
-            AckSelector::All => mailbox.in_flight.keys().copied().collect(),
-            AckSelector::Ids(ids) => ids
-                .iter()
-                .copied()
-                .filter(|id| mailbox.in_flight.contains_key(id))
-                .collect(),
-            AckSelector::UpTo(cursor) => mailbox
-                .in_flight
-                .range(..=cursor)
-                .map(|(id, _)| *id)
-                .collect(),
+        let selected: HashSet<MessageId> = match which {
+            AckSelector::Ids(ids) => ids.iter().copied().collect(),
+            _ => HashSet::new(),
         };
-        let acked: Vec<InFlight> = ids
-            .iter()
-            .filter_map(|id| mailbox.in_flight.remove(id))
+        let covers = |id: MessageId| match which {
+            AckSelector::All => true,
+            AckSelector::Ids(_) => selected.contains(&id),
+            AckSelector::UpTo(cursor) => id <= *cursor,
+        };
+        let mut ids: Vec<MessageId> = mailbox
+            .in_flight
+            .keys()
+            .copied()
+            .filter(|id| covers(*id))
             .collect();
-        for f in &acked {
-            if !mailbox.in_flight.values().any(|g| g.timer == f.timer) {
-                self.timers.remove(&f.timer);
-            }
-        }
-        let covers_ready: Option<Box<dyn Fn(MessageId) -> bool>> = match which {
-            AckSelector::All => None,
-            AckSelector::Ids(selected) => {
-                let selected: std::collections::HashSet<MessageId> =
-                    selected.iter().copied().collect();
-                Some(Box::new(move |id| selected.contains(&id)))
-            }
-            AckSelector::UpTo(cursor) => {
-                let cursor = *cursor;
-                Some(Box::new(move |id| id <= cursor))
-            }
-        };
-        if let Some(covers) = covers_ready {
+        take_in_flight(mailbox, &mut self.timers, &ids);
+        if !matches!(which, AckSelector::All) {
             mailbox.ready.retain(|s| {
                 let hit = covers(s.message.id);
                 if hit {
@@ -698,24 +680,12 @@ impl Broker {
                 // visibility timeout. Ids acknowledged or redelivered since are no
                 // longer in flight and are left alone. The browser never saw them, so
                 // this was no delivery attempt.
-                let mut back = Vec::new();
-                for message in &messages {
-                    if let Some(mut f) = mailbox.in_flight.remove(&message.id) {
-                        f.stored.deliveries = f.stored.deliveries.saturating_sub(1);
-                        back.push(f);
-                    }
+                let ids: Vec<MessageId> = messages.iter().map(|m| m.id).collect();
+                let mut back = take_in_flight(mailbox, &mut self.timers, &ids);
+                for stored in &mut back {
+                    stored.deliveries = stored.deliveries.saturating_sub(1);
                 }
-                for f in &back {
-                    if !mailbox.in_flight.values().any(|g| g.timer == f.timer) {
-                        self.timers.remove(&f.timer);
-                    }
-                }
-                self.requeue(
-                    now,
-                    &session,
-                    back.into_iter().map(|f| f.stored).collect(),
-                    out,
-                );
+                self.requeue(now, &session, back, out);
             }
             DeliveryMode::X0 => {
                 // The stored copies are gone; the returned ones get a fresh TTL rather
@@ -728,7 +698,7 @@ impl Broker {
                             id: message.id,
                             session: session.clone(),
                             body: message.body.clone(),
-                            expires_ms: expires_at.map(|at| clock.unix_ms(at)),
+                            expires_ms: expires_at.map(|at| clock.unix_ms_at(at)),
                             key: None,
                         })
                     });
@@ -824,26 +794,12 @@ impl Broker {
                 .map(|(id, _)| *id)
                 .collect();
             if !ids.is_empty() {
-                let back: Vec<InFlight> = ids
-                    .iter()
-                    .filter_map(|id| mailbox.in_flight.remove(id))
-                    .collect();
+                let back = take_in_flight(mailbox, &mut self.timers, &ids);
                 orphaned.push((session.clone(), back));
             }
         }
         for (session, back) in orphaned {
-            let mailbox = self.mailboxes.get_mut(&session).expect("listed above");
-            for f in &back {
-                if !mailbox.in_flight.values().any(|g| g.timer == f.timer) {
-                    self.timers.remove(&f.timer);
-                }
-            }
-            self.requeue(
-                now,
-                &session,
-                back.into_iter().map(|f| f.stored).collect(),
-                out,
-            );
+            self.requeue(now, &session, back, out);
         }
     }
 
@@ -1060,6 +1016,25 @@ fn drop_all_expired(mailbox: &mut Mailbox, now: Instant, journal: &mut Journal) 
         !expired
     });
     journal.removed(gone);
+}
+
+/// Takes `ids` (those still in flight) out of flight, and cancels each visibility
+/// timer no message in flight refers to any more.
+fn take_in_flight(
+    mailbox: &mut Mailbox,
+    timers: &mut BTreeMap<TimerKey, Timer>,
+    ids: &[MessageId],
+) -> Vec<Stored> {
+    let taken: Vec<InFlight> = ids
+        .iter()
+        .filter_map(|id| mailbox.in_flight.remove(id))
+        .collect();
+    for f in &taken {
+        if !mailbox.in_flight.values().any(|g| g.timer == f.timer) {
+            timers.remove(&f.timer);
+        }
+    }
+    taken.into_iter().map(|f| f.stored).collect()
 }
 
 /// Merges `back` (sorted by id) into `ready` (sorted by id).
@@ -1552,8 +1527,7 @@ mod tests {
 
     /// Replays the journal written so far, as recovery would.
     fn replay(h: &mut Harness) -> Recovered {
-        let mut records = Vec::new();
-        h.broker.take_journal(&mut records);
+        let records = h.broker.take_journal();
         let mut recovered = Recovered::default();
         for record in records {
             recovered.apply(record);
@@ -1808,8 +1782,7 @@ mod tests {
         let mut h = Harness::new(BrokerConfig::default());
         h.publish(0, "b", "x");
         h.poll(1, "b", 0);
-        let mut records = Vec::new();
-        h.broker.take_journal(&mut records);
+        let records = h.broker.take_journal();
         assert!(records.is_empty(), "{records:?}");
     }
 
@@ -2030,9 +2003,7 @@ mod tests {
                         Op::Replay => h.broker.handle(h.t0 + Duration::from_millis(now), to, Request::DeadLetters(DeadLetterOp::Replay { ids: None }), &mut out),
                         Op::Purge => h.broker.handle(h.t0 + Duration::from_millis(now), to, Request::DeadLetters(DeadLetterOp::Purge { ids: None }), &mut out),
                     }
-                    let mut records = Vec::new();
-                    h.broker.take_journal(&mut records);
-                    for record in records {
+                    for record in h.broker.take_journal() {
                         journal.apply(record);
                     }
                     prop_assert_eq!(recovered_view(&journal), held(&h.broker));

@@ -140,7 +140,6 @@ async fn run_broker(
 ) {
     let mut connections: HashMap<ConnId, mpsc::UnboundedSender<ServerFrame>> = HashMap::new();
     let mut out: Vec<Reply> = Vec::new();
-    let mut records = Vec::new();
     // Replies waiting for their burst's records to be written, oldest first.
     let mut held: VecDeque<(Seq, Vec<Reply>)> = VecDeque::new();
     let mut sent: Seq = 0;
@@ -155,6 +154,7 @@ async fn run_broker(
     tokio::pin!(timer);
     let mut armed: Option<Instant> = None;
     let mut stopping = false;
+    let mut swept = false;
     loop {
         tokio::select! {
             event = inbox.recv(), if !stopping => {
@@ -180,22 +180,17 @@ async fn run_broker(
             _ = sweep.tick() => {
                 broker.sweep(Instant::now());
                 trace!(stats = ?broker.stats(), "swept");
-                if let Some(journal) = journal.as_mut()
-                    && journal.compaction_worth_checking()
-                    && journal.compaction_due(broker.stored_bytes())
-                {
-                    broker.take_journal(&mut records);
-                    if !records.is_empty() {
-                        sent = journal.append(std::mem::take(&mut records));
-                    }
-                    journal.compact(broker.snapshot());
-                }
+                swept = true;
             }
         }
         if let Some(journal) = journal.as_mut() {
-            broker.take_journal(&mut records);
-            if !records.is_empty() {
-                sent = journal.append(std::mem::take(&mut records));
+            sent = journal.append(broker.take_journal());
+            // After the append, so that the snapshot covers every record sent.
+            if std::mem::take(&mut swept)
+                && journal.compaction_worth_checking()
+                && journal.compaction_due(broker.stored_bytes())
+            {
+                journal.compact(broker.snapshot());
             }
         }
         if sent > done && !out.is_empty() {
@@ -254,10 +249,7 @@ async fn run_broker(
         }
     }
     if let Some(journal) = journal.as_mut() {
-        broker.take_journal(&mut records);
-        if !records.is_empty() {
-            journal.append(std::mem::take(&mut records));
-        }
+        journal.append(broker.take_journal());
         journal.flush().await;
         info!("storage flushed");
     }

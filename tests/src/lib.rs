@@ -342,12 +342,6 @@ impl Core {
         }
     }
 
-    /// Starts msgserver again after `terminate` or `kill`.
-    pub fn start_again(&mut self) {
-        self.kill();
-        self.spawn_and_wait();
-    }
-
     fn spawn_and_wait(&mut self) {
         self.starts += 1;
         let mut cmd = self.command(&format!("msgserver start #{}", self.starts));
@@ -383,8 +377,9 @@ impl Core {
         }
     }
 
-    /// Starts msgserver again on the same socket path and configuration (after
-    /// `kill` the stale socket file is still there: the server must remove it).
+    /// Kills msgserver if it runs, then starts it again on the same socket path,
+    /// configuration and data directory (after a kill the stale socket file is still
+    /// there: the server must remove it).
     pub fn restart(&mut self) {
         self.kill();
         self.spawn_and_wait();
