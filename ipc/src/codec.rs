@@ -182,6 +182,7 @@ mod tests {
                         session: "b".into(),
                         timeout_ms: 10_000,
                         ack_previous: true,
+                        max: 0,
                     },
                 },
                 &mut buf,

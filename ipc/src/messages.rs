@@ -102,6 +102,9 @@ pub enum Request {
         /// The x0 rule: asking again acknowledges everything given before (in `ack`
         /// delivery mode). A client that acknowledges by id sends `false`.
         ack_previous: bool,
+        /// At most this many messages per reply (higher channel priority first);
+        /// 0 gives everything ready.
+        max: u32,
     },
     /// Withdraw the parked poll that was sent with request id `poll` on this same
     /// connection (its browser went away). The poll is answered with no messages.
@@ -118,6 +121,99 @@ pub enum Request {
     /// Operator only: the dead-letter queue. Answered with
     /// [`Response::DeadLetters`] for `List` and [`Response::Count`] otherwise.
     DeadLetters(DeadLetterOp),
+    /// Route a message to a session, a user, a channel or everyone, or as a reply.
+    /// Answered with [`Response::Sent`].
+    Send(Box<Send>),
+    /// Subscribe `session` to a channel pattern; with `since`, first give it what
+    /// the channel's history holds after that id. Answered with
+    /// [`Response::Subscribed`].
+    Subscribe {
+        session: String,
+        subscription: Subscription,
+        since: Option<MessageId>,
+    },
+    /// Drop the subscription equal to this one. Answered with [`Response::Count`]
+    /// (1, or 0 when there was none).
+    Unsubscribe {
+        session: String,
+        subscription: Subscription,
+    },
+    /// RPC: replies that reference message `reference` go to `session` until the
+    /// registration expires. Answered with [`Response::Done`].
+    AwaitReply {
+        session: String,
+        reference: MessageId,
+        ttl_ms: u64,
+    },
+    /// Hold (or release) delivery to `session`; messages keep queueing meanwhile.
+    /// Answered with [`Response::Done`].
+    SetPaused { session: String, paused: bool },
+    /// Which sessions a channel reaches. Answered with [`Response::Presence`].
+    Presence { channel: String },
+    /// Backend: `session` belongs to `user` (user targets reach it). `exclusive`
+    /// kicks the user's other sessions. Answered with [`Response::Count`] of kicks.
+    Bind {
+        session: String,
+        user: String,
+        exclusive: bool,
+    },
+    /// Backend: end `session`: its parked poll is answered with [`ErrorKind::Kicked`],
+    /// its messages and subscriptions are dropped and its later requests refused.
+    /// Answered with [`Response::Done`].
+    Kick { session: String, reason: String },
+}
+
+/// Where a message goes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Target {
+    Session(String),
+    /// Every session currently bound to this user.
+    User(String),
+    /// Every session subscribed to a pattern that matches this channel (one member
+    /// per consumer group).
+    Channel(String),
+    /// Every current session.
+    Broadcast,
+}
+
+/// A message of the versioned API. The core wraps `data` in the delivered envelope
+/// (`{"id":..,"time":..,"source":..,"target":..,"subject":..,"reference":..,"data":..}`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Send {
+    /// The sending session; `None` for the application's backend.
+    pub src: Option<String>,
+    /// `None` makes this a reply: it goes to the session awaiting replies to
+    /// `reference`.
+    pub target: Option<Target>,
+    pub subject: Option<String>,
+    /// The id of the message this one answers.
+    pub reference: Option<MessageId>,
+    /// JSON text, passed through untouched.
+    pub data: String,
+    /// How long it may wait undelivered; `None` takes the core's `message_ttl`.
+    pub ttl_ms: Option<u64>,
+    /// Idempotency key, as for [`Request::Publish`].
+    pub key: Option<String>,
+    /// Streamlined RPC: replies to this message go back to `src` for this long.
+    pub expect_reply_ms: Option<u64>,
+}
+
+/// A channel pattern, an optional subject pattern and an optional consumer group.
+/// Patterns are dot-separated tokens: `*` matches one token, a final `>` one or more.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Subscription {
+    pub channel: String,
+    pub subject: Option<String>,
+    /// Sessions subscribed under one group name (and the same patterns) share the
+    /// channel's messages: each goes to exactly one of them.
+    pub group: Option<String>,
+}
+
+/// One session a channel reaches.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Present {
+    pub session: String,
+    pub user: Option<String>,
 }
 
 /// Which delivered-but-unacknowledged messages an ack covers.
@@ -182,6 +278,23 @@ pub enum Response {
     },
     /// How many things an operator's request affected.
     Count(u64),
+    /// The answer to [`Request::Send`]: the message's id and how many sessions it
+    /// was queued for.
+    Sent {
+        id: MessageId,
+        recipients: u32,
+        /// Older messages dropped to make room, over all recipients.
+        dropped: u32,
+        duplicate: bool,
+    },
+    /// The answer to [`Request::Subscribe`]: `recovered` messages from history were
+    /// queued; `complete` is false when history no longer reaches back to `since`
+    /// (or the channel keeps none), so something may have been missed.
+    Subscribed {
+        recovered: u32,
+        complete: bool,
+    },
+    Presence(Vec<Present>),
     Error(Error),
 }
 
@@ -203,6 +316,10 @@ pub enum ErrorKind {
     /// The core is stopping: the request was not carried out. Retry once a core is
     /// back (a publish with its key, so that it cannot be stored twice).
     ShuttingDown,
+    /// The session was kicked by the backend; it must start a new one.
+    Kicked,
+    /// A reply whose reference no session awaits (never asked for, or expired).
+    NoRoute,
 }
 
 impl ErrorKind {
@@ -213,6 +330,8 @@ impl ErrorKind {
             ErrorKind::PayloadTooLarge => "PayloadTooLarge",
             ErrorKind::InvalidRequest => "InvalidRequest",
             ErrorKind::ShuttingDown => "ShuttingDown",
+            ErrorKind::Kicked => "Kicked",
+            ErrorKind::NoRoute => "NoRoute",
         }
     }
 }

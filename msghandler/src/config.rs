@@ -8,6 +8,8 @@ use std::time::Duration;
 use anyhow::Context;
 use serde::Deserialize;
 
+const BACKEND_KEY_ENV: &str = "MICROMSG_BACKEND_KEY";
+
 /// Every key of `etc/msghandler.toml`. Durations are seconds (fractions allowed).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default)]
@@ -35,7 +37,25 @@ pub struct HandlerConfig {
     pub core_wait: f64,
     /// On SIGTERM, how long open HTTP connections get to finish before exit.
     pub shutdown_grace: f64,
+    /// The shared secret of the backend API (`/v1/backend/...`); without it (or
+    /// `backend_key_file`) that API is disabled.
+    pub backend_key: Option<Secret>,
+    /// A file whose contents (trimmed) are the backend key, so that the secret can
+    /// stay out of the configuration file and the environment.
+    pub backend_key_file: Option<PathBuf>,
     pub log: String,
+}
+
+/// A string that is never shown: `HandlerConfig` derives `Debug`, and a secret in a
+/// log line or a panic message is a leaked secret.
+#[derive(Clone, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(..)")
+    }
 }
 
 impl Default for HandlerConfig {
@@ -52,6 +72,8 @@ impl Default for HandlerConfig {
             heartbeat_interval: 5.0,
             core_wait: 1.0,
             shutdown_grace: 5.0,
+            backend_key: None,
+            backend_key_file: None,
             log: "info".into(),
         }
     }
@@ -70,9 +92,18 @@ impl HandlerConfig {
                 .with_list_parse_key("cors_allowed_origins"),
         );
         let loaded = builder.build().context("reading configuration")?;
-        loaded
+        let mut config: HandlerConfig = loaded
             .try_deserialize()
-            .context("invalid configuration (see etc/msghandler.toml for every key)")
+            .context("invalid configuration (see etc/msghandler.toml for every key)")?;
+        // `try_parsing` would read a key such as "007" or "12e34" as a number and
+        // hand back "7" or "inf": the key's text is taken as it is.
+        if let Some(raw) = std::env::var_os(BACKEND_KEY_ENV) {
+            let raw = raw
+                .into_string()
+                .map_err(|_| anyhow::anyhow!("{BACKEND_KEY_ENV} is not UTF-8"))?;
+            config.backend_key = Some(Secret(raw));
+        }
+        Ok(config)
     }
 }
 

@@ -32,6 +32,19 @@ pub enum CoreError {
     ConnectionLost,
 }
 
+/// Why a poll brought no messages back.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum PollError {
+    #[error(transparent)]
+    Core(#[from] CoreError),
+    /// The core refused the poll: the session was kicked, or the request was bad.
+    #[error("{}", .0.message)]
+    Refused(ipc::Error),
+}
+
+/// How long past a poll's timeout the handler still waits for the core's answer.
+const POLL_MARGIN: Duration = Duration::from_millis(500);
+
 #[derive(Debug, Clone)]
 pub struct PoolConfig {
     pub socket: PathBuf,
@@ -84,18 +97,45 @@ impl CorePool {
         conn.call(request, None).await?.wait().await
     }
 
-    /// Publishes, retrying on the next core within `core_wait` when the core went
-    /// away before answering. A retry is safe only under an idempotency key: the
-    /// client's, or for a durable core one made here (a memory-only core that
-    /// restarted has lost the first copy anyway, so it gets none and no retry after
-    /// a lost connection). A publish refused with `ShuttingDown` was not carried
-    /// out and is always retried.
+    /// Publishes an x0 SET, retried as [`Self::send_keyed`] says.
     pub async fn publish(
         &self,
         src: String,
         dst: String,
         body: String,
+        key: Option<String>,
+    ) -> Result<Response, CoreError> {
+        self.send_keyed(key, |key| Request::Publish {
+            src: src.clone(),
+            dst: dst.clone(),
+            body: body.clone(),
+            key,
+        })
+        .await
+    }
+
+    /// Routes a `/v1` message, retried as [`Self::send_keyed`] says.
+    pub async fn send(&self, mut send: ipc::Send) -> Result<Response, CoreError> {
+        let key = send.key.take();
+        self.send_keyed(key, |key| {
+            Request::Send(Box::new(ipc::Send {
+                key,
+                ..send.clone()
+            }))
+        })
+        .await
+    }
+
+    /// Sends a message built by `request` around its idempotency key, retrying on
+    /// the next core within `core_wait` when the core went away before answering. A
+    /// retry is safe only under a key: the client's, or for a durable core one made
+    /// here (a memory-only core that restarted has lost the first copy anyway, so it
+    /// gets none and no retry after a lost connection). A message refused with
+    /// `ShuttingDown` was not carried out and is always retried.
+    async fn send_keyed(
+        &self,
         mut key: Option<String>,
+        request: impl Fn(Option<String>) -> Request,
     ) -> Result<Response, CoreError> {
         let deadline = Instant::now() + self.config.core_wait;
         loop {
@@ -106,13 +146,7 @@ impl CorePool {
             if key.is_none() && conn.durable {
                 key = Some(self.next_key());
             }
-            let request = Request::Publish {
-                src: src.clone(),
-                dst: dst.clone(),
-                body: body.clone(),
-                key: key.clone(),
-            };
-            let reply = match conn.call(request, None).await {
+            let reply = match conn.call(request(key.clone()), None).await {
                 Ok(call) => call.wait().await,
                 Err(e) => Err(e),
             };
@@ -129,7 +163,7 @@ impl CorePool {
                     other => other,
                 };
             }
-            debug!(?key, "retrying a publish on the next core");
+            debug!(?key, "retrying a message on the next core");
             // Let the supervisor notice the dead connection before picking again.
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
@@ -142,37 +176,52 @@ impl CorePool {
         format!("~{:x}.{n:x}", self.key_prefix)
     }
 
-    /// Long-polls `session` for up to `timeout`. A poll has no side effect until it
-    /// is answered, so when a connection drops mid-poll it is re-issued on the next
-    /// one: the browser sees one uninterrupted poll across a core restart.
+    /// Long-polls `session` for up to `timeout`, for at most `max` messages (0: all
+    /// ready). A poll has no side effect until it is answered, so when a connection
+    /// drops mid-poll it is re-issued on the next one: the browser sees one
+    /// uninterrupted poll across a core restart. A refusal (a kicked session, a bad
+    /// request) is the caller's to pass on.
     pub async fn poll(
         &self,
         session: &str,
         timeout: Duration,
         ack_previous: bool,
-    ) -> Result<Vec<Message>, CoreError> {
+        max: u32,
+    ) -> Result<Vec<Message>, PollError> {
         let deadline = Instant::now() + timeout;
         loop {
             let Some(conn) = self.connection(deadline).await else {
-                return Err(CoreError::Unavailable);
+                return Err(CoreError::Unavailable.into());
             };
             let remaining = deadline.saturating_duration_since(Instant::now());
             let request = Request::Poll {
                 session: session.to_owned(),
                 timeout_ms: remaining.as_millis() as u64,
                 ack_previous,
+                max,
             };
             let call = match conn.call(request, Some(session)).await {
                 Ok(call) => call,
                 Err(CoreError::ConnectionLost) => continue,
-                Err(e) => return Err(e),
+                Err(e) => return Err(e.into()),
             };
             let mut guard = CancelOnDrop {
                 conn: &conn,
                 poll: call.id,
                 armed: true,
             };
-            let reply = call.wait().await;
+            // A core that does not answer in time (hung, or its answer stuck behind
+            // a full socket) must not hold the browser past the poll's own timeout;
+            // the margin lets a punctual core's empty answer win the race, so that
+            // an ordinary timeout costs no CancelPoll.
+            let Ok(reply) = tokio::time::timeout_at(deadline + POLL_MARGIN, call.wait()).await
+            else {
+                debug!(
+                    session,
+                    "the core did not answer a poll in time; withdrawing it"
+                );
+                return Ok(Vec::new());
+            };
             guard.armed = false;
             match reply {
                 Ok(Response::Messages(messages)) => return Ok(messages),
@@ -181,13 +230,14 @@ impl CorePool {
                     tokio::time::sleep(Duration::from_millis(10)).await;
                     continue;
                 }
+                Ok(Response::Error(e)) => return Err(PollError::Refused(e)),
                 Ok(other) => {
                     warn!(?other, "unexpected reply to a poll");
                     return Ok(Vec::new());
                 }
                 Err(CoreError::ConnectionLost) if Instant::now() < deadline => continue,
                 Err(CoreError::ConnectionLost) => return Ok(Vec::new()),
-                Err(e) => return Err(e),
+                Err(e) => return Err(e.into()),
             }
         }
     }

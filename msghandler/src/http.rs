@@ -1,6 +1,7 @@
-//! HTTP routes: the four x0 paths, CORS, body limits and the mapping of core replies
-//! and errors onto the answers the x0 client can survive (always 200 and a JSON
-//! object on its paths; see ARCHITECTURE.md).
+//! HTTP routes: the four x0 paths and the `/v1` API, CORS, body limits, the backend
+//! key, and the mapping of core replies and errors onto HTTP answers: on the x0 paths
+//! the ones the x0 client can survive (always 200 and a JSON object; see
+//! ARCHITECTURE.md), on `/v1` the statuses of docs/API.md.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -11,11 +12,13 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
-use ipc::Response as CoreResponse;
+use ipc::{Message, Response as CoreResponse};
 use tokio::sync::watch;
 use tracing::debug;
 
-use crate::core_link::{CoreError, CorePool};
+use crate::backend_key::{BackendKey, Denied};
+use crate::core_link::{CoreError, CorePool, PollError};
+use crate::v1::{self, Route};
 use crate::x0::{self, Endpoint, Operation, X0Error};
 
 pub struct App {
@@ -23,6 +26,8 @@ pub struct App {
     pub poll_timeout: Duration,
     pub max_body_bytes: u64,
     pub cors: Cors,
+    /// `None` disables the backend API.
+    pub backend_key: Option<Arc<BackendKey>>,
     /// Turns true on SIGTERM: parked polls answer at once.
     pub shutdown: watch::Receiver<bool>,
 }
@@ -66,19 +71,26 @@ impl Cors {
 
 type Reply = Response<Full<Bytes>>;
 
+/// Which API a path belongs to.
+enum Api {
+    X0(Endpoint),
+    V1(Route),
+}
+
 pub async fn handle(app: Arc<App>, request: Request<Incoming>) -> Result<Reply, Infallible> {
-    let endpoint = match request.uri().path() {
-        "/python/MsgHandler.py" => Endpoint::Any,
-        "/get" => Endpoint::Get,
-        "/set" => Endpoint::Set,
-        "/del" => Endpoint::Del,
-        _ => {
-            let error = X0Error::new(
-                "NotFound",
-                format!("no such path: {}", request.uri().path()),
-            );
-            return Ok(json(StatusCode::NOT_FOUND, error.to_json()));
-        }
+    // The x0 paths first: they carry nearly all the traffic.
+    let api = match request.uri().path() {
+        "/python/MsgHandler.py" => Api::X0(Endpoint::Any),
+        "/get" => Api::X0(Endpoint::Get),
+        "/set" => Api::X0(Endpoint::Set),
+        "/del" => Api::X0(Endpoint::Del),
+        path => match Route::of(path) {
+            Some(route) => Api::V1(route),
+            None => {
+                let error = X0Error::new("NotFound", format!("no such path: {path}"));
+                return Ok(json(StatusCode::NOT_FOUND, error.to_json()));
+            }
+        },
     };
     // Only this header is needed after the request is consumed (cloning a
     // HeaderValue shares its bytes).
@@ -86,28 +98,63 @@ pub async fn handle(app: Arc<App>, request: Request<Incoming>) -> Result<Reply, 
     let mut reply = if request.method() == Method::OPTIONS {
         preflight(request.headers())
     } else {
-        match x0_request(&app, endpoint, request).await {
-            Ok(body) => json(StatusCode::OK, body),
-            Err(Refusal::TooLarge(error)) => {
-                let mut reply = json(StatusCode::PAYLOAD_TOO_LARGE, error.to_json());
-                // The rest of the body was never read; the connection cannot be reused.
-                reply
-                    .headers_mut()
-                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
-                reply
-            }
-            Err(Refusal::Error(error)) => {
-                debug!(kind = error.kind, message = %error.message, "x0 request refused");
-                json(StatusCode::OK, error.to_json())
-            }
+        match api {
+            Api::X0(endpoint) => x0_reply(x0_request(&app, endpoint, request).await),
+            Api::V1(route) => v1_reply(route, v1_request(&app, route, request).await),
         }
     };
     app.cors.allow(origin.as_ref(), reply.headers_mut());
     Ok(reply)
 }
 
+fn x0_reply(result: Result<String, Refusal>) -> Reply {
+    match result {
+        Ok(body) => json(StatusCode::OK, body),
+        Err(Refusal::TooLarge(error)) => too_large(error),
+        Err(Refusal::Error(error)) => {
+            debug!(kind = error.kind, message = %error.message, "x0 request refused");
+            json(StatusCode::OK, error.to_json())
+        }
+    }
+}
+
+fn v1_reply(route: Route, result: Result<String, Refusal>) -> Reply {
+    let error = match result {
+        Ok(body) => return json(StatusCode::OK, body),
+        Err(Refusal::TooLarge(error)) => return too_large(error),
+        Err(Refusal::Error(error)) => error,
+    };
+    debug!(?route, kind = error.kind, message = %error.message, "v1 request refused");
+    let status = v1::status(error.kind);
+    let mut reply = json(status, error.to_json());
+    let headers = reply.headers_mut();
+    match status {
+        StatusCode::UNAUTHORIZED => {
+            headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        StatusCode::METHOD_NOT_ALLOWED => {
+            headers.insert(
+                header::ALLOW,
+                HeaderValue::from_static(route.allowed_methods()),
+            );
+        }
+        _ => {}
+    }
+    reply
+}
+
+fn too_large(error: X0Error) -> Reply {
+    let mut reply = json(StatusCode::PAYLOAD_TOO_LARGE, error.to_json());
+    // The rest of the body was never read; the connection cannot be reused.
+    reply
+        .headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    reply
+}
+
 enum Refusal {
-    /// Over the body limit: the one x0 answer that is not a 200.
+    /// Over the body limit: the one x0 answer that is not a 200, and the one that
+    /// closes the connection.
     TooLarge(X0Error),
     Error(X0Error),
 }
@@ -139,6 +186,73 @@ async fn x0_request(
         }
     };
     Ok(execute(app, operation).await?)
+}
+
+async fn v1_request(
+    app: &App,
+    route: Route,
+    request: Request<Incoming>,
+) -> Result<String, Refusal> {
+    let operation = match *request.method() {
+        Method::GET if route.takes_get() => v1::parse_query(route, request.uri().query())?,
+        Method::POST => {
+            // Before the body is read: a caller without the key gets nothing for it.
+            if route.is_backend() {
+                authorize(app.backend_key.as_deref(), request.headers())?;
+            }
+            check_content_type(request.headers())?;
+            let body = read_body(request, app.max_body_bytes).await?;
+            v1::parse(route, &body)?
+        }
+        ref other => {
+            return Err(X0Error::new(
+                "MethodNotAllowed",
+                format!(
+                    "{other} is not supported here; use {}",
+                    route.allowed_methods()
+                ),
+            )
+            .into());
+        }
+    };
+    Ok(v1_execute(app, operation).await?)
+}
+
+fn authorize(key: Option<&BackendKey>, headers: &HeaderMap) -> Result<(), X0Error> {
+    let Some(key) = key else {
+        return Err(X0Error::new(
+            "Forbidden",
+            "the backend API is disabled: set backend_key",
+        ));
+    };
+    key.admits(headers.get(header::AUTHORIZATION))
+        .map_err(|denied| match denied {
+            Denied::Missing => X0Error::new(
+                "Unauthorized",
+                "a backend call needs Authorization: Bearer <backend_key>",
+            ),
+            Denied::Wrong => X0Error::new("Unauthorized", "the backend key is not accepted"),
+        })
+}
+
+async fn v1_execute(app: &App, operation: v1::Operation) -> Result<String, X0Error> {
+    match operation {
+        v1::Operation::Send(send) => match app.core.send(send).await {
+            Ok(reply) => v1::Answer::Sent.render(reply),
+            Err(e) => Err(core_error(e)),
+        },
+        v1::Operation::Poll(poll) => {
+            let timeout = poll.timeout.unwrap_or(app.poll_timeout);
+            match long_poll(app, &poll.session, timeout, poll.ack_previous, poll.max).await {
+                Ok(messages) => Ok(v1::messages_reply(&messages)),
+                Err(e) => Err(poll_error(e)),
+            }
+        }
+        v1::Operation::Request(request, answer) => match app.core.request(request).await {
+            Ok(reply) => answer.render(reply),
+            Err(e) => Err(core_error(e)),
+        },
+    }
 }
 
 fn query_get(query: Option<&str>) -> Result<Operation, X0Error> {
@@ -243,20 +357,38 @@ async fn execute(app: &App, operation: Operation) -> Result<String, X0Error> {
         Operation::Get {
             session,
             ack_previous,
-        } => {
-            let mut shutdown = app.shutdown.clone();
-            if *shutdown.borrow_and_update() {
-                return Ok(x0::NO_MESSAGES.to_owned());
-            }
-            tokio::select! {
-                polled = app.core.poll(&session, app.poll_timeout, ack_previous) => match polled {
-                    Ok(messages) => Ok(x0::messages_reply(&messages)),
-                    Err(e) => Err(core_error(e)),
-                },
-                // Dropping the poll withdraws it at the core, so nothing is lost.
-                _ = shutdown.changed() => Ok(x0::NO_MESSAGES.to_owned()),
-            }
-        }
+        } => match long_poll(app, &session, app.poll_timeout, ack_previous, 0).await {
+            Ok(messages) => Ok(x0::messages_reply(&messages)),
+            Err(e) => Err(poll_error(e)),
+        },
+    }
+}
+
+/// A long-poll that answers with no messages at once when the handler is stopping.
+async fn long_poll(
+    app: &App,
+    session: &str,
+    timeout: Duration,
+    ack_previous: bool,
+    max: u32,
+) -> Result<Vec<Message>, PollError> {
+    let mut shutdown = app.shutdown.clone();
+    if *shutdown.borrow_and_update() {
+        return Ok(Vec::new());
+    }
+    tokio::select! {
+        polled = app.core.poll(session, timeout, ack_previous, max) => polled,
+        // Dropping the poll withdraws it at the core, so nothing is lost.
+        _ = shutdown.changed() => Ok(Vec::new()),
+    }
+}
+
+/// A refused poll keeps the core's name for the refusal (`Kicked`): the x0 paths
+/// show it in a 200, `/v1` with its status.
+fn poll_error(e: PollError) -> X0Error {
+    match e {
+        PollError::Core(e) => core_error(e),
+        PollError::Refused(e) => X0Error::new(e.kind.name(), e.message),
     }
 }
 
@@ -309,4 +441,402 @@ fn json(status: StatusCode, body: String) -> Reply {
     );
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     reply
+}
+
+#[cfg(test)]
+mod tests {
+    //! The HTTP answers themselves, over a real socket, against no core at all or a
+    //! scripted stand-in for one on a Unix socket.
+
+    use std::path::PathBuf;
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use futures_util::{SinkExt, StreamExt};
+    use hyper::server::conn::http1;
+    use hyper::service::service_fn;
+    use hyper_util::rt::TokioIo;
+    use ipc::{
+        ClientFrame, ErrorKind, FrameCodec, Hello, Request as CoreRequest, ServerFrame, Welcome,
+    };
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, UnixListener};
+    use tokio_util::codec::{FramedRead, FramedWrite};
+
+    use super::*;
+    use crate::config::Secret;
+    use crate::core_link::PoolConfig;
+
+    /// Answers a core request, or leaves it unanswered with `None`.
+    type Script = fn(&CoreRequest) -> Option<CoreResponse>;
+
+    /// What the stand-in core was asked, in order (heartbeats left out).
+    type Asked = Arc<Mutex<Vec<CoreRequest>>>;
+
+    fn socket_path() -> PathBuf {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let n = N.fetch_add(1, Ordering::Relaxed);
+        std::env::temp_dir().join(format!("msghandler-http-{}-{n}.sock", std::process::id()))
+    }
+
+    /// Removes the stand-in core's socket file when the test ends.
+    struct SocketFile(PathBuf);
+
+    impl Drop for SocketFile {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
+    /// A durable core that answers as `script` says.
+    fn fake_core(script: Script) -> (SocketFile, Asked) {
+        let path = socket_path();
+        let _ = std::fs::remove_file(&path);
+        let listener = UnixListener::bind(&path).unwrap();
+        let asked = Asked::default();
+        let log = asked.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let log = log.clone();
+                tokio::spawn(async move {
+                    let (r, w) = stream.into_split();
+                    let mut reader = FramedRead::new(r, FrameCodec::<Hello, Welcome>::new());
+                    let mut writer = FramedWrite::new(w, FrameCodec::<Hello, Welcome>::new());
+                    reader.next().await.unwrap().unwrap();
+                    let accepted = Welcome::Accepted {
+                        version: ipc::PROTOCOL_VERSION,
+                        durable: true,
+                    };
+                    writer.send(accepted).await.unwrap();
+                    let mut reader =
+                        reader.map_decoder(FrameCodec::retype::<ClientFrame, ServerFrame>);
+                    let mut writer =
+                        writer.map_encoder(FrameCodec::retype::<ClientFrame, ServerFrame>);
+                    while let Some(Ok(frame)) = reader.next().await {
+                        let response = match &frame.request {
+                            CoreRequest::Ping => Some(CoreResponse::Pong),
+                            other => {
+                                log.lock().unwrap().push(other.clone());
+                                script(other)
+                            }
+                        };
+                        if let Some(response) = response {
+                            let reply = ServerFrame {
+                                id: frame.id,
+                                response,
+                            };
+                            if writer.send(reply).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        (SocketFile(path), asked)
+    }
+
+    struct Handler {
+        addr: std::net::SocketAddr,
+        stop: watch::Sender<bool>,
+    }
+
+    async fn handler(socket: PathBuf, backend_key: Option<&str>) -> Handler {
+        let core = CorePool::start(PoolConfig {
+            socket,
+            connections: 1,
+            max_in_flight: 64,
+            heartbeat_interval: Duration::from_secs(5),
+            core_wait: Duration::from_millis(300),
+        });
+        let (stop, shutdown) = watch::channel(false);
+        let key = backend_key.map(|k| Secret(k.into()));
+        let app = Arc::new(App {
+            core,
+            poll_timeout: Duration::from_millis(200),
+            max_body_bytes: 1024,
+            cors: Cors::new(&["*".to_owned()]).unwrap(),
+            backend_key: BackendKey::from_config(key.as_ref(), None)
+                .unwrap()
+                .map(Arc::new),
+            shutdown,
+        });
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let app = app.clone();
+                let service = service_fn(move |request| handle(app.clone(), request));
+                tokio::spawn(http1::Builder::new().serve_connection(TokioIo::new(stream), service));
+            }
+        });
+        Handler { addr, stop }
+    }
+
+    struct Answer {
+        status: u16,
+        /// The header lines, lower-cased.
+        head: String,
+        body: serde_json::Value,
+    }
+
+    impl Handler {
+        async fn call(&self, method: &str, path: &str, headers: &[&str], body: &str) -> Answer {
+            let mut stream = tokio::net::TcpStream::connect(self.addr).await.unwrap();
+            let mut request = format!(
+                "{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\nContent-Length: {}\r\n",
+                body.len()
+            );
+            for header in headers {
+                request.push_str(header);
+                request.push_str("\r\n");
+            }
+            request.push_str("\r\n");
+            request.push_str(body);
+            stream.write_all(request.as_bytes()).await.unwrap();
+            let mut raw = String::new();
+            stream.read_to_string(&mut raw).await.unwrap();
+            let (head, body) = raw.split_once("\r\n\r\n").unwrap();
+            Answer {
+                status: head[9..12].parse().unwrap(),
+                head: head.to_ascii_lowercase(),
+                body: serde_json::from_str(body).unwrap_or(serde_json::Value::Null),
+            }
+        }
+
+        async fn post(&self, path: &str, body: &str) -> Answer {
+            self.call("POST", path, &[], body).await
+        }
+    }
+
+    impl Answer {
+        fn refusal(&self) -> (u16, &str) {
+            (
+                self.status,
+                self.body["exception_id"].as_str().unwrap_or(""),
+            )
+        }
+    }
+
+    fn no_core() -> PathBuf {
+        socket_path()
+    }
+
+    #[tokio::test]
+    async fn v1_refusals_get_their_documented_status_while_x0_stays_200() {
+        let h = handler(no_core(), None).await;
+        let bad = h.post("/v1/publish", "{bad").await;
+        assert_eq!(bad.refusal(), (400, "InvalidJson"));
+        assert!(
+            bad.head.contains("access-control-allow-origin: *"),
+            "{}",
+            bad.head
+        );
+        let to_user = r#"{"session":"A","target":{"user":"u"},"data":1}"#;
+        assert_eq!(
+            h.post("/v1/publish", to_user).await.refusal(),
+            (403, "Forbidden")
+        );
+        let fine = r#"{"session":"A","target":{"session":"B"},"data":1}"#;
+        assert_eq!(
+            h.post("/v1/publish", fine).await.refusal(),
+            (503, "CoreUnavailable")
+        );
+        let put = h.call("PUT", "/v1/ack", &[], "{}").await;
+        assert_eq!(put.refusal(), (405, "MethodNotAllowed"));
+        assert!(put.head.contains("allow: post, options"), "{}", put.head);
+        let get = h.call("GET", "/v1/presence?channel=c", &[], "").await;
+        assert_eq!(get.refusal(), (503, "CoreUnavailable"));
+        let text = h
+            .call("POST", "/v1/ack", &["Content-Type: text/plain"], "{}")
+            .await;
+        assert_eq!(text.refusal(), (415, "UnsupportedContentType"));
+        let charset = h
+            .call(
+                "POST",
+                "/v1/ack",
+                &["Content-Type: application/json; charset=UTF-8"],
+                "{}",
+            )
+            .await;
+        assert_eq!(charset.refusal(), (400, "MissingField"));
+        assert_eq!(h.post("/v1/nope", "{}").await.refusal(), (404, "NotFound"));
+        let big = format!(r#"{{"session":"{}"}}"#, "x".repeat(2000));
+        let big = h.post("/v1/poll", &big).await;
+        assert_eq!(big.refusal(), (413, "BodyTooLarge"));
+        assert!(big.head.contains("connection: close"));
+        let poll = h.call("GET", "/v1/poll?session=B&timeout=0", &[], "").await;
+        assert_eq!(poll.refusal(), (503, "CoreUnavailable"));
+        // The x0 paths are untouched: a refusal is still a 200.
+        assert_eq!(h.post("/get", "{bad").await.refusal(), (200, "InvalidJson"));
+        let preflight = h
+            .call(
+                "OPTIONS",
+                "/v1/publish",
+                &["Access-Control-Request-Headers: content-type"],
+                "",
+            )
+            .await;
+        assert_eq!(preflight.status, 204);
+        assert!(
+            preflight
+                .head
+                .contains("access-control-allow-methods: get, post, options")
+        );
+        assert!(
+            preflight
+                .head
+                .contains("access-control-allow-headers: content-type")
+        );
+    }
+
+    #[tokio::test]
+    async fn backend_calls_need_the_configured_key() {
+        let disabled = handler(no_core(), None).await;
+        let refused = disabled
+            .post("/v1/backend/kick", r#"{"session":"S"}"#)
+            .await;
+        assert_eq!(refused.refusal(), (403, "Forbidden"));
+        assert_eq!(
+            refused.body["exception"],
+            "the backend API is disabled: set backend_key"
+        );
+
+        let h = handler(no_core(), Some("s3cret")).await;
+        let missing = h.post("/v1/backend/kick", r#"{"session":"S"}"#).await;
+        assert_eq!(missing.refusal(), (401, "Unauthorized"));
+        assert!(missing.head.contains("www-authenticate: bearer"));
+        let wrong = h
+            .call(
+                "POST",
+                "/v1/backend/bind",
+                &["Authorization: Bearer nope"],
+                "{}",
+            )
+            .await;
+        assert_eq!(wrong.refusal(), (401, "Unauthorized"));
+        // The right key gets as far as reading the body.
+        let right = h
+            .call(
+                "POST",
+                "/v1/backend/bind",
+                &["Authorization: Bearer s3cret"],
+                "{}",
+            )
+            .await;
+        assert_eq!(right.refusal(), (400, "MissingField"));
+        // Client paths take no key.
+        let client = r#"{"session":"A","target":{"session":"B"},"data":1}"#;
+        assert_eq!(
+            h.post("/v1/publish", client).await.refusal(),
+            (503, "CoreUnavailable")
+        );
+    }
+
+    #[tokio::test]
+    async fn a_kicked_session_hears_it_on_both_apis() {
+        let (socket, asked) = fake_core(|request| match request {
+            CoreRequest::Poll { .. } => {
+                Some(CoreResponse::error(ErrorKind::Kicked, "kicked: logged out"))
+            }
+            _ => None,
+        });
+        let h = handler(socket.0.clone(), None).await;
+        let v1 = h.post("/v1/poll", r#"{"session":"S","max":100}"#).await;
+        assert_eq!(v1.refusal(), (403, "Kicked"));
+        let x0 = h.post("/get", r#"{"session_src":"S"}"#).await;
+        assert_eq!(x0.refusal(), (200, "Kicked"));
+        assert_eq!(x0.body["exception"], "kicked: logged out");
+        let maxes: Vec<u32> = asked
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|r| match r {
+                CoreRequest::Poll { max, .. } => Some(*max),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(maxes, [100, 0]);
+    }
+
+    #[tokio::test]
+    async fn a_silent_core_does_not_hold_a_poll_past_its_timeout() {
+        let (socket, asked) = fake_core(|_| None);
+        let h = handler(socket.0.clone(), None).await;
+        let started = std::time::Instant::now();
+        let poll = h.post("/v1/poll", r#"{"session":"S","timeout":0.1}"#).await;
+        assert_eq!(
+            (poll.status, poll.body),
+            (200, serde_json::json!({"messages":[],"ids":[]}))
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
+        // The abandoned poll is withdrawn at the core.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(
+            asked
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|r| matches!(r, CoreRequest::CancelPoll { .. }))
+        );
+    }
+
+    #[tokio::test]
+    async fn a_stopping_handler_answers_v1_polls_at_once() {
+        let (socket, _) = fake_core(|_| None);
+        let h = handler(socket.0.clone(), None).await;
+        h.stop.send(true).unwrap();
+        let poll = h
+            .call("GET", "/v1/poll?session=S&timeout=30", &[], "")
+            .await;
+        assert_eq!(
+            (poll.status, poll.body),
+            (200, serde_json::json!({"messages":[],"ids":[]}))
+        );
+    }
+
+    #[tokio::test]
+    async fn a_publish_reaches_the_core_as_a_keyed_send_with_raw_data() {
+        let (socket, asked) = fake_core(|request| match request {
+            CoreRequest::Send(_) => Some(CoreResponse::Sent {
+                id: 17,
+                recipients: 3,
+                dropped: 0,
+                duplicate: false,
+            }),
+            CoreRequest::Poll { .. } => Some(CoreResponse::Messages(vec![Message {
+                id: 17,
+                body: r#"{"id":17,"data":1.50}"#.into(),
+            }])),
+            _ => None,
+        });
+        let h = handler(socket.0.clone(), None).await;
+        let body = r#"{"session":"A","target":{"channel":"c"},"data":{"n":1.50},"ttl":1.5}"#;
+        let sent = h.post("/v1/publish", body).await;
+        assert_eq!(
+            (sent.status, sent.body),
+            (200, serde_json::json!({"id":17,"recipients":3}))
+        );
+        let CoreRequest::Send(send) = asked.lock().unwrap()[0].clone() else {
+            panic!("not a send")
+        };
+        assert_eq!(
+            (send.data.as_str(), send.ttl_ms),
+            (r#"{"n":1.50}"#, Some(1500))
+        );
+        // A durable core gets a key made here, so that a retry cannot store it twice.
+        assert!(send.key.is_some_and(|k| k.starts_with('~')));
+        let poll = h.post("/v1/poll", r#"{"session":"B"}"#).await;
+        assert_eq!(
+            (poll.status, poll.body),
+            (
+                200,
+                serde_json::json!({"messages":[{"id":17,"data":1.50}],"ids":[17],"cursor":17})
+            )
+        );
+    }
 }

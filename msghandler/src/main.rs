@@ -3,11 +3,14 @@
 //! Speaks HTTP/1.1 to browsers (usually behind nginx) and the application backend,
 //! and turns every request into one IPC request to `msgserver` over its Unix socket.
 //! It holds no message state, so it can be restarted at any time without losing a
-//! message. It implements the x0 `micro-msg-server` contract (see ARCHITECTURE.md).
+//! message. It implements the x0 `micro-msg-server` contract (see ARCHITECTURE.md)
+//! and the versioned `/v1` API (docs/API.md).
 
+mod backend_key;
 mod config;
 mod core_link;
 mod http;
+mod v1;
 mod x0;
 
 use std::net::SocketAddr;
@@ -23,6 +26,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tracing::{error, info, warn};
 
+use crate::backend_key::BackendKey;
 use crate::config::{HandlerConfig, seconds};
 use crate::core_link::{CorePool, PoolConfig};
 use crate::http::{App, Cors};
@@ -91,7 +95,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         n => n,
     };
     let settings = Arc::new(Settings::new(&config)?);
-    info!(listen = %config.listen, socket = %config.socket.display(), threads, "msghandler listening");
+    info!(
+        listen = %config.listen,
+        socket = %config.socket.display(),
+        threads,
+        backend_api = if settings.backend_key.is_some() { "enabled" } else { "disabled (no backend_key)" },
+        "msghandler listening"
+    );
 
     // Thread per core: each worker has its own single-threaded runtime, its own IPC
     // connections and accepts on its own handle of the one listening socket. A
@@ -151,6 +161,7 @@ struct Settings {
     poll_timeout: std::time::Duration,
     max_body_bytes: u64,
     cors_allowed_origins: Vec<String>,
+    backend_key: Option<Arc<BackendKey>>,
     grace: std::time::Duration,
 }
 
@@ -169,6 +180,11 @@ impl Settings {
             poll_timeout: seconds("poll_timeout", config.poll_timeout)?,
             max_body_bytes: config.max_body_bytes,
             cors_allowed_origins: config.cors_allowed_origins.clone(),
+            backend_key: BackendKey::from_config(
+                config.backend_key.as_ref(),
+                config.backend_key_file.as_deref(),
+            )?
+            .map(Arc::new),
             grace: seconds("shutdown_grace", config.shutdown_grace)?,
         })
     }
@@ -198,6 +214,7 @@ async fn serve(
         poll_timeout: settings.poll_timeout,
         max_body_bytes: settings.max_body_bytes,
         cors: Cors::new(&settings.cors_allowed_origins)?,
+        backend_key: settings.backend_key.clone(),
         shutdown: stopped.clone(),
     });
 

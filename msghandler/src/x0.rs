@@ -125,7 +125,8 @@ struct SelectDstUser {
 /// Understands a JSON request body that arrived on `endpoint`.
 pub fn parse(endpoint: Endpoint, json: &[u8]) -> Result<Operation, X0Error> {
     // The plain parser on the hot path; the path-tracking one only to word an error.
-    let body: Body = serde_json::from_slice(json).map_err(|_| describe_parse_error(json))?;
+    let body: Body =
+        serde_json::from_slice(json).map_err(|_| describe_parse_error::<Body>(json))?;
     let is_form_button = body
         .request_data
         .as_ref()
@@ -195,9 +196,11 @@ pub fn parse(endpoint: Endpoint, json: &[u8]) -> Result<Operation, X0Error> {
     }
 }
 
-fn describe_parse_error(json: &[u8]) -> X0Error {
+/// Why `json` is not a `T`, worded for the client: invalid JSON, or the field that
+/// has the wrong type. Parsing again is slower, which only a refusal pays.
+pub fn describe_parse_error<'a, T: Deserialize<'a>>(json: &'a [u8]) -> X0Error {
     let mut de = serde_json::Deserializer::from_slice(json);
-    let error = match serde_path_to_error::deserialize::<_, Body>(&mut de) {
+    let error = match serde_path_to_error::deserialize::<_, T>(&mut de) {
         Ok(_) => match de.end() {
             Ok(()) => return X0Error::new("InvalidJson", "the request body is not valid JSON"),
             Err(e) => e,
@@ -226,7 +229,8 @@ fn session(body: &Body) -> Result<String, X0Error> {
     checked_session("session_src", src)
 }
 
-fn checked_session(field: &str, value: Option<String>) -> Result<String, X0Error> {
+/// A present id of 1 to [`MAX_SESSION_LEN`] bytes (`field` names it in the error).
+pub fn checked_session(field: &str, value: Option<String>) -> Result<String, X0Error> {
     let value = value.ok_or_else(|| X0Error::new("MissingField", format!("{field} is missing")))?;
     if value.is_empty() {
         return Err(X0Error::new("InvalidField", format!("{field} is empty")));
@@ -317,8 +321,16 @@ pub fn messages_reply(messages: &[Message]) -> String {
     if messages.is_empty() {
         return NO_MESSAGES.to_owned();
     }
+    let mut out = open_batch(messages);
+    out.push('}');
+    out
+}
+
+/// `{"messages":[...],"ids":[...]` with room left for whatever the caller closes
+/// the object with. Bodies go in as they are: each is one JSON value already.
+pub fn open_batch(messages: &[Message]) -> String {
     let bytes: usize = messages.iter().map(|m| m.body.len() + 20).sum();
-    let mut out = String::with_capacity(bytes + 32);
+    let mut out = String::with_capacity(bytes + 48);
     out.push_str(r#"{"messages":["#);
     for (i, message) in messages.iter().enumerate() {
         if i > 0 {
@@ -334,7 +346,7 @@ pub fn messages_reply(messages: &[Message]) -> String {
         }
         out.push_str(digits.format(message.id));
     }
-    out.push_str("]}");
+    out.push(']');
     out
 }
 

@@ -7,16 +7,20 @@
 //! [`Record`]s that the I/O shell (`server.rs`) hands to storage before it lets the
 //! replies go. So every rule below is a unit test away.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use ipc::{
-    AckSelector, DeadLetter, DeadLetterOp, ErrorKind, Message, MessageId, Request, RequestId,
-    Response,
+    AckSelector, DeadLetter, DeadLetterOp, ErrorKind, Message, MessageId, Present, Request,
+    RequestId, Response, Send, Subscription, Target,
 };
 use serde::Deserialize;
 
-use crate::storage::{Record, Recovered, StoredMessage};
+use crate::routing::{
+    self, Change, ChannelSettings, History, HistoryEntry, SYSTEM_CHANNEL, Subscriptions,
+};
+use crate::storage::{Record, Recovered, StoredCopy, StoredMessage};
 
 /// Identifies one IPC connection to the core for the life of the process.
 pub type ConnId = u64;
@@ -73,6 +77,15 @@ pub struct BrokerConfig {
     pub max_deliveries: u32,
     /// How long a publish key is remembered for deduplication.
     pub dedup_window: Duration,
+    /// A session that sent no request (and has no poll parked) for this long has
+    /// left: its subscriptions and user binding go.
+    pub session_timeout: Duration,
+    /// How long a kicked session's requests are refused.
+    pub kick_retention: Duration,
+    /// Upper bound on how long replies to a message are routed back.
+    pub max_reply_ttl: Duration,
+    /// Per channel pattern; the first that matches a channel applies.
+    pub channels: Vec<ChannelSettings>,
 }
 
 impl Default for BrokerConfig {
@@ -88,6 +101,10 @@ impl Default for BrokerConfig {
             max_poll_timeout: Duration::from_secs(120),
             max_deliveries: 10,
             dedup_window: Duration::from_secs(30),
+            session_timeout: Duration::from_secs(60),
+            kick_retention: Duration::from_secs(3600),
+            max_reply_ttl: Duration::from_secs(300),
+            channels: Vec::new(),
         }
     }
 }
@@ -140,10 +157,23 @@ pub struct Stats {
     pub pending_timers: usize,
     pub dead_letters: usize,
     pub dedup_keys: usize,
+    /// Sessions present: polled, subscribed or bound within the session timeout.
+    pub sessions: usize,
+    pub subscriptions: usize,
+    pub reply_routes: usize,
+    pub kicked: usize,
+    pub histories: usize,
 }
 
 struct Stored {
     message: Message,
+    /// Storage identity: the id itself for an x0 message; for a message of the
+    /// versioned API a number of its own per recipient, since copies of one
+    /// fanned-out message share their id.
+    seq: MessageId,
+    /// The channel it came from, for that channel's per-subscriber limit.
+    channel: Option<Arc<str>>,
+    priority: i32,
     expires_at: Option<Instant>,
     /// Times it was handed out without being acknowledged (ack mode).
     deliveries: u32,
@@ -165,9 +195,20 @@ struct InFlight {
     conn: ConnId,
 }
 
+/// A poll as the broker takes it.
+struct Poll {
+    session: String,
+    timeout: Duration,
+    ack_previous: bool,
+    /// Most messages to give; 0 for all.
+    max: usize,
+}
+
 struct Parked {
     to: ReplyTo,
     timer: TimerKey,
+    /// Most messages its reply may carry; 0 for all.
+    max: usize,
 }
 
 struct Mailbox {
@@ -177,7 +218,20 @@ struct Mailbox {
     in_flight: BTreeMap<MessageId, InFlight>,
     /// At most one poll waits per session; a newer poll supersedes it.
     waiter: Option<Parked>,
+    /// Last publish to, poll of or request from the session: an idle mailbox is
+    /// forgotten after the idle timeout.
     last_active: Instant,
+    /// Last request from the session itself, or end of its last poll.
+    last_seen: Instant,
+    /// The session is present (counts for broadcasts and presence) until it has been
+    /// silent for the session timeout.
+    joined: bool,
+    /// Bound by the backend; user targets reach the session through it.
+    user: Option<String>,
+    /// Delivery is held: polls park and get nothing until resumed.
+    paused: bool,
+    /// Its entries in the broker's subscription index, to drop them when it leaves.
+    subscriptions: Vec<Subscription>,
 }
 
 impl Mailbox {
@@ -187,11 +241,24 @@ impl Mailbox {
             in_flight: BTreeMap::new(),
             waiter: None,
             last_active: now,
+            last_seen: now,
+            joined: false,
+            user: None,
+            paused: false,
+            subscriptions: Vec::new(),
         }
     }
 
     fn is_idle(&self) -> bool {
-        self.ready.is_empty() && self.in_flight.is_empty() && self.waiter.is_none()
+        self.ready.is_empty()
+            && self.in_flight.is_empty()
+            && self.waiter.is_none()
+            && !self.joined
+            && !self.paused
+    }
+
+    fn holds(&self, id: MessageId) -> bool {
+        self.in_flight.contains_key(&id) || self.ready.iter().any(|s| s.message.id == id)
     }
 }
 
@@ -211,6 +278,11 @@ enum Timer {
     Visibility {
         session: String,
         ids: Vec<MessageId>,
+    },
+    /// A kicked session's poll, refused when its timeout is up.
+    KickedPoll {
+        to: ReplyTo,
+        session: String,
     },
 }
 
@@ -249,11 +321,23 @@ pub struct Broker {
     timers: BTreeMap<TimerKey, Timer>,
     timer_seq: u64,
     next_message_id: MessageId,
-    /// By id, so an operator sees the oldest first.
+    /// By storage id, so an operator sees the oldest first.
     dead: BTreeMap<MessageId, Dead>,
     /// Publish keys seen inside the dedup window: key → (id given, forget at).
     dedup: HashMap<String, (MessageId, Instant)>,
     journal: Journal,
+    subscriptions: Subscriptions,
+    /// Each user's bound sessions (sorted: fan-out order is stable).
+    users: HashMap<String, BTreeSet<String>>,
+    /// Kicked sessions and until when their requests are refused.
+    kicked: HashMap<String, Instant>,
+    /// RPC: replies referencing a message id go to this session until then.
+    reply_routes: HashMap<MessageId, (String, Instant)>,
+    /// Channels whose settings keep history, by channel name.
+    histories: HashMap<String, History>,
+    /// The highest id trimmed from a history that was since forgotten for being
+    /// empty: resuming from before it cannot be known complete.
+    forgotten_history: MessageId,
 }
 
 impl Broker {
@@ -275,6 +359,12 @@ impl Broker {
                 durable: false,
                 records: Vec::new(),
             },
+            subscriptions: Subscriptions::default(),
+            users: HashMap::new(),
+            kicked: HashMap::new(),
+            reply_routes: HashMap::new(),
+            histories: HashMap::new(),
+            forgotten_history: 0,
         }
     }
 
@@ -292,27 +382,33 @@ impl Broker {
         let window = broker.config.dedup_window;
         let now_ms = clock.unix_ms_at(now);
         let mut expired = Vec::new();
-        for (id, (message, dead)) in recovered.messages {
+        let mut routing = recovered.routing;
+        for (seq, (message, dead)) in recovered.messages {
+            let id = message.id;
             let expires_at = message.expires_ms.map(|ms| clock.instant_at(ms));
             if message.expires_ms.is_some_and(|ms| ms <= now_ms) && !dead {
-                expired.push(id);
+                expired.push(seq);
                 continue;
             }
             if let Some(key) = &message.key {
                 broker.dedup.insert(key.clone(), (id, now + window));
             }
+            let (channel, priority) = routing.remove(&seq).unwrap_or((None, 0));
             let stored = Stored {
                 message: Message {
                     id,
                     body: message.body,
                 },
+                seq,
+                channel: channel.map(Arc::from),
+                priority,
                 expires_at,
                 deliveries: 0,
                 key: message.key,
             };
             if dead {
                 broker.dead.insert(
-                    id,
+                    seq,
                     Dead {
                         session: message.session,
                         stored,
@@ -328,6 +424,14 @@ impl Broker {
             }
         }
         broker.journal.removed(expired);
+        // Storage order is queueing order; a copy recovered from channel history
+        // carries an older id than what was queued before it.
+        for mailbox in broker.mailboxes.values_mut() {
+            mailbox
+                .ready
+                .make_contiguous()
+                .sort_by_key(|s| s.message.id);
+        }
         for (key, (id, until_ms)) in recovered.dedup {
             if until_ms > now_ms {
                 broker
@@ -348,6 +452,11 @@ impl Broker {
             pending_timers: self.timers.len(),
             dead_letters: self.dead.len(),
             dedup_keys: self.dedup.len(),
+            sessions: self.mailboxes.values().filter(|m| m.joined).count(),
+            subscriptions: self.mailboxes.values().map(|m| m.subscriptions.len()).sum(),
+            reply_routes: self.reply_routes.len(),
+            kicked: self.kicked.len(),
+            histories: self.histories.len(),
         }
     }
 
@@ -400,15 +509,7 @@ impl Broker {
         let mut records = vec![Record::Meta {
             next_id: self.next_message_id,
         }];
-        let put = |session: &str, stored: &Stored| {
-            Record::Put(StoredMessage {
-                id: stored.message.id,
-                session: session.to_owned(),
-                body: stored.message.body.clone(),
-                expires_ms: stored.expires_at.map(|at| self.clock.unix_ms_at(at)),
-                key: stored.key.clone(),
-            })
-        };
+        let put = |session: &str, stored: &Stored| record_of(self.clock, session, stored);
         for (session, mailbox) in &self.mailboxes {
             records.extend(mailbox.ready.iter().map(|s| put(session, s)));
             records.extend(mailbox.in_flight.values().map(|f| put(session, &f.stored)));
@@ -416,7 +517,7 @@ impl Broker {
         records.extend(self.dead.values().map(|d| put(&d.session, &d.stored)));
         if !self.dead.is_empty() {
             records.push(Record::DeadLettered {
-                ids: self.dead.keys().copied().collect(),
+                ids: self.dead.values().map(|d| d.stored.seq).collect(),
             });
         }
         records.extend(self.dedup.iter().map(|(key, (id, until))| Record::Dedup {
@@ -428,6 +529,28 @@ impl Broker {
     }
 
     pub fn handle(&mut self, now: Instant, from: ReplyTo, request: Request, out: &mut Vec<Reply>) {
+        if let Some(session) = acting_session(&request)
+            && self.is_kicked(now, session)
+        {
+            if let Request::Poll { timeout_ms, .. } = request {
+                // The x0 client polls again at once after an error: told at once, a
+                // kicked tab would spin. The refusal waits out the poll instead.
+                let timeout = Duration::from_millis(timeout_ms).min(self.config.max_poll_timeout);
+                if !timeout.is_zero() {
+                    self.add_timer(
+                        now + timeout,
+                        Timer::KickedPoll {
+                            to: from,
+                            session: session.to_owned(),
+                        },
+                    );
+                    return;
+                }
+            }
+            let response = kicked_error(session);
+            out.push(Reply { to: from, response });
+            return;
+        }
         let response = match request {
             Request::Ping => Response::Pong,
             Request::Publish {
@@ -440,9 +563,15 @@ impl Broker {
                 session,
                 timeout_ms,
                 ack_previous,
+                max,
             } => {
-                let timeout = Duration::from_millis(timeout_ms);
-                match self.poll(now, from, session, timeout, ack_previous, out) {
+                let poll = Poll {
+                    session,
+                    timeout: Duration::from_millis(timeout_ms),
+                    ack_previous,
+                    max: max as usize,
+                };
+                match self.poll(now, from, poll, out) {
                     Some(response) => response,
                     None => return, // parked: answered later
                 }
@@ -457,14 +586,622 @@ impl Broker {
                 );
                 Response::Done
             }
-            Request::Ack { session, which } => self.ack(now, &session, &which),
+            Request::Ack { session, which } => {
+                self.touch(now, &session, out);
+                self.ack(now, &session, &which)
+            }
             Request::Return { session, messages } => {
                 self.return_messages(now, session, messages, out);
                 Response::Done
             }
             Request::DeadLetters(op) => self.dead_letters(now, op, out),
+            Request::Send(send) => self.send(now, *send, out),
+            Request::Subscribe {
+                session,
+                subscription,
+                since,
+            } => self.subscribe(now, &session, subscription, since, out),
+            Request::Unsubscribe {
+                session,
+                subscription,
+            } => self.unsubscribe(now, &session, &subscription, out),
+            Request::AwaitReply {
+                session,
+                reference,
+                ttl_ms,
+            } => {
+                self.touch(now, &session, out);
+                let ttl = Duration::from_millis(ttl_ms).min(self.config.max_reply_ttl);
+                self.reply_routes.insert(reference, (session, now + ttl));
+                Response::Done
+            }
+            Request::SetPaused { session, paused } => {
+                self.touch(now, &session, out);
+                self.mailboxes.get_mut(&session).expect("touched").paused = paused;
+                if !paused {
+                    self.deliver_if_waiting(now, &session, out);
+                }
+                Response::Done
+            }
+            Request::Presence { channel } => {
+                let present = self
+                    .subscriptions
+                    .present(&channel)
+                    .into_iter()
+                    .map(|session| Present {
+                        user: self.mailboxes.get(&session).and_then(|m| m.user.clone()),
+                        session,
+                    })
+                    .collect();
+                Response::Presence(present)
+            }
+            Request::Bind {
+                session,
+                user,
+                exclusive,
+            } => self.bind(now, session, user, exclusive, out),
+            Request::Kick { session, reason } => {
+                self.kick(now, &session, &reason, out);
+                Response::Done
+            }
         };
         out.push(Reply { to: from, response });
+    }
+
+    fn is_kicked(&self, now: Instant, session: &str) -> bool {
+        // On the hot path of every request: skip hashing while nobody is kicked.
+        !self.kicked.is_empty() && self.kicked.get(session).is_some_and(|until| *until > now)
+    }
+
+    fn next_id(&mut self) -> MessageId {
+        let id = self.next_message_id;
+        self.next_message_id += 1;
+        id
+    }
+
+    /// A request from `session` itself: it is present (joined) from now on, until
+    /// it has been silent for the session timeout.
+    fn touch(&mut self, now: Instant, session: &str, out: &mut Vec<Reply>) {
+        let mailbox = mailbox_of(&mut self.mailboxes, session, now);
+        mailbox.last_active = now;
+        mailbox.last_seen = now;
+        if !mailbox.joined {
+            mailbox.joined = true;
+            let data = session_event(session, mailbox.user.as_deref(), None);
+            self.emit(now, "session.joined", data, out);
+        }
+    }
+
+    /// A system event on the reserved channel, for whoever subscribed to it.
+    fn emit(&mut self, now: Instant, subject: &str, data: String, out: &mut Vec<Reply>) {
+        // The usual case: nobody listens and nothing keeps history, so no id, no
+        // envelope.
+        let keeps_history = self
+            .config
+            .channels
+            .iter()
+            .any(|s| s.history_len > 0 && s.pattern.matches(SYSTEM_CHANNEL));
+        if !keeps_history && !self.subscriptions.reaches(SYSTEM_CHANNEL) {
+            return;
+        }
+        let send = Send {
+            src: None,
+            target: Some(Target::Channel(SYSTEM_CHANNEL.to_owned())),
+            subject: Some(subject.to_owned()),
+            reference: None,
+            data,
+            ttl_ms: None,
+            key: None,
+            expect_reply_ms: None,
+        };
+        let _ = self.route_message(now, send, out);
+    }
+
+    /// A message of the versioned API from a handler.
+    fn send(&mut self, now: Instant, send: Send, out: &mut Vec<Reply>) -> Response {
+        if let Some(Target::Channel(channel)) = &send.target {
+            if channel.starts_with('$') {
+                return Response::error(
+                    ErrorKind::InvalidRequest,
+                    format!("channel {channel:?} is reserved for the core"),
+                );
+            }
+            if let Err(e) = routing::check_channel_name(channel) {
+                return Response::error(ErrorKind::InvalidRequest, e);
+            }
+        }
+        if let Some(src) = &send.src {
+            self.touch(now, src, out);
+        }
+        self.route_message(now, send, out)
+    }
+
+    fn route_message(&mut self, now: Instant, send: Send, out: &mut Vec<Reply>) -> Response {
+        // Scoped by sender (the backend has none), as for x0 publishes.
+        let key = send
+            .key
+            .as_ref()
+            .map(|key| format!("{}\u{0}{key}", send.src.as_deref().unwrap_or("")));
+        if let Some(key) = &key
+            && let Some(&(id, until)) = self.dedup.get(key)
+            && until > now
+        {
+            return Response::Sent {
+                id,
+                recipients: 0,
+                dropped: 0,
+                duplicate: true,
+            };
+        }
+        let mut channel = None;
+        let (recipients, target_json) = match &send.target {
+            Some(Target::Session(session)) => {
+                if self.is_kicked(now, session) {
+                    return kicked_error(session);
+                }
+                (vec![session.clone()], object("session", session))
+            }
+            Some(Target::User(user)) => (
+                self.users
+                    .get(user)
+                    .map(|s| s.iter().cloned().collect())
+                    .unwrap_or_default(),
+                object("user", user),
+            ),
+            Some(Target::Broadcast) => {
+                let mut everyone: Vec<String> = self
+                    .mailboxes
+                    .iter()
+                    .filter(|(_, m)| m.joined)
+                    .map(|(s, _)| s.clone())
+                    .collect();
+                everyone.sort_unstable();
+                (everyone, r#"{"broadcast":true}"#.to_owned())
+            }
+            Some(Target::Channel(name)) => {
+                let mailboxes = &self.mailboxes;
+                let subject = send.subject.as_deref();
+                let recipients = self.subscriptions.route(name, subject, |s| {
+                    mailboxes.get(s).is_some_and(|m| m.paused)
+                });
+                channel = Some(name.clone());
+                (recipients, object("channel", name))
+            }
+            None => {
+                let Some(reference) = send.reference else {
+                    return Response::error(
+                        ErrorKind::InvalidRequest,
+                        "a message without a target is a reply and needs a reference",
+                    );
+                };
+                match self.reply_routes.get(&reference) {
+                    Some((session, until)) if *until > now && !self.is_kicked(now, session) => {
+                        (vec![session.clone()], object("session", session))
+                    }
+                    _ => {
+                        return Response::error(
+                            ErrorKind::NoRoute,
+                            format!(
+                                "no session awaits replies to message {reference} (never asked for, or expired)"
+                            ),
+                        );
+                    }
+                }
+            }
+        };
+        let id = self.next_id();
+        let body = envelope(id, self.clock.unix_ms_at(now), &send, &target_json);
+        if body.len() > self.config.max_payload_bytes {
+            return Response::error(
+                ErrorKind::PayloadTooLarge,
+                format!(
+                    "message of {} bytes is over the limit of {} bytes",
+                    body.len(),
+                    self.config.max_payload_bytes
+                ),
+            );
+        }
+        let settings = channel
+            .as_deref()
+            .and_then(|c| self.config.channels.iter().find(|s| s.pattern.matches(c)))
+            .cloned();
+        if let (Some(name), Some(settings)) = (&channel, &settings)
+            && settings.history_len > 0
+        {
+            let entry = HistoryEntry {
+                id,
+                at: now,
+                subject: send.subject.clone(),
+                body: body.clone(),
+            };
+            self.histories
+                .entry(name.clone())
+                .or_default()
+                .push(entry, settings, now);
+        }
+        if let (Some(ms), Some(src)) = (send.expect_reply_ms, &send.src) {
+            let ttl = Duration::from_millis(ms).min(self.config.max_reply_ttl);
+            self.reply_routes.insert(id, (src.clone(), now + ttl));
+        }
+        if let Some(key) = &key {
+            self.dedup
+                .insert(key.clone(), (id, now + self.config.dedup_window));
+        }
+        let ttl = send
+            .ttl_ms
+            .map(Duration::from_millis)
+            .or(self.config.message_ttl);
+        let expires_at = ttl.map(|ttl| now + ttl);
+        let channel: Option<Arc<str>> = channel.map(Arc::from);
+        let priority = settings.as_ref().map_or(0, |s| s.priority);
+        let max_pending = settings.as_ref().map_or(0, |s| s.max_pending);
+        if recipients.len() == 1 {
+            // One recipient, the usual case: the response can carry its refusal.
+            let stored = Stored {
+                message: Message { id, body },
+                seq: id,
+                channel,
+                priority,
+                expires_at,
+                deliveries: 0,
+                key,
+            };
+            return match self.enqueue(now, &recipients[0], stored, max_pending, out) {
+                Ok(dropped) => Response::Sent {
+                    id,
+                    recipients: 1,
+                    dropped,
+                    duplicate: false,
+                },
+                Err(refusal) => refusal,
+            };
+        }
+        let mut queued = 0;
+        let mut dropped = 0;
+        for (i, session) in recipients.iter().enumerate() {
+            let seq = if i == 0 { id } else { self.next_id() };
+            let stored = Stored {
+                message: Message {
+                    id,
+                    body: body.clone(),
+                },
+                seq,
+                channel: channel.clone(),
+                priority,
+                expires_at,
+                deliveries: 0,
+                key: key.clone(),
+            };
+            match self.enqueue(now, session, stored, max_pending, out) {
+                Ok(n) => {
+                    queued += 1;
+                    dropped += n;
+                }
+                // A full mailbox under the reject policy refuses its own copy only.
+                Err(_) => dropped += 1,
+            }
+        }
+        Response::Sent {
+            id,
+            recipients: queued,
+            dropped,
+            duplicate: false,
+        }
+    }
+
+    /// Queues one copy for `session`, making room as the limits say; returns how
+    /// many older messages were dropped, or the refusal under the reject policy.
+    fn enqueue(
+        &mut self,
+        now: Instant,
+        session: &str,
+        stored: Stored,
+        max_pending: usize,
+        out: &mut Vec<Reply>,
+    ) -> Result<u32, Response> {
+        let mailbox = mailbox_of(&mut self.mailboxes, session, now);
+        mailbox.last_active = now;
+        drop_expired(mailbox, now, &mut self.journal);
+        let mut dropped = Vec::new();
+        if max_pending > 0 && stored.channel.is_some() {
+            let same = |s: &Stored| s.channel == stored.channel;
+            if mailbox.ready.iter().filter(|s| same(s)).count() >= max_pending
+                && let Some(oldest) = mailbox.ready.iter().position(same)
+            {
+                dropped.push(mailbox.ready.remove(oldest).expect("found").seq);
+            }
+        }
+        if mailbox.ready.len() >= self.config.mailbox_max_len {
+            match self.config.overflow {
+                OverflowPolicy::Reject => {
+                    self.journal.removed(dropped);
+                    return Err(Response::error(
+                        ErrorKind::MailboxFull,
+                        format!(
+                            "the mailbox of session {session:?} holds {} undelivered messages, its limit",
+                            mailbox.ready.len()
+                        ),
+                    ));
+                }
+                OverflowPolicy::DropOldest => {
+                    while mailbox.ready.len() >= self.config.mailbox_max_len.max(1) {
+                        dropped.push(mailbox.ready.pop_front().expect("over the limit").seq);
+                    }
+                }
+            }
+        }
+        let count = dropped.len() as u32;
+        self.journal.removed(dropped);
+        let clock = self.clock;
+        self.journal.push(|| copy_record(clock, session, &stored));
+        if mailbox
+            .ready
+            .back()
+            .is_none_or(|last| last.message.id < stored.message.id)
+        {
+            mailbox.ready.push_back(stored);
+        } else {
+            merge_in_order(&mut mailbox.ready, vec![stored]);
+        }
+        self.deliver_if_waiting(now, session, out);
+        Ok(count)
+    }
+
+    fn subscribe(
+        &mut self,
+        now: Instant,
+        session: &str,
+        subscription: Subscription,
+        since: Option<MessageId>,
+        out: &mut Vec<Reply>,
+    ) -> Response {
+        if since.is_some() && subscription.group.is_some() {
+            return Response::error(
+                ErrorKind::InvalidRequest,
+                "since cannot be combined with a group: a group's members share what comes, not what was",
+            );
+        }
+        let change = match self.subscriptions.add(session, &subscription) {
+            Ok(change) => change,
+            Err(e) => return Response::error(ErrorKind::InvalidRequest, e),
+        };
+        self.touch(now, session, out);
+        if change != Change::Nothing {
+            let mailbox = self.mailboxes.get_mut(session).expect("touched");
+            mailbox.subscriptions.push(subscription.clone());
+        }
+        if change == Change::Created && !subscription.channel.starts_with('$') {
+            self.emit(
+                now,
+                "channel.created",
+                object("channel", &subscription.channel),
+                out,
+            );
+        }
+        let Some(since) = since else {
+            return Response::Subscribed {
+                recovered: 0,
+                complete: true,
+            };
+        };
+        self.resume(now, session, &subscription, since, out)
+    }
+
+    /// Queues what the history of channels matching the subscription holds after
+    /// `since`, leaving out what the session holds already.
+    fn resume(
+        &mut self,
+        now: Instant,
+        session: &str,
+        subscription: &Subscription,
+        since: MessageId,
+        out: &mut Vec<Reply>,
+    ) -> Response {
+        let pattern = routing::Pattern::parse(&subscription.channel).expect("added above");
+        let subject = subscription
+            .subject
+            .as_deref()
+            .map(|s| routing::Pattern::parse(s).expect("added above"));
+        let mut complete = since >= self.forgotten_history;
+        if pattern.is_literal() {
+            complete &= self
+                .config
+                .channels
+                .iter()
+                .find(|s| s.pattern.matches(&subscription.channel))
+                .is_some_and(|s| s.history_len > 0);
+        }
+        let mut found = Vec::new();
+        for (name, history) in &mut self.histories {
+            if !pattern.matches(name) {
+                continue;
+            }
+            let settings = self
+                .config
+                .channels
+                .iter()
+                .find(|s| s.pattern.matches(name));
+            if let Some(settings) = settings {
+                history.expire(settings, now);
+            }
+            complete &= history.trimmed_to <= since;
+            for entry in history.entries.iter().filter(|e| e.id > since) {
+                let subject_ok = match (&subject, &entry.subject) {
+                    (None, _) => true,
+                    (Some(p), Some(s)) => p.matches(s),
+                    (Some(_), None) => false,
+                };
+                if subject_ok {
+                    let settings = settings.expect("a history exists only under settings");
+                    found.push((
+                        entry.id,
+                        entry.body.clone(),
+                        name.clone(),
+                        settings.priority,
+                    ));
+                }
+            }
+        }
+        let mailbox = self.mailboxes.get(session).expect("touched");
+        found.retain(|(id, ..)| !mailbox.holds(*id));
+        found.sort_by_key(|(id, ..)| *id);
+        let recovered = found.len() as u32;
+        let expires_at = self.config.message_ttl.map(|ttl| now + ttl);
+        let mut back = Vec::with_capacity(found.len());
+        for (id, body, channel, priority) in found {
+            let stored = Stored {
+                message: Message { id, body },
+                seq: self.next_id(),
+                channel: Some(Arc::from(channel)),
+                priority,
+                expires_at,
+                deliveries: 0,
+                key: None,
+            };
+            let clock = self.clock;
+            self.journal.push(|| copy_record(clock, session, &stored));
+            back.push(stored);
+        }
+        let mailbox = self.mailboxes.get_mut(session).expect("touched");
+        merge_in_order(&mut mailbox.ready, back);
+        self.deliver_if_waiting(now, session, out);
+        Response::Subscribed {
+            recovered,
+            complete,
+        }
+    }
+
+    fn unsubscribe(
+        &mut self,
+        now: Instant,
+        session: &str,
+        subscription: &Subscription,
+        out: &mut Vec<Reply>,
+    ) -> Response {
+        self.touch(now, session, out);
+        let change = self.subscriptions.remove(session, subscription);
+        if change == Change::Nothing {
+            return Response::Count(0);
+        }
+        let mailbox = self.mailboxes.get_mut(session).expect("touched");
+        mailbox.subscriptions.retain(|s| s != subscription);
+        if change == Change::Removed && !subscription.channel.starts_with('$') {
+            self.emit(
+                now,
+                "channel.removed",
+                object("channel", &subscription.channel),
+                out,
+            );
+        }
+        Response::Count(1)
+    }
+
+    fn bind(
+        &mut self,
+        now: Instant,
+        session: String,
+        user: String,
+        exclusive: bool,
+        out: &mut Vec<Reply>,
+    ) -> Response {
+        let mailbox = self
+            .mailboxes
+            .entry(session.clone())
+            .or_insert_with(|| Mailbox::new(now));
+        let previous = mailbox.user.replace(user.clone());
+        if let Some(previous) = previous
+            && previous != user
+        {
+            self.unbind_user(&previous, &session);
+        }
+        self.users
+            .entry(user.clone())
+            .or_default()
+            .insert(session.clone());
+        self.touch(now, &session, out);
+        let mut kicked = 0;
+        if exclusive {
+            let others: Vec<String> = self.users[&user]
+                .iter()
+                .filter(|s| **s != session)
+                .cloned()
+                .collect();
+            for other in others {
+                self.kick(now, &other, "another session of this user took over", out);
+                kicked += 1;
+            }
+        }
+        Response::Count(kicked)
+    }
+
+    fn unbind_user(&mut self, user: &str, session: &str) {
+        if let Some(sessions) = self.users.get_mut(user) {
+            sessions.remove(session);
+            if sessions.is_empty() {
+                self.users.remove(user);
+            }
+        }
+    }
+
+    /// Ends a session for good: its poll is told, its messages and subscriptions
+    /// go, and its requests are refused for the kick retention.
+    fn kick(&mut self, now: Instant, session: &str, reason: &str, out: &mut Vec<Reply>) {
+        self.kicked
+            .insert(session.to_owned(), now + self.config.kick_retention);
+        let user = self.mailboxes.get(session).and_then(|m| m.user.clone());
+        self.leave(now, session, false, out);
+        if let Some(mut mailbox) = self.mailboxes.remove(session) {
+            if let Some(parked) = mailbox.waiter.take() {
+                self.timers.remove(&parked.timer);
+                self.parked.remove(&parked.to);
+                out.push(Reply {
+                    to: parked.to,
+                    response: kicked_error(session),
+                });
+            }
+            let ids: Vec<MessageId> = mailbox.in_flight.keys().copied().collect();
+            let in_flight = take_in_flight(&mut mailbox, &mut self.timers, &ids);
+            self.journal.removed(
+                in_flight
+                    .iter()
+                    .chain(mailbox.ready.iter())
+                    .map(|s| s.seq)
+                    .collect::<Vec<_>>(),
+            );
+        }
+        let data = session_event(session, user.as_deref(), Some(reason));
+        self.emit(now, "session.kicked", data, out);
+    }
+
+    /// The session is no longer present: its subscriptions and user binding go
+    /// (its messages stay until they expire or it comes back).
+    fn leave(&mut self, now: Instant, session: &str, announce: bool, out: &mut Vec<Reply>) {
+        let Some(mailbox) = self.mailboxes.get_mut(session) else {
+            return;
+        };
+        let was_joined = std::mem::take(&mut mailbox.joined);
+        mailbox.paused = false;
+        let subscriptions = std::mem::take(&mut mailbox.subscriptions);
+        let user = mailbox.user.take();
+        if let Some(user) = &user {
+            self.unbind_user(user, session);
+        }
+        for subscription in subscriptions {
+            if self.subscriptions.remove(session, &subscription) == Change::Removed
+                && !subscription.channel.starts_with('$')
+            {
+                self.emit(
+                    now,
+                    "channel.removed",
+                    object("channel", &subscription.channel),
+                    out,
+                );
+            }
+        }
+        if was_joined && announce {
+            let data = session_event(session, user.as_deref(), None);
+            self.emit(now, "session.left", data, out);
+        }
     }
 
     fn publish(
@@ -498,6 +1235,9 @@ impl Broker {
                 duplicate: true,
             };
         }
+        if self.is_kicked(now, &dst) {
+            return kicked_error(&dst);
+        }
         let mailbox = self
             .mailboxes
             .entry(dst.clone())
@@ -519,7 +1259,7 @@ impl Broker {
                 OverflowPolicy::DropOldest => {
                     while mailbox.ready.len() >= self.config.mailbox_max_len.max(1) {
                         let oldest = mailbox.ready.pop_front().expect("over the limit");
-                        dropped.push(oldest.message.id);
+                        dropped.push(oldest.seq);
                     }
                 }
             }
@@ -545,6 +1285,9 @@ impl Broker {
         }
         mailbox.ready.push_back(Stored {
             message: Message { id, body },
+            seq: id,
+            channel: None,
+            priority: 0,
             expires_at,
             deliveries: 0,
             key,
@@ -563,16 +1306,22 @@ impl Broker {
         &mut self,
         now: Instant,
         from: ReplyTo,
-        session: String,
-        timeout: Duration,
-        ack_previous: bool,
+        poll: Poll,
         out: &mut Vec<Reply>,
     ) -> Option<Response> {
-        let mailbox = self
-            .mailboxes
-            .entry(session.clone())
-            .or_insert_with(|| Mailbox::new(now));
+        let Poll {
+            session,
+            timeout,
+            ack_previous,
+            max,
+        } = poll;
+        let mailbox = mailbox_of(&mut self.mailboxes, &session, now);
         mailbox.last_active = now;
+        mailbox.last_seen = now;
+        if !mailbox.joined {
+            self.touch(now, &session, out);
+        }
+        let mailbox = self.mailboxes.get_mut(&session).expect("created above");
         if ack_previous && !mailbox.in_flight.is_empty() {
             self.ack(now, &session, &AckSelector::All);
         }
@@ -586,8 +1335,8 @@ impl Broker {
             });
         }
         drop_expired(mailbox, now, &mut self.journal);
-        if !mailbox.ready.is_empty() {
-            let batch = self.take_batch(now, &session, from.conn);
+        if !mailbox.ready.is_empty() && !mailbox.paused {
+            let batch = self.take_batch(now, &session, from.conn, max);
             return Some(Response::Messages(batch));
         }
         let timeout = timeout.min(self.config.max_poll_timeout);
@@ -601,7 +1350,11 @@ impl Broker {
             },
         );
         let mailbox = self.mailboxes.get_mut(&session).expect("created above");
-        mailbox.waiter = Some(Parked { to: from, timer });
+        mailbox.waiter = Some(Parked {
+            to: from,
+            timer,
+            max,
+        });
         self.parked.insert(from, session);
         None
     }
@@ -624,24 +1377,27 @@ impl Broker {
             AckSelector::Ids(_) => selected.contains(&id),
             AckSelector::UpTo(cursor) => id <= *cursor,
         };
-        let mut ids: Vec<MessageId> = mailbox
+        let ids: Vec<MessageId> = mailbox
             .in_flight
             .keys()
             .copied()
             .filter(|id| covers(*id))
             .collect();
-        take_in_flight(mailbox, &mut self.timers, &ids);
+        let mut seqs: Vec<MessageId> = take_in_flight(mailbox, &mut self.timers, &ids)
+            .iter()
+            .map(|s| s.seq)
+            .collect();
         if !matches!(which, AckSelector::All) {
             mailbox.ready.retain(|s| {
                 let hit = covers(s.message.id);
                 if hit {
-                    ids.push(s.message.id);
+                    seqs.push(s.seq);
                 }
                 !hit
             });
         }
-        let count = ids.len() as u32;
-        self.journal.removed(ids);
+        let count = seqs.len() as u32;
+        self.journal.removed(seqs);
         Response::Acked { count }
     }
 
@@ -690,28 +1446,27 @@ impl Broker {
             DeliveryMode::X0 => {
                 // The stored copies are gone; the returned ones get a fresh TTL rather
                 // than being lost to a deadline they never saw.
+                // Each gets a storage id of its own: the id it carries may be shared
+                // with copies still stored for other sessions.
                 let expires_at = self.config.message_ttl.map(|ttl| now + ttl);
                 let clock = self.clock;
-                for message in messages.iter().rev() {
-                    self.journal.push(|| {
-                        Record::Put(StoredMessage {
-                            id: message.id,
-                            session: session.clone(),
-                            body: message.body.clone(),
-                            expires_ms: expires_at.map(|at| clock.unix_ms_at(at)),
-                            key: None,
-                        })
-                    });
-                }
-                let mailbox = self.mailboxes.get_mut(&session).expect("created above");
-                for message in messages.into_iter().rev() {
-                    mailbox.ready.push_front(Stored {
+                let mut back = Vec::with_capacity(messages.len());
+                for message in messages {
+                    let stored = Stored {
                         message,
+                        seq: self.next_id(),
+                        channel: None,
+                        priority: 0,
                         expires_at,
                         deliveries: 0,
                         key: None,
-                    });
+                    };
+                    self.journal.push(|| copy_record(clock, &session, &stored));
+                    back.push(stored);
                 }
+                back.sort_by_key(|s| s.message.id);
+                let mailbox = self.mailboxes.get_mut(&session).expect("created above");
+                merge_in_order(&mut mailbox.ready, back);
                 self.deliver_if_waiting(now, &session, out);
             }
         }
@@ -734,7 +1489,7 @@ impl Broker {
         let mut expired = Vec::new();
         back.retain_mut(|s| {
             if s.expired(now) {
-                expired.push(s.message.id);
+                expired.push(s.seq);
                 false
             } else {
                 true
@@ -744,9 +1499,9 @@ impl Broker {
             .into_iter()
             .partition(|s| max > 0 && s.deliveries >= max);
         for stored in give_up {
-            dead.push(stored.message.id);
+            dead.push(stored.seq);
             self.dead.insert(
-                stored.message.id,
+                stored.seq,
                 Dead {
                     session: session.to_owned(),
                     stored,
@@ -835,6 +1590,8 @@ impl Broker {
                         continue;
                     };
                     if let Some(parked) = mailbox.waiter.take_if(|p| p.timer == key) {
+                        // The client polls again at once; until then it is still here.
+                        mailbox.last_seen = now;
                         self.parked.remove(&parked.to);
                         out.push(Reply {
                             to: parked.to,
@@ -854,14 +1611,47 @@ impl Broker {
                     }
                     self.requeue(now, &session, back, out);
                 }
+                Timer::KickedPoll { to, session } => out.push(Reply {
+                    to,
+                    response: kicked_error(&session),
+                }),
             }
         }
     }
 
-    /// Drops expired messages and publish keys, and removes mailboxes that have been
-    /// empty and unused for the idle timeout, so memory does not grow with sessions
-    /// that went away.
-    pub fn sweep(&mut self, now: Instant) {
+    /// Drops expired messages and publish keys, ends the presence of sessions that
+    /// went silent, and removes mailboxes that have been empty and unused for the
+    /// idle timeout, so memory does not grow with sessions that went away.
+    pub fn sweep(&mut self, now: Instant, out: &mut Vec<Reply>) {
+        let silent = self.config.session_timeout;
+        let gone: Vec<String> = self
+            .mailboxes
+            .iter()
+            .filter(|(_, m)| {
+                m.joined
+                    && m.waiter.is_none()
+                    && now.saturating_duration_since(m.last_seen) >= silent
+            })
+            .map(|(s, _)| s.clone())
+            .collect();
+        for session in gone {
+            self.leave(now, &session, true, out);
+        }
+        self.kicked.retain(|_, until| *until > now);
+        self.reply_routes.retain(|_, (_, until)| *until > now);
+        let channels = &self.config.channels;
+        let mut forgotten = self.forgotten_history;
+        self.histories.retain(|name, history| {
+            if let Some(settings) = channels.iter().find(|s| s.pattern.matches(name)) {
+                history.expire(settings, now);
+            }
+            let keep = !history.entries.is_empty();
+            if !keep {
+                forgotten = forgotten.max(history.trimmed_to);
+            }
+            keep
+        });
+        self.forgotten_history = forgotten;
         let idle = self.config.idle_mailbox_timeout;
         let journal = &mut self.journal;
         self.mailboxes.retain(|_, mailbox| {
@@ -872,9 +1662,17 @@ impl Broker {
     }
 
     fn dead_letters(&mut self, now: Instant, op: DeadLetterOp, out: &mut Vec<Reply>) -> Response {
+        // The operator names messages by id; copies of one fanned-out message share
+        // it, so one id may select several dead letters (by storage id).
         let selected = |dead: &BTreeMap<MessageId, Dead>, ids: Option<Vec<MessageId>>| match ids {
             None => dead.keys().copied().collect::<Vec<_>>(),
-            Some(ids) => ids.into_iter().filter(|id| dead.contains_key(id)).collect(),
+            Some(ids) => {
+                let ids: HashSet<MessageId> = ids.into_iter().collect();
+                dead.iter()
+                    .filter(|(_, d)| ids.contains(&d.stored.message.id))
+                    .map(|(seq, _)| *seq)
+                    .collect()
+            }
         };
         match op {
             DeadLetterOp::List { limit } => Response::DeadLetters {
@@ -882,8 +1680,8 @@ impl Broker {
                     .dead
                     .iter()
                     .take(limit as usize)
-                    .map(|(id, d)| DeadLetter {
-                        id: *id,
+                    .map(|(_, d)| DeadLetter {
+                        id: d.stored.message.id,
                         session: d.session.clone(),
                         body: d.stored.message.body.clone(),
                         deliveries: d.stored.deliveries,
@@ -934,29 +1732,50 @@ impl Broker {
             return;
         };
         drop_expired(mailbox, now, &mut self.journal);
-        if mailbox.ready.is_empty() {
+        if mailbox.ready.is_empty() || mailbox.paused {
             return;
         }
         let Some(parked) = mailbox.waiter.take() else {
             return;
         };
+        mailbox.last_seen = now;
         self.timers.remove(&parked.timer);
         self.parked.remove(&parked.to);
-        let batch = self.take_batch(now, session, parked.to.conn);
+        let batch = self.take_batch(now, session, parked.to.conn, parked.max);
         out.push(Reply {
             to: parked.to,
             response: Response::Messages(batch),
         });
     }
 
-    /// Takes everything ready for `session`; in ack mode it stays in flight.
-    fn take_batch(&mut self, now: Instant, session: &str, conn: ConnId) -> Vec<Message> {
+    /// Takes what is ready for `session` (at most `max`, 0 for all; higher channel
+    /// priority first, then oldest first); in ack mode it stays in flight.
+    fn take_batch(
+        &mut self,
+        now: Instant,
+        session: &str,
+        conn: ConnId,
+        max: usize,
+    ) -> Vec<Message> {
         let mailbox = self.mailboxes.get_mut(session).expect("caller checked");
         drop_all_expired(mailbox, now, &mut self.journal);
-        let taken = std::mem::take(&mut mailbox.ready);
+        let prioritised = mailbox.ready.iter().any(|s| s.priority != 0);
+        let taken: Vec<Stored> = if !prioritised && (max == 0 || mailbox.ready.len() <= max) {
+            std::mem::take(&mut mailbox.ready).into()
+        } else {
+            let mut all: Vec<Stored> = std::mem::take(&mut mailbox.ready).into();
+            // Stable: publish order within one priority.
+            all.sort_by_key(|s| std::cmp::Reverse(s.priority));
+            if max > 0 && all.len() > max {
+                let mut rest = all.split_off(max);
+                rest.sort_by_key(|s| s.message.id);
+                mailbox.ready = rest.into();
+            }
+            all
+        };
         match self.config.delivery {
             DeliveryMode::X0 => {
-                self.journal.removed(taken.iter().map(|s| s.message.id));
+                self.journal.removed(taken.iter().map(|s| s.seq));
                 taken.into_iter().map(|s| s.message).collect()
             }
             DeliveryMode::Ack if taken.is_empty() => Vec::new(),
@@ -994,6 +1813,124 @@ impl Broker {
     }
 }
 
+/// The mailbox of `session`, created if it has none.
+fn mailbox_of<'a>(
+    mailboxes: &'a mut HashMap<String, Mailbox>,
+    session: &str,
+    now: Instant,
+) -> &'a mut Mailbox {
+    if !mailboxes.contains_key(session) {
+        mailboxes.insert(session.to_owned(), Mailbox::new(now));
+    }
+    mailboxes.get_mut(session).expect("inserted above")
+}
+
+/// The session a request acts as, for the kicked check.
+fn acting_session(request: &Request) -> Option<&str> {
+    match request {
+        Request::Poll { session, .. }
+        | Request::Ack { session, .. }
+        | Request::Return { session, .. }
+        | Request::Subscribe { session, .. }
+        | Request::Unsubscribe { session, .. }
+        | Request::AwaitReply { session, .. }
+        | Request::SetPaused { session, .. }
+        | Request::Bind { session, .. } => Some(session),
+        Request::Publish { src, .. } => Some(src),
+        Request::Send(send) => send.src.as_deref(),
+        Request::Ping
+        | Request::CancelPoll { .. }
+        | Request::DeadLetters(_)
+        | Request::Presence { .. }
+        | Request::Kick { .. } => None,
+    }
+}
+
+fn kicked_error(session: &str) -> Response {
+    Response::error(
+        ErrorKind::Kicked,
+        format!("session {session:?} was kicked; start a new session"),
+    )
+}
+
+fn json_string(s: &str) -> String {
+    serde_json::to_string(s).expect("strings serialize")
+}
+
+/// `{"<key>":"<value>"}`.
+fn object(key: &str, value: &str) -> String {
+    format!("{{\"{key}\":{}}}", json_string(value))
+}
+
+fn session_event(session: &str, user: Option<&str>, reason: Option<&str>) -> String {
+    let user = user.map_or_else(|| "null".to_owned(), json_string);
+    match reason {
+        None => format!(r#"{{"session":{},"user":{user}}}"#, json_string(session)),
+        Some(reason) => format!(
+            r#"{{"session":{},"user":{user},"reason":{}}}"#,
+            json_string(session),
+            json_string(reason)
+        ),
+    }
+}
+
+/// The delivered form of a message of the versioned API. `data` is spliced in as
+/// the sender wrote it; the handler has checked that it is JSON.
+fn envelope(id: MessageId, time_ms: u64, send: &Send, target_json: &str) -> String {
+    let mut out = String::with_capacity(send.data.len() + target_json.len() + 96);
+    out.push_str(&format!(r#"{{"id":{id},"time":{time_ms},"source":"#));
+    match &send.src {
+        Some(src) => out.push_str(&json_string(src)),
+        None => out.push_str("null"),
+    }
+    out.push_str(r#","target":"#);
+    out.push_str(target_json);
+    if let Some(subject) = &send.subject {
+        out.push_str(r#","subject":"#);
+        out.push_str(&json_string(subject));
+    }
+    if let Some(reference) = send.reference {
+        out.push_str(&format!(r#","reference":{reference}"#));
+    }
+    if let Some(ttl_ms) = send.ttl_ms {
+        // Seconds, as the client gave them.
+        out.push_str(&format!(r#","ttl":{}"#, ttl_ms as f64 / 1000.0));
+    }
+    out.push_str(r#","data":"#);
+    out.push_str(&send.data);
+    out.push('}');
+    out
+}
+
+/// How a message is stored: x0 messages as before, the rest with their storage id
+/// and routing.
+fn record_of(clock: ClockAnchor, session: &str, stored: &Stored) -> Record {
+    if stored.seq == stored.message.id && stored.channel.is_none() && stored.priority == 0 {
+        Record::Put(stored_message(clock, session, stored))
+    } else {
+        copy_record(clock, session, stored)
+    }
+}
+
+fn copy_record(clock: ClockAnchor, session: &str, stored: &Stored) -> Record {
+    Record::Copy(StoredCopy {
+        seq: stored.seq,
+        message: stored_message(clock, session, stored),
+        channel: stored.channel.as_deref().map(str::to_owned),
+        priority: stored.priority,
+    })
+}
+
+fn stored_message(clock: ClockAnchor, session: &str, stored: &Stored) -> StoredMessage {
+    StoredMessage {
+        id: stored.message.id,
+        session: session.to_owned(),
+        body: stored.message.body.clone(),
+        expires_ms: stored.expires_at.map(|at| clock.unix_ms_at(at)),
+        key: stored.key.clone(),
+    }
+}
+
 /// Drops expired messages from the head of the line: cheap enough for every
 /// publish and poll, since with one TTL the oldest expire first. What expires
 /// behind a younger head (a returned message got a fresh TTL) goes at the next
@@ -1001,7 +1938,7 @@ impl Broker {
 fn drop_expired(mailbox: &mut Mailbox, now: Instant, journal: &mut Journal) {
     let mut gone = Vec::new();
     while mailbox.ready.front().is_some_and(|m| m.expired(now)) {
-        gone.push(mailbox.ready.pop_front().expect("checked").message.id);
+        gone.push(mailbox.ready.pop_front().expect("checked").seq);
     }
     journal.removed(gone);
 }
@@ -1011,7 +1948,7 @@ fn drop_all_expired(mailbox: &mut Mailbox, now: Instant, journal: &mut Journal) 
     mailbox.ready.retain(|m| {
         let expired = m.expired(now);
         if expired {
-            gone.push(m.message.id);
+            gone.push(m.seq);
         }
         !expired
     });
@@ -1137,6 +2074,7 @@ mod tests {
                     session: session.into(),
                     timeout_ms,
                     ack_previous: true,
+                    max: 0,
                 },
             )
         }
@@ -1469,9 +2407,9 @@ mod tests {
         h.poll(0, "polled-once", 0);
         h.publish(0, "never-read", "x");
         h.poll(0, "parked", 3_600_000);
-        h.broker.sweep(h.at(59_999));
+        h.broker.sweep(h.at(59_999), &mut Vec::new());
         assert_eq!(h.broker.stats().mailboxes, 3);
-        h.broker.sweep(h.at(60_000));
+        h.broker.sweep(h.at(60_000), &mut Vec::new());
         // The unread message expired at 30 s, so its mailbox went idle too; the
         // session with a parked poll is in use.
         assert_eq!(h.broker.stats().mailboxes, 1);
@@ -1493,6 +2431,7 @@ mod tests {
                 session: session.into(),
                 timeout_ms: 0,
                 ack_previous: false,
+                max: 0,
             },
         );
         ids(&reply_for(&out, to).unwrap())
@@ -1704,7 +2643,7 @@ mod tests {
                 ..
             }
         ));
-        h.broker.sweep(h.at(60_020));
+        h.broker.sweep(h.at(60_020), &mut Vec::new());
         assert_eq!(h.broker.stats().dedup_keys, 0);
         assert!(matches!(
             publish_keyed(&mut h, 60_021, "a", "k1", "once"),
@@ -1877,6 +2816,828 @@ mod tests {
         assert_eq!(broker.stats().ready, 0);
     }
 
+    /// The routing rules of the versioned API.
+    mod routing_rules {
+        use super::*;
+        use serde_json::{Value, json};
+
+        fn ask(h: &mut Harness, ms: u64, request: Request) -> Response {
+            let (to, out) = h.send(ms, request);
+            reply_for(&out, to).expect("answered at once")
+        }
+
+        fn message(src: Option<&str>, target: Option<Target>, data: &str) -> Send {
+            Send {
+                src: src.map(Into::into),
+                target,
+                subject: None,
+                reference: None,
+                data: data.into(),
+                ttl_ms: None,
+                key: None,
+                expect_reply_ms: None,
+            }
+        }
+
+        fn send(h: &mut Harness, ms: u64, send: Send) -> Response {
+            ask(h, ms, Request::Send(Box::new(send)))
+        }
+
+        fn sent_id(response: &Response) -> MessageId {
+            match response {
+                Response::Sent { id, .. } => *id,
+                other => panic!("expected Sent, got {other:?}"),
+            }
+        }
+
+        fn to_channel(
+            h: &mut Harness,
+            ms: u64,
+            channel: &str,
+            subject: Option<&str>,
+            data: &str,
+        ) -> Response {
+            let mut m = message(Some("pub"), Some(Target::Channel(channel.into())), data);
+            m.subject = subject.map(Into::into);
+            send(h, ms, m)
+        }
+
+        fn sub(channel: &str, subject: Option<&str>, group: Option<&str>) -> Subscription {
+            Subscription {
+                channel: channel.into(),
+                subject: subject.map(Into::into),
+                group: group.map(Into::into),
+            }
+        }
+
+        fn subscribe(
+            h: &mut Harness,
+            ms: u64,
+            session: &str,
+            s: Subscription,
+            since: Option<MessageId>,
+        ) -> Response {
+            ask(
+                h,
+                ms,
+                Request::Subscribe {
+                    session: session.into(),
+                    subscription: s,
+                    since,
+                },
+            )
+        }
+
+        /// The envelopes a poll at `ms` gives `session` at once.
+        fn envelopes(h: &mut Harness, ms: u64, session: &str) -> Vec<Value> {
+            let (to, out) = h.poll(ms, session, 0);
+            match reply_for(&out, to).unwrap() {
+                Response::Messages(batch) => batch
+                    .iter()
+                    .map(|m| serde_json::from_str(&m.body).expect("an envelope is JSON"))
+                    .collect(),
+                other => panic!("expected messages, got {other:?}"),
+            }
+        }
+
+        fn data(h: &mut Harness, ms: u64, session: &str) -> Vec<Value> {
+            envelopes(h, ms, session)
+                .into_iter()
+                .map(|e| e["data"].clone())
+                .collect()
+        }
+
+        fn bind(h: &mut Harness, ms: u64, session: &str, user: &str, exclusive: bool) -> Response {
+            ask(
+                h,
+                ms,
+                Request::Bind {
+                    session: session.into(),
+                    user: user.into(),
+                    exclusive,
+                },
+            )
+        }
+
+        #[test]
+        fn envelope_carries_id_time_source_target_subject_reference_ttl_and_raw_data() {
+            let mut h = Harness::new(BrokerConfig::default());
+            let mut m = message(
+                Some("a"),
+                Some(Target::Session("b".into())),
+                r#"{"n":1.50}"#,
+            );
+            m.subject = Some("greeting".into());
+            m.reference = Some(7);
+            m.ttl_ms = Some(1500);
+            let id = sent_id(&send(&mut h, 3, m));
+            let (to, out) = h.poll(4, "b", 0);
+            let Response::Messages(batch) = reply_for(&out, to).unwrap() else {
+                panic!()
+            };
+            assert_eq!(
+                batch[0].body,
+                format!(
+                    r#"{{"id":{id},"time":3,"source":"a","target":{{"session":"b"}},"subject":"greeting","reference":7,"ttl":1.5,"data":{{"n":1.50}}}}"#
+                )
+            );
+        }
+
+        #[test]
+        fn user_target_reaches_every_session_bound_to_that_user_only() {
+            let mut h = Harness::new(BrokerConfig::default());
+            for tab in ["t1", "t2", "t3"] {
+                bind(&mut h, 0, tab, "u1", false);
+            }
+            bind(&mut h, 0, "other", "u2", false);
+            let r = send(
+                &mut h,
+                1,
+                message(None, Some(Target::User("u1".into())), "1"),
+            );
+            assert!(matches!(r, Response::Sent { recipients: 3, .. }), "{r:?}");
+            let id = sent_id(&r);
+            for tab in ["t1", "t2", "t3"] {
+                let got = envelopes(&mut h, 2, tab);
+                assert_eq!(got.len(), 1, "{tab}");
+                assert_eq!(got[0]["id"], json!(id), "every copy has the message's id");
+                assert_eq!(got[0]["source"], Value::Null);
+                assert_eq!(got[0]["target"], json!({"user":"u1"}));
+            }
+            assert!(envelopes(&mut h, 2, "other").is_empty());
+            // Binding again moves the session to the other user.
+            bind(&mut h, 3, "t3", "u2", false);
+            let r = send(
+                &mut h,
+                4,
+                message(None, Some(Target::User("u1".into())), "2"),
+            );
+            assert!(matches!(r, Response::Sent { recipients: 2, .. }), "{r:?}");
+        }
+
+        #[test]
+        fn broadcast_reaches_every_present_session_once() {
+            let mut h = Harness::new(BrokerConfig::default());
+            for i in 0..100 {
+                h.poll(0, &format!("s{i}"), 0);
+            }
+            // Only a target, never present: not part of "everyone".
+            h.publish(0, "target-only", "x");
+            let r = send(&mut h, 1, message(None, Some(Target::Broadcast), "\"all\""));
+            assert!(
+                matches!(
+                    r,
+                    Response::Sent {
+                        recipients: 100,
+                        ..
+                    }
+                ),
+                "{r:?}"
+            );
+            for i in 0..100 {
+                assert_eq!(data(&mut h, 2, &format!("s{i}")), [json!("all")]);
+            }
+            assert_eq!(
+                bodies(
+                    &reply_for(
+                        &h.poll(3, "target-only", 0).1,
+                        ReplyTo {
+                            conn: CONN,
+                            request: h.next_request - 1
+                        }
+                    )
+                    .unwrap()
+                ),
+                ["x"]
+            );
+        }
+
+        #[test]
+        fn channel_patterns_and_subject_patterns_select_subscribers() {
+            let mut h = Harness::new(BrokerConfig::default());
+            subscribe(
+                &mut h,
+                0,
+                "eu-created",
+                sub("orders.*", Some("created"), None),
+                None,
+            );
+            subscribe(&mut h, 0, "all-orders", sub("orders.>", None, None), None);
+            subscribe(&mut h, 0, "exact", sub("orders.eu", None, None), None);
+            to_channel(&mut h, 1, "orders.eu", Some("created"), "1");
+            to_channel(&mut h, 1, "orders.eu", Some("deleted"), "2");
+            to_channel(&mut h, 1, "orders.eu.x", Some("created"), "3");
+            to_channel(&mut h, 1, "other.eu", Some("created"), "4");
+            to_channel(&mut h, 1, "orders.us", None, "5");
+            assert_eq!(data(&mut h, 2, "eu-created"), [json!(1)]);
+            assert_eq!(
+                data(&mut h, 2, "all-orders"),
+                [json!(1), json!(2), json!(3), json!(5)]
+            );
+            assert_eq!(data(&mut h, 2, "exact"), [json!(1), json!(2)]);
+        }
+
+        #[test]
+        fn a_session_matched_by_two_subscriptions_gets_one_copy() {
+            let mut h = Harness::new(BrokerConfig::default());
+            subscribe(&mut h, 0, "s", sub("news.*", None, None), None);
+            subscribe(&mut h, 0, "s", sub("news.sport", None, None), None);
+            let r = to_channel(&mut h, 1, "news.sport", None, "1");
+            assert!(matches!(r, Response::Sent { recipients: 1, .. }), "{r:?}");
+            assert_eq!(data(&mut h, 2, "s"), [json!(1)]);
+        }
+
+        #[test]
+        fn consumer_group_shares_messages_one_member_each_in_turn() {
+            let mut h = Harness::new(BrokerConfig::default());
+            for w in ["w1", "w2", "w3"] {
+                subscribe(&mut h, 0, w, sub("jobs", None, Some("workers")), None);
+            }
+            subscribe(&mut h, 0, "auditor", sub("jobs", None, None), None);
+            for n in 0..300 {
+                let r = to_channel(&mut h, 1, "jobs", None, &n.to_string());
+                assert!(matches!(r, Response::Sent { recipients: 2, .. }), "{r:?}");
+            }
+            let mut seen = HashSet::new();
+            for w in ["w1", "w2", "w3"] {
+                let got = data(&mut h, 2, w);
+                assert_eq!(got.len(), 100, "{w}: a fair share");
+                for n in got {
+                    assert!(seen.insert(n.as_u64().unwrap()), "given twice");
+                }
+            }
+            assert_eq!(seen.len(), 300);
+            assert_eq!(
+                data(&mut h, 2, "auditor").len(),
+                300,
+                "a plain subscriber sees all"
+            );
+        }
+
+        #[test]
+        fn paused_group_member_is_passed_over() {
+            let mut h = Harness::new(BrokerConfig::default());
+            for w in ["w1", "w2"] {
+                subscribe(&mut h, 0, w, sub("jobs", None, Some("g")), None);
+            }
+            ask(
+                &mut h,
+                0,
+                Request::SetPaused {
+                    session: "w1".into(),
+                    paused: true,
+                },
+            );
+            for n in 0..4 {
+                to_channel(&mut h, 1, "jobs", None, &n.to_string());
+            }
+            assert_eq!(data(&mut h, 2, "w2").len(), 4);
+        }
+
+        #[test]
+        fn reply_goes_to_the_session_awaiting_it_and_nowhere_else() {
+            let mut h = Harness::new(BrokerConfig::default());
+            subscribe(&mut h, 0, "worker", sub("rpc.add", None, None), None);
+            let request = to_channel(&mut h, 1, "rpc.add", None, "[1,2]");
+            let id = sent_id(&request);
+            ask(
+                &mut h,
+                1,
+                Request::AwaitReply {
+                    session: "pub".into(),
+                    reference: id,
+                    ttl_ms: 1_000,
+                },
+            );
+            let got = envelopes(&mut h, 2, "worker");
+            assert_eq!(got[0]["id"], json!(id));
+            let mut reply = message(Some("worker"), None, "3");
+            reply.reference = Some(id);
+            let r = send(&mut h, 3, reply.clone());
+            assert!(matches!(r, Response::Sent { recipients: 1, .. }), "{r:?}");
+            let got = envelopes(&mut h, 4, "pub");
+            assert_eq!(got.len(), 1);
+            assert_eq!(got[0]["reference"], json!(id));
+            assert_eq!(got[0]["data"], json!(3));
+            assert!(envelopes(&mut h, 4, "worker").is_empty());
+            // After the registration expires, a reply has nowhere to go.
+            let r = send(&mut h, 1_001, reply);
+            assert!(
+                matches!(
+                    r,
+                    Response::Error(ipc::Error {
+                        kind: ErrorKind::NoRoute,
+                        ..
+                    })
+                ),
+                "{r:?}"
+            );
+        }
+
+        #[test]
+        fn expect_reply_registers_the_reply_route_with_the_request() {
+            let mut h = Harness::new(BrokerConfig::default());
+            let mut request = message(Some("client"), Some(Target::Session("server".into())), "{}");
+            request.expect_reply_ms = Some(5_000);
+            let id = sent_id(&send(&mut h, 0, request));
+            let mut reply = message(Some("server"), None, "\"done\"");
+            reply.reference = Some(id);
+            send(&mut h, 1, reply);
+            assert_eq!(data(&mut h, 2, "client"), [json!("done")]);
+            let mut stray = message(Some("server"), None, "0");
+            stray.reference = Some(id + 1000);
+            assert!(matches!(
+                send(&mut h, 2, stray),
+                Response::Error(ipc::Error {
+                    kind: ErrorKind::NoRoute,
+                    ..
+                })
+            ));
+        }
+
+        fn with_history(len: usize, age_s: u64) -> BrokerConfig {
+            BrokerConfig {
+                channels: vec![ChannelSettings {
+                    pattern: routing::Pattern::parse("news.>").unwrap(),
+                    history_len: len,
+                    history_age: (age_s > 0).then(|| Duration::from_secs(age_s)),
+                    max_pending: 0,
+                    priority: 0,
+                }],
+                ..BrokerConfig::default()
+            }
+        }
+
+        #[test]
+        fn resubscribing_since_the_last_seen_id_gives_exactly_what_was_missed() {
+            let mut h = Harness::new(with_history(100, 0));
+            let s = sub("news.eu", None, None);
+            subscribe(&mut h, 0, "reader", s.clone(), None);
+            to_channel(&mut h, 1, "news.eu", None, "1");
+            to_channel(&mut h, 1, "news.eu", None, "2");
+            let seen = envelopes(&mut h, 2, "reader");
+            let last = seen.last().unwrap()["id"].as_u64().unwrap();
+            ask(
+                &mut h,
+                3,
+                Request::Unsubscribe {
+                    session: "reader".into(),
+                    subscription: s.clone(),
+                },
+            );
+            for n in 3..=5 {
+                to_channel(&mut h, 4, "news.eu", None, &n.to_string());
+            }
+            let r = subscribe(&mut h, 5, "reader", s, Some(last));
+            assert_eq!(
+                r,
+                Response::Subscribed {
+                    recovered: 3,
+                    complete: true
+                }
+            );
+            assert_eq!(data(&mut h, 6, "reader"), [json!(3), json!(4), json!(5)]);
+        }
+
+        #[test]
+        fn resume_skips_what_the_session_still_holds() {
+            let mut h = Harness::new(with_history(100, 0));
+            let s = sub("news.eu", None, None);
+            subscribe(&mut h, 0, "reader", s.clone(), None);
+            let first = sent_id(&to_channel(&mut h, 1, "news.eu", None, "1"));
+            to_channel(&mut h, 1, "news.eu", None, "2");
+            // Still subscribed and nothing polled: resuming adds no second copy.
+            let r = subscribe(&mut h, 2, "reader", s, Some(first - 1));
+            assert_eq!(
+                r,
+                Response::Subscribed {
+                    recovered: 0,
+                    complete: true
+                }
+            );
+            assert_eq!(data(&mut h, 3, "reader"), [json!(1), json!(2)]);
+        }
+
+        #[test]
+        fn resume_says_incomplete_when_history_no_longer_reaches_back() {
+            let mut h = Harness::new(with_history(2, 0));
+            let first = sent_id(&to_channel(&mut h, 0, "news.eu", None, "1"));
+            for n in 2..=4 {
+                to_channel(&mut h, 0, "news.eu", None, &n.to_string());
+            }
+            let r = subscribe(&mut h, 1, "late", sub("news.eu", None, None), Some(first));
+            assert_eq!(
+                r,
+                Response::Subscribed {
+                    recovered: 2,
+                    complete: false
+                }
+            );
+            assert_eq!(data(&mut h, 2, "late"), [json!(3), json!(4)]);
+            // A channel without history cannot vouch for anything.
+            let r = subscribe(&mut h, 3, "late", sub("plain", None, None), Some(first));
+            assert_eq!(
+                r,
+                Response::Subscribed {
+                    recovered: 0,
+                    complete: false
+                }
+            );
+        }
+
+        #[test]
+        fn history_older_than_its_age_is_not_given() {
+            let mut h = Harness::new(with_history(100, 10));
+            to_channel(&mut h, 0, "news.eu", None, "\"old\"");
+            to_channel(&mut h, 9_000, "news.eu", None, "\"new\"");
+            let r = subscribe(&mut h, 10_500, "late", sub("news.eu", None, None), Some(0));
+            assert_eq!(
+                r,
+                Response::Subscribed {
+                    recovered: 1,
+                    complete: false
+                }
+            );
+            assert_eq!(data(&mut h, 10_600, "late"), [json!("new")]);
+        }
+
+        #[test]
+        fn kicked_session_poll_ends_and_its_requests_are_refused() {
+            let mut h = Harness::new(BrokerConfig::default());
+            bind(&mut h, 0, "s", "u", false);
+            subscribe(&mut h, 0, "s", sub("c", None, None), None);
+            h.publish(0, "s", "queued");
+            h.poll(0, "s", 0);
+            let (parked, _) = h.poll(1, "s", 10_000);
+            let (_, out) = h.send(
+                2,
+                Request::Kick {
+                    session: "s".into(),
+                    reason: "bye".into(),
+                },
+            );
+            let ended = reply_for(&out, parked).expect("the parked poll is answered");
+            assert!(
+                matches!(
+                    ended,
+                    Response::Error(ipc::Error {
+                        kind: ErrorKind::Kicked,
+                        ..
+                    })
+                ),
+                "{ended:?}"
+            );
+            let (to, out) = h.poll(3, "s", 0);
+            assert!(matches!(
+                reply_for(&out, to),
+                Some(Response::Error(ipc::Error {
+                    kind: ErrorKind::Kicked,
+                    ..
+                }))
+            ));
+            assert!(matches!(
+                h.publish(3, "s", "more"),
+                Response::Error(ipc::Error {
+                    kind: ErrorKind::Kicked,
+                    ..
+                })
+            ));
+            // Gone from channels and its user.
+            let r = to_channel(&mut h, 3, "c", None, "1");
+            assert!(matches!(r, Response::Sent { recipients: 0, .. }), "{r:?}");
+            let r = send(
+                &mut h,
+                3,
+                message(None, Some(Target::User("u".into())), "1"),
+            );
+            assert!(matches!(r, Response::Sent { recipients: 0, .. }), "{r:?}");
+            // Refused only for the retention.
+            let later = 3 + BrokerConfig::default().kick_retention.as_millis() as u64;
+            h.broker.sweep(h.at(later), &mut Vec::new());
+            assert!(envelopes(&mut h, later, "s").is_empty());
+        }
+
+        #[test]
+        fn a_kicked_sessions_later_poll_is_refused_when_its_timeout_is_up() {
+            let mut h = Harness::new(BrokerConfig::default());
+            ask(
+                &mut h,
+                0,
+                Request::Kick {
+                    session: "s".into(),
+                    reason: String::new(),
+                },
+            );
+            let (to, out) = h.poll(1, "s", 5_000);
+            assert_eq!(
+                reply_for(&out, to),
+                None,
+                "held, so that an x0 tab does not spin"
+            );
+            assert!(h.tick(5_000).is_empty());
+            let out = h.tick(5_001);
+            assert!(matches!(
+                reply_for(&out, to),
+                Some(Response::Error(ipc::Error {
+                    kind: ErrorKind::Kicked,
+                    ..
+                }))
+            ));
+        }
+
+        #[test]
+        fn exclusive_bind_kicks_the_users_other_sessions() {
+            let mut h = Harness::new(BrokerConfig::default());
+            bind(&mut h, 0, "old1", "u", false);
+            bind(&mut h, 0, "old2", "u", false);
+            assert_eq!(bind(&mut h, 1, "new", "u", true), Response::Count(2));
+            let (to, out) = h.poll(2, "old1", 0);
+            assert!(matches!(
+                reply_for(&out, to),
+                Some(Response::Error(ipc::Error {
+                    kind: ErrorKind::Kicked,
+                    ..
+                }))
+            ));
+            let r = send(
+                &mut h,
+                3,
+                message(None, Some(Target::User("u".into())), "1"),
+            );
+            assert!(matches!(r, Response::Sent { recipients: 1, .. }), "{r:?}");
+        }
+
+        #[test]
+        fn paused_session_receives_nothing_until_resumed() {
+            let mut h = Harness::new(BrokerConfig::default());
+            ask(
+                &mut h,
+                0,
+                Request::SetPaused {
+                    session: "s".into(),
+                    paused: true,
+                },
+            );
+            h.publish(1, "s", "1");
+            h.publish(1, "s", "2");
+            let (to, out) = h.poll(2, "s", 0);
+            assert_eq!(reply_for(&out, to), Some(Response::Messages(Vec::new())));
+            let (parked, out) = h.poll(3, "s", 10_000);
+            assert_eq!(reply_for(&out, parked), None, "parks while paused");
+            h.publish(4, "s", "3");
+            let (_, out) = h.send(
+                5,
+                Request::SetPaused {
+                    session: "s".into(),
+                    paused: false,
+                },
+            );
+            assert_eq!(
+                bodies(&reply_for(&out, parked).expect("resume delivers")),
+                ["1", "2", "3"]
+            );
+        }
+
+        fn prioritised() -> BrokerConfig {
+            let settings = |pattern: &str, priority, max_pending| ChannelSettings {
+                pattern: routing::Pattern::parse(pattern).unwrap(),
+                history_len: 0,
+                history_age: None,
+                max_pending,
+                priority,
+            };
+            BrokerConfig {
+                channels: vec![settings("alerts", 5, 0), settings("chatter", 0, 2)],
+                ..BrokerConfig::default()
+            }
+        }
+
+        #[test]
+        fn higher_priority_channel_is_given_first_and_max_caps_the_batch() {
+            let mut h = Harness::new(prioritised());
+            subscribe(&mut h, 0, "s", sub("alerts", None, None), None);
+            subscribe(&mut h, 0, "s", sub("chatter", None, None), None);
+            to_channel(&mut h, 1, "chatter", None, "\"c1\"");
+            to_channel(&mut h, 1, "alerts", None, "\"a1\"");
+            to_channel(&mut h, 1, "chatter", None, "\"c2\"");
+            to_channel(&mut h, 1, "alerts", None, "\"a2\"");
+            let take = |h: &mut Harness, max| {
+                let (to, out) = h.send(
+                    2,
+                    Request::Poll {
+                        session: "s".into(),
+                        timeout_ms: 0,
+                        ack_previous: true,
+                        max,
+                    },
+                );
+                let Response::Messages(batch) = reply_for(&out, to).unwrap() else {
+                    panic!()
+                };
+                batch
+                    .iter()
+                    .map(|m| serde_json::from_str::<Value>(&m.body).unwrap()["data"].clone())
+                    .collect::<Vec<_>>()
+            };
+            assert_eq!(take(&mut h, 1), [json!("a1")]);
+            assert_eq!(take(&mut h, 0), [json!("a2"), json!("c1"), json!("c2")]);
+        }
+
+        #[test]
+        fn max_pending_drops_the_oldest_of_that_channel_only() {
+            let mut h = Harness::new(prioritised());
+            subscribe(&mut h, 0, "s", sub("chatter", None, None), None);
+            h.publish(0, "s", "\"x0\"");
+            for n in 1..=3 {
+                let r = to_channel(&mut h, 1, "chatter", None, &n.to_string());
+                let dropped = if n == 3 { 1 } else { 0 };
+                assert!(
+                    matches!(r, Response::Sent { dropped: d, .. } if d == dropped),
+                    "{r:?}"
+                );
+            }
+            let (to, out) = h.poll(2, "s", 0);
+            let got = bodies(&reply_for(&out, to).unwrap())
+                .iter()
+                .map(|b| b.to_string())
+                .collect::<Vec<_>>();
+            assert_eq!(got.len(), 3);
+            assert_eq!(got[0], "\"x0\"", "other messages stay");
+            assert!(
+                got[1].ends_with(r#""data":2}"#) && got[2].ends_with(r#""data":3}"#),
+                "{got:?}"
+            );
+        }
+
+        #[test]
+        fn silent_session_leaves_its_channels_and_user_and_says_so() {
+            let mut h = Harness::new(BrokerConfig::default());
+            subscribe(
+                &mut h,
+                0,
+                "watcher",
+                sub("$sys", Some("session.*"), None),
+                None,
+            );
+            bind(&mut h, 0, "s", "u", false);
+            subscribe(&mut h, 0, "s", sub("c", None, None), None);
+            let joined = envelopes(&mut h, 1, "watcher");
+            assert_eq!(
+                joined.len(),
+                2,
+                "the watcher's own arrival comes first: {joined:?}"
+            );
+            assert_eq!(joined[1]["subject"], json!("session.joined"));
+            assert_eq!(joined[1]["data"], json!({"session":"s","user":"u"}));
+            // The watcher keeps polling; "s" goes silent.
+            let timeout = BrokerConfig::default().session_timeout.as_millis() as u64;
+            h.poll(timeout, "watcher", 0);
+            h.broker.sweep(h.at(timeout + 1), &mut Vec::new());
+            let left = envelopes(&mut h, timeout + 2, "watcher");
+            assert_eq!(left.len(), 1, "{left:?}");
+            assert_eq!(left[0]["subject"], json!("session.left"));
+            assert_eq!(left[0]["data"], json!({"session":"s","user":"u"}));
+            let r = to_channel(&mut h, timeout + 3, "c", None, "1");
+            assert!(matches!(r, Response::Sent { recipients: 0, .. }), "{r:?}");
+            let r = send(
+                &mut h,
+                timeout + 3,
+                message(None, Some(Target::User("u".into())), "1"),
+            );
+            assert!(matches!(r, Response::Sent { recipients: 0, .. }), "{r:?}");
+        }
+
+        #[test]
+        fn system_events_announce_channels_and_kicks() {
+            let mut h = Harness::new(BrokerConfig::default());
+            subscribe(&mut h, 0, "watcher", sub("$sys", None, None), None);
+            envelopes(&mut h, 0, "watcher");
+            let s = sub("room.1", None, None);
+            subscribe(&mut h, 1, "a", s.clone(), None);
+            ask(
+                &mut h,
+                2,
+                Request::Unsubscribe {
+                    session: "a".into(),
+                    subscription: s,
+                },
+            );
+            ask(
+                &mut h,
+                3,
+                Request::Kick {
+                    session: "a".into(),
+                    reason: "spam".into(),
+                },
+            );
+            let events: Vec<(Value, Value)> = envelopes(&mut h, 4, "watcher")
+                .into_iter()
+                .map(|e| (e["subject"].clone(), e["data"].clone()))
+                .collect();
+            assert_eq!(
+                events,
+                [
+                    (json!("session.joined"), json!({"session":"a","user":null})),
+                    (json!("channel.created"), json!({"channel":"room.1"})),
+                    (json!("channel.removed"), json!({"channel":"room.1"})),
+                    (
+                        json!("session.kicked"),
+                        json!({"session":"a","user":null,"reason":"spam"})
+                    ),
+                ]
+            );
+        }
+
+        #[test]
+        fn presence_lists_subscribed_sessions_with_their_users() {
+            let mut h = Harness::new(BrokerConfig::default());
+            bind(&mut h, 0, "b", "ub", false);
+            subscribe(&mut h, 0, "b", sub("room.*", None, None), None);
+            subscribe(&mut h, 0, "a", sub("room.1", None, None), None);
+            subscribe(&mut h, 0, "c", sub("room.2", None, None), None);
+            let r = ask(
+                &mut h,
+                1,
+                Request::Presence {
+                    channel: "room.1".into(),
+                },
+            );
+            assert_eq!(
+                r,
+                Response::Presence(vec![
+                    Present {
+                        session: "a".into(),
+                        user: None
+                    },
+                    Present {
+                        session: "b".into(),
+                        user: Some("ub".into())
+                    },
+                ])
+            );
+        }
+
+        #[test]
+        fn clients_cannot_publish_to_core_channels_or_wildcards() {
+            let mut h = Harness::new(BrokerConfig::default());
+            for bad in ["$sys", "orders.*", "a..b"] {
+                let r = to_channel(&mut h, 0, bad, None, "1");
+                assert!(
+                    matches!(
+                        r,
+                        Response::Error(ipc::Error {
+                            kind: ErrorKind::InvalidRequest,
+                            ..
+                        })
+                    ),
+                    "{bad}: {r:?}"
+                );
+            }
+            let r = subscribe(&mut h, 0, "s", sub("a.>.b", None, None), None);
+            assert!(
+                matches!(
+                    r,
+                    Response::Error(ipc::Error {
+                        kind: ErrorKind::InvalidRequest,
+                        ..
+                    })
+                ),
+                "{r:?}"
+            );
+        }
+
+        #[test]
+        fn fanned_out_copies_are_stored_apart_and_acked_apart() {
+            let mut h = Harness::durable(ack_mode());
+            for s in ["a", "b"] {
+                subscribe(&mut h, 0, s, sub("c", None, None), None);
+            }
+            let id = sent_id(&to_channel(&mut h, 1, "c", None, "1"));
+            let given = poll_explicit(&mut h, 2, "a");
+            assert_eq!(given, [id]);
+            ack(&mut h, 3, "a", AckSelector::Ids(vec![id]));
+            let recovered = replay(&mut h);
+            assert_eq!(recovered.messages.len(), 1, "b's copy only");
+            let (_, (copy, _)) = recovered.messages.iter().next().unwrap();
+            assert_eq!((copy.id, copy.session.as_str()), (id, "b"));
+            let mut restored = Harness {
+                broker: Broker::restore(
+                    ack_mode(),
+                    ClockAnchor {
+                        instant: h.t0,
+                        unix_ms: 0,
+                    },
+                    recovered,
+                    h.at(4),
+                ),
+                t0: h.t0,
+                next_request: 1,
+            };
+            assert_eq!(poll_explicit(&mut restored, 5, "b"), [id]);
+            assert!(poll_explicit(&mut restored, 5, "a").is_empty());
+        }
+    }
+
     #[cfg(test)]
     mod model {
         //! Whatever the broker does, replaying its journal gives exactly the messages
@@ -1896,6 +3657,9 @@ mod tests {
             Sweep,
             Replay,
             Purge,
+            Subscribe { session: u8, resume: bool },
+            Fanout { key: Option<u8> },
+            Kick { session: u8 },
         }
 
         fn op() -> impl Strategy<Value = Op> {
@@ -1910,31 +3674,34 @@ mod tests {
                 1 => Just(Op::Sweep),
                 1 => Just(Op::Replay),
                 1 => Just(Op::Purge),
+                1 => (0..3u8, any::<bool>()).prop_map(|(session, resume)| Op::Subscribe { session, resume }),
+                3 => proptest::option::of(0..4u8).prop_map(|key| Op::Fanout { key }),
+                1 => (0..3u8).prop_map(|session| Op::Kick { session }),
             ]
         }
 
-        /// Every message the broker holds: id → (session, dead).
-        fn held(broker: &Broker) -> BTreeMap<MessageId, (String, bool)> {
+        /// Every message the broker holds: storage id → (session, id, dead).
+        fn held(broker: &Broker) -> BTreeMap<MessageId, (String, MessageId, bool)> {
             let mut held = BTreeMap::new();
             for (session, mailbox) in &broker.mailboxes {
                 for s in &mailbox.ready {
-                    held.insert(s.message.id, (session.clone(), false));
+                    held.insert(s.seq, (session.clone(), s.message.id, false));
                 }
-                for id in mailbox.in_flight.keys() {
-                    held.insert(*id, (session.clone(), false));
+                for f in mailbox.in_flight.values() {
+                    held.insert(f.stored.seq, (session.clone(), f.stored.message.id, false));
                 }
             }
-            for (id, dead) in &broker.dead {
-                held.insert(*id, (dead.session.clone(), true));
+            for (seq, dead) in &broker.dead {
+                held.insert(*seq, (dead.session.clone(), dead.stored.message.id, true));
             }
             held
         }
 
-        fn recovered_view(recovered: &Recovered) -> BTreeMap<MessageId, (String, bool)> {
+        fn recovered_view(recovered: &Recovered) -> BTreeMap<MessageId, (String, MessageId, bool)> {
             recovered
                 .messages
                 .iter()
-                .map(|(id, (m, dead))| (*id, (m.session.clone(), *dead)))
+                .map(|(seq, (m, dead))| (*seq, (m.session.clone(), m.id, *dead)))
                 .collect()
         }
 
@@ -1952,6 +3719,14 @@ mod tests {
                     visibility_timeout: Duration::from_secs(5),
                     max_deliveries: 2,
                     dedup_window: Duration::from_secs(30),
+                    kick_retention: Duration::from_secs(1),
+                    channels: vec![ChannelSettings {
+                        pattern: routing::Pattern::parse("c").unwrap(),
+                        history_len: 3,
+                        history_age: None,
+                        max_pending: 2,
+                        priority: 1,
+                    }],
                     ..BrokerConfig::default()
                 };
                 let mut h = Harness::durable(config);
@@ -1970,7 +3745,7 @@ mod tests {
                         }, &mut out),
                         Op::Poll { session, ack_previous } => {
                             h.broker.handle(h.t0 + Duration::from_millis(now), to, Request::Poll {
-                                session: name(session), timeout_ms: 0, ack_previous,
+                                session: name(session), timeout_ms: 0, ack_previous, max: 0,
                             }, &mut out);
                             if let Some(Response::Messages(batch)) = reply_for(&out, to) {
                                 last_batch.insert(session, batch);
@@ -1999,9 +3774,25 @@ mod tests {
                             now += u64::from(ms);
                             h.broker.tick(h.t0 + Duration::from_millis(now), &mut out);
                         }
-                        Op::Sweep => h.broker.sweep(h.t0 + Duration::from_millis(now)),
+                        Op::Sweep => h.broker.sweep(h.t0 + Duration::from_millis(now), &mut Vec::new()),
                         Op::Replay => h.broker.handle(h.t0 + Duration::from_millis(now), to, Request::DeadLetters(DeadLetterOp::Replay { ids: None }), &mut out),
                         Op::Purge => h.broker.handle(h.t0 + Duration::from_millis(now), to, Request::DeadLetters(DeadLetterOp::Purge { ids: None }), &mut out),
+                        Op::Subscribe { session, resume } => h.broker.handle(h.t0 + Duration::from_millis(now), to, Request::Subscribe {
+                            session: name(session),
+                            subscription: Subscription { channel: "c".into(), subject: None, group: None },
+                            since: resume.then_some(0),
+                        }, &mut out),
+                        Op::Fanout { key } => h.broker.handle(h.t0 + Duration::from_millis(now), to, Request::Send(Box::new(Send {
+                            src: Some("p".into()),
+                            target: Some(Target::Channel("c".into())),
+                            subject: None,
+                            reference: None,
+                            data: format!("{now}"),
+                            ttl_ms: None,
+                            key: key.map(|k| k.to_string()),
+                            expect_reply_ms: None,
+                        })), &mut out),
+                        Op::Kick { session } => h.broker.handle(h.t0 + Duration::from_millis(now), to, Request::Kick { session: name(session), reason: String::new() }, &mut out),
                     }
                     for record in h.broker.take_journal() {
                         journal.apply(record);
@@ -2015,6 +3806,7 @@ mod tests {
                 prop_assert_eq!(recovered_view(&from_snapshot), held(&h.broker));
                 prop_assert!(from_snapshot.next_id >= journal.next_id);
                 prop_assert_eq!(from_snapshot.messages, journal.messages);
+                prop_assert_eq!(from_snapshot.routing, journal.routing);
             }
         }
     }

@@ -8,6 +8,7 @@ use anyhow::{Context, bail};
 use serde::Deserialize;
 
 use crate::broker::{BrokerConfig, DeliveryMode, OverflowPolicy};
+use crate::routing::{ChannelSettings, Pattern};
 
 /// Every key of `etc/msgserver.toml`. Durations are seconds (fractions allowed) so
 /// that a file, an environment variable and a test all write them the same way.
@@ -35,6 +36,11 @@ pub struct ServerConfig {
     pub max_poll_timeout: f64,
     pub max_deliveries: u32,
     pub dedup_window: f64,
+    pub session_timeout: f64,
+    pub kick_retention: f64,
+    pub max_reply_ttl: f64,
+    /// Per channel pattern, first match wins (`[[channels]]` tables).
+    pub channels: Vec<ChannelConfig>,
     /// Where durable storage lives; unset keeps everything in memory only.
     pub data_dir: Option<PathBuf>,
     pub fsync: FsyncPolicy,
@@ -43,6 +49,22 @@ pub struct ServerConfig {
     pub max_in_flight: usize,
     pub heartbeat_timeout: f64,
     pub log: String,
+}
+
+/// One `[[channels]]` table.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChannelConfig {
+    pub pattern: String,
+    #[serde(default)]
+    pub history_len: usize,
+    /// Seconds; 0 keeps history of any age (up to `history_len`).
+    #[serde(default)]
+    pub history_secs: f64,
+    #[serde(default)]
+    pub max_pending: usize,
+    #[serde(default)]
+    pub priority: i32,
 }
 
 /// When stored records reach the disk.
@@ -82,6 +104,10 @@ impl Default for ServerConfig {
             max_poll_timeout: broker.max_poll_timeout.as_secs_f64(),
             max_deliveries: broker.max_deliveries,
             dedup_window: broker.dedup_window.as_secs_f64(),
+            session_timeout: broker.session_timeout.as_secs_f64(),
+            kick_retention: broker.kick_retention.as_secs_f64(),
+            max_reply_ttl: broker.max_reply_ttl.as_secs_f64(),
+            channels: Vec::new(),
             data_dir: None,
             fsync: FsyncPolicy::Always,
             fsync_interval: 0.05,
@@ -137,6 +163,14 @@ impl ServerConfig {
             max_poll_timeout: seconds("max_poll_timeout", self.max_poll_timeout)?,
             max_deliveries: self.max_deliveries,
             dedup_window: seconds("dedup_window", self.dedup_window)?,
+            session_timeout: seconds("session_timeout", self.session_timeout)?,
+            kick_retention: seconds("kick_retention", self.kick_retention)?,
+            max_reply_ttl: seconds("max_reply_ttl", self.max_reply_ttl)?,
+            channels: self
+                .channels
+                .iter()
+                .map(ChannelConfig::settings)
+                .collect::<anyhow::Result<_>>()?,
         })
     }
 
@@ -146,6 +180,23 @@ impl ServerConfig {
 
     pub fn heartbeat_timeout(&self) -> anyhow::Result<Duration> {
         seconds("heartbeat_timeout", self.heartbeat_timeout)
+    }
+}
+
+impl ChannelConfig {
+    fn settings(&self) -> anyhow::Result<ChannelSettings> {
+        let pattern = Pattern::parse(&self.pattern)
+            .map_err(|e| anyhow::anyhow!("[[channels]] pattern {:?}: {e}", self.pattern))?;
+        Ok(ChannelSettings {
+            pattern,
+            history_len: self.history_len,
+            history_age: match self.history_secs {
+                0.0 => None,
+                secs => Some(seconds("history_secs", secs)?),
+            },
+            max_pending: self.max_pending,
+            priority: self.priority,
+        })
     }
 }
 

@@ -5,6 +5,7 @@
 pub mod broker;
 pub mod config;
 pub mod journal;
+pub mod routing;
 pub mod server;
 pub mod socket;
 pub mod storage;

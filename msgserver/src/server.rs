@@ -178,7 +178,7 @@ async fn run_broker(
                 broker.tick(Instant::now(), &mut out);
             }
             _ = sweep.tick() => {
-                broker.sweep(Instant::now());
+                broker.sweep(Instant::now(), &mut out);
                 trace!(stats = ?broker.stats(), "swept");
                 swept = true;
             }

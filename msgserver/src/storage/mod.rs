@@ -31,7 +31,21 @@ pub struct StoredMessage {
     pub key: Option<String>,
 }
 
-/// One change to the stored state. Records are applied in log order.
+/// A message of the versioned API as it is stored: one per recipient. Copies of one
+/// fanned-out message share its public id (`message.id`) but each has a storage
+/// `seq` of its own, which the records that follow name. Added after the log
+/// format's first release as a new variant, so older logs still read.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredCopy {
+    pub seq: MessageId,
+    pub message: StoredMessage,
+    /// The channel it was published to, for that channel's per-subscriber limit.
+    pub channel: Option<String>,
+    pub priority: i32,
+}
+
+/// One change to the stored state. Records are applied in log order. `ids` in
+/// records are storage ids: a [`StoredMessage`]'s id, or a [`StoredCopy`]'s `seq`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Record {
     /// Ids below `next_id` are never handed out again, even after everything that
@@ -53,15 +67,20 @@ pub enum Record {
         id: MessageId,
         until_ms: u64,
     },
+    /// A message of the versioned API was queued for one recipient.
+    Copy(StoredCopy),
 }
 
 /// The state a log replays to.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Recovered {
     pub next_id: MessageId,
-    /// Every message not yet removed, by id (so in publish order), with whether it
-    /// sits in the dead-letter queue.
+    /// Every message not yet removed, by storage id (so in the order they were
+    /// queued), with whether it sits in the dead-letter queue. The message's `id` is
+    /// its public id, which differs from the storage id for copies.
     pub messages: BTreeMap<MessageId, (StoredMessage, bool)>,
+    /// Channel and priority of the copies among `messages`, by storage id.
+    pub routing: HashMap<MessageId, (Option<String>, i32)>,
     /// Publish keys of messages already removed: key → (id, remembered until ms).
     pub dedup: HashMap<String, (MessageId, u64)>,
 }
@@ -79,6 +98,7 @@ impl Recovered {
             Record::Removed { ids } => {
                 for id in ids {
                     self.messages.remove(&id);
+                    self.routing.remove(&id);
                 }
             }
             Record::DeadLettered { ids } => {
@@ -98,6 +118,13 @@ impl Recovered {
             Record::Dedup { key, id, until_ms } => {
                 self.next_id = self.next_id.max(id + 1);
                 self.dedup.insert(key, (id, until_ms));
+            }
+            Record::Copy(copy) => {
+                self.next_id = self.next_id.max(copy.seq + 1).max(copy.message.id + 1);
+                if copy.channel.is_some() || copy.priority != 0 {
+                    self.routing.insert(copy.seq, (copy.channel, copy.priority));
+                }
+                self.messages.insert(copy.seq, (copy.message, false));
             }
         }
     }

@@ -484,7 +484,7 @@ mod tests {
     use proptest::sample::Index;
 
     use super::*;
-    use crate::storage::StoredMessage;
+    use crate::storage::{StoredCopy, StoredMessage};
 
     fn message(id: MessageId, session: &str, body: &str, key: Option<&str>) -> StoredMessage {
         StoredMessage {
@@ -563,6 +563,20 @@ mod tests {
                 id: 3,
                 until_ms: 42,
             },
+            // Two copies of one fanned-out message, under their own storage ids.
+            Record::Copy(StoredCopy {
+                seq: 9,
+                message: message(9, "carol", "fan", None),
+                channel: Some("news".into()),
+                priority: 2,
+            }),
+            Record::Copy(StoredCopy {
+                seq: 10,
+                message: message(9, "dave", "fan", None),
+                channel: Some("news".into()),
+                priority: 2,
+            }),
+            Record::Removed { ids: vec![9] },
         ];
         let (mut wal, _) = Wal::open(tmp.path()).unwrap();
         wal.append(&records[..3]).unwrap();
@@ -574,8 +588,14 @@ mod tests {
         let (wal, recovered) = Wal::open(tmp.path()).unwrap();
         let expected = replayed(&records);
         assert_eq!(recovered, expected);
-        assert_eq!(recovered.next_id, 9);
-        assert_eq!(recovered.messages.len(), 3);
+        assert_eq!(recovered.next_id, 11);
+        assert_eq!(recovered.messages.len(), 4);
+        assert_eq!(
+            recovered.messages[&10].0.id, 9,
+            "a copy keeps the shared id"
+        );
+        assert_eq!(recovered.routing[&10], (Some("news".into()), 2));
+        assert!(!recovered.routing.contains_key(&9), "removed with its copy");
         assert!(recovered.messages[&7].1, "7 is dead");
         assert!(!recovered.messages[&8].1, "8 was revived");
         assert_eq!(recovered.dedup["k0"], (3, 42));

@@ -1,0 +1,460 @@
+//! Who a channel message goes to: subject patterns, the subscription index with its
+//! consumer groups, and channel history. Plain data structures for the broker; no
+//! I/O and no clock of their own.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use ipc::{MessageId, Subscription};
+
+/// The reserved channel of system events; `$` channels are the core's own.
+pub const SYSTEM_CHANNEL: &str = "$sys";
+
+/// A dot-separated pattern: `*` matches one token, a final `>` one or more.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pattern {
+    tokens: Vec<Token>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Token {
+    Literal(String),
+    One,
+    Rest,
+}
+
+impl Pattern {
+    pub fn parse(text: &str) -> Result<Pattern, String> {
+        if text.is_empty() {
+            return Err("a pattern must not be empty".into());
+        }
+        let parts: Vec<&str> = text.split('.').collect();
+        let mut tokens = Vec::with_capacity(parts.len());
+        for (i, part) in parts.iter().enumerate() {
+            tokens.push(match *part {
+                "" => return Err(format!("pattern {text:?} has an empty token")),
+                "*" => Token::One,
+                ">" if i + 1 == parts.len() => Token::Rest,
+                ">" => return Err(format!("in pattern {text:?}, '>' may only come last")),
+                t if t.contains(['*', '>']) => {
+                    return Err(format!(
+                        "in pattern {text:?}, '*' and '>' must stand alone between dots"
+                    ));
+                }
+                t => Token::Literal(t.to_owned()),
+            });
+        }
+        Ok(Pattern { tokens })
+    }
+
+    /// Whether the pattern names exactly one channel (no wildcard).
+    pub fn is_literal(&self) -> bool {
+        self.tokens.iter().all(|t| matches!(t, Token::Literal(_)))
+    }
+
+    pub fn matches(&self, name: &str) -> bool {
+        // The core's own channels are reached only by naming them: a `>` subscriber
+        // does not get the system events.
+        if name.starts_with('$') && !matches!(self.tokens.first(), Some(Token::Literal(_))) {
+            return false;
+        }
+        let mut parts = name.split('.');
+        for token in &self.tokens {
+            match token {
+                Token::Rest => return parts.next().is_some_and(|p| !p.is_empty()),
+                Token::One => {
+                    if parts.next().is_none_or(str::is_empty) {
+                        return false;
+                    }
+                }
+                Token::Literal(literal) => {
+                    if parts.next() != Some(literal.as_str()) {
+                        return false;
+                    }
+                }
+            }
+        }
+        parts.next().is_none()
+    }
+}
+
+/// A channel name a message may be published to: a pattern without wildcards.
+pub fn check_channel_name(name: &str) -> Result<(), String> {
+    let pattern = Pattern::parse(name)?;
+    if pattern.is_literal() {
+        Ok(())
+    } else {
+        Err(format!(
+            "channel {name:?} has a wildcard; publish to a concrete channel"
+        ))
+    }
+}
+
+struct Member {
+    session: String,
+    subject: Option<Pattern>,
+    subscription: Subscription,
+}
+
+/// Everyone subscribed with one channel pattern.
+struct PatternEntry {
+    pattern: Pattern,
+    members: Vec<Member>,
+    /// Round-robin position of each consumer group (keyed by subject and group
+    /// name), so that a group's members take turns.
+    turns: HashMap<(Option<String>, String), usize>,
+}
+
+/// The subscription index. Literal patterns are found by one lookup per message;
+/// wildcard patterns are few in practice and scanned.
+#[derive(Default)]
+pub struct Subscriptions {
+    by_pattern: HashMap<String, PatternEntry>,
+    /// The keys of `by_pattern` that hold a wildcard.
+    wildcards: Vec<String>,
+}
+
+/// What a subscribe or unsubscribe changed, for the system events.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Change {
+    Nothing,
+    /// The first subscription with this pattern.
+    Created,
+    /// A subscription was added to or removed from a pattern that others still use.
+    Changed,
+    /// The last subscription with this pattern went.
+    Removed,
+}
+
+impl Subscriptions {
+    /// Adds the subscription unless the session already holds an equal one.
+    pub fn add(&mut self, session: &str, subscription: &Subscription) -> Result<Change, String> {
+        let pattern = Pattern::parse(&subscription.channel)?;
+        let subject = subscription
+            .subject
+            .as_deref()
+            .map(Pattern::parse)
+            .transpose()?;
+        let created = !self.by_pattern.contains_key(&subscription.channel);
+        let entry = self
+            .by_pattern
+            .entry(subscription.channel.clone())
+            .or_insert_with(|| PatternEntry {
+                pattern: pattern.clone(),
+                members: Vec::new(),
+                turns: HashMap::new(),
+            });
+        if entry
+            .members
+            .iter()
+            .any(|m| m.session == session && &m.subscription == subscription)
+        {
+            return Ok(Change::Nothing);
+        }
+        entry.members.push(Member {
+            session: session.to_owned(),
+            subject,
+            subscription: subscription.clone(),
+        });
+        if created && !pattern.is_literal() {
+            self.wildcards.push(subscription.channel.clone());
+        }
+        Ok(if created {
+            Change::Created
+        } else {
+            Change::Changed
+        })
+    }
+
+    pub fn remove(&mut self, session: &str, subscription: &Subscription) -> Change {
+        let Some(entry) = self.by_pattern.get_mut(&subscription.channel) else {
+            return Change::Nothing;
+        };
+        let before = entry.members.len();
+        entry
+            .members
+            .retain(|m| !(m.session == session && &m.subscription == subscription));
+        if entry.members.len() == before {
+            return Change::Nothing;
+        }
+        if !entry.members.is_empty() {
+            return Change::Changed;
+        }
+        self.by_pattern.remove(&subscription.channel);
+        self.wildcards.retain(|w| w != &subscription.channel);
+        Change::Removed
+    }
+
+    fn matching(&self, channel: &str) -> impl Iterator<Item = &PatternEntry> {
+        self.by_pattern.get(channel).into_iter().chain(
+            self.wildcards
+                .iter()
+                .filter_map(|w| self.by_pattern.get(w))
+                .filter(move |e| e.pattern.matches(channel)),
+        )
+    }
+
+    /// Whether any subscription matches `channel`.
+    pub fn reaches(&self, channel: &str) -> bool {
+        self.matching(channel).next().is_some()
+    }
+
+    /// The sessions a message on `channel` with `subject` goes to, each once: every
+    /// plain subscriber whose subject pattern matches, and one member of each
+    /// consumer group, taking turns and passing over paused members while an
+    /// unpaused one is there.
+    pub fn route(
+        &mut self,
+        channel: &str,
+        subject: Option<&str>,
+        paused: impl Fn(&str) -> bool,
+    ) -> Vec<String> {
+        let keys: Vec<String> = self
+            .by_pattern
+            .get_key_value(channel)
+            .map(|(k, _)| k.clone())
+            .into_iter()
+            .chain(
+                self.wildcards
+                    .iter()
+                    .filter(|w| self.by_pattern[*w].pattern.matches(channel))
+                    .cloned(),
+            )
+            .collect();
+        let mut chosen: Vec<String> = Vec::new();
+        for key in keys {
+            let entry = self.by_pattern.get_mut(&key).expect("listed above");
+            // Member indexes per group; a BTreeMap so that turns are taken in a
+            // stable order.
+            let mut groups: BTreeMap<(Option<String>, String), Vec<usize>> = BTreeMap::new();
+            for (i, member) in entry.members.iter().enumerate() {
+                let subject_matches = match (&member.subject, subject) {
+                    (None, _) => true,
+                    (Some(p), Some(s)) => p.matches(s),
+                    (Some(_), None) => false,
+                };
+                if !subject_matches {
+                    continue;
+                }
+                match &member.subscription.group {
+                    None => chosen.push(member.session.clone()),
+                    Some(group) => groups
+                        .entry((member.subscription.subject.clone(), group.clone()))
+                        .or_default()
+                        .push(i),
+                }
+            }
+            for (group, members) in groups {
+                let turn = entry.turns.get(&group).copied().unwrap_or(0);
+                let n = members.len();
+                let pick = (0..n)
+                    .map(|i| (turn + i) % n)
+                    .find(|&i| !paused(&entry.members[members[i]].session))
+                    .unwrap_or(turn % n);
+                entry.turns.insert(group, pick + 1);
+                chosen.push(entry.members[members[pick]].session.clone());
+            }
+        }
+        // A session reached by several subscriptions gets one copy.
+        chosen.sort_unstable();
+        chosen.dedup();
+        chosen
+    }
+
+    /// Every session with a subscription whose channel pattern matches `channel`.
+    pub fn present(&self, channel: &str) -> Vec<String> {
+        let mut sessions: Vec<String> = self
+            .matching(channel)
+            .flat_map(|e| e.members.iter().map(|m| m.session.clone()))
+            .collect();
+        sessions.sort();
+        sessions.dedup();
+        sessions
+    }
+}
+
+/// Per channel pattern (first match wins), from the core's configuration.
+#[derive(Debug, Clone)]
+pub struct ChannelSettings {
+    pub pattern: Pattern,
+    /// Messages kept for subscribers that resume; 0 keeps none.
+    pub history_len: usize,
+    /// And none older than this.
+    pub history_age: Option<Duration>,
+    /// Undelivered messages from this channel one subscriber may hold; 0: no limit
+    /// but the mailbox's own. The oldest goes first.
+    pub max_pending: usize,
+    /// Higher is given first when a session has several messages pending.
+    pub priority: i32,
+}
+
+pub struct HistoryEntry {
+    pub id: MessageId,
+    pub at: Instant,
+    pub subject: Option<String>,
+    pub body: String,
+}
+
+/// The last messages of one channel.
+#[derive(Default)]
+pub struct History {
+    pub entries: VecDeque<HistoryEntry>,
+    /// The highest id no longer kept: a client that saw less may have missed some.
+    pub trimmed_to: MessageId,
+}
+
+impl History {
+    pub fn push(&mut self, entry: HistoryEntry, settings: &ChannelSettings, now: Instant) {
+        self.entries.push_back(entry);
+        while self.entries.len() > settings.history_len {
+            self.pop();
+        }
+        self.expire(settings, now);
+    }
+
+    pub fn expire(&mut self, settings: &ChannelSettings, now: Instant) {
+        let Some(age) = settings.history_age else {
+            return;
+        };
+        while self
+            .entries
+            .front()
+            .is_some_and(|e| now.saturating_duration_since(e.at) > age)
+        {
+            self.pop();
+        }
+    }
+
+    fn pop(&mut self) {
+        if let Some(gone) = self.entries.pop_front() {
+            self.trimmed_to = self.trimmed_to.max(gone.id);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sub(channel: &str, subject: Option<&str>, group: Option<&str>) -> Subscription {
+        Subscription {
+            channel: channel.into(),
+            subject: subject.map(Into::into),
+            group: group.map(Into::into),
+        }
+    }
+
+    #[test]
+    fn star_matches_one_token_and_a_final_gt_the_rest() {
+        let p = |s| Pattern::parse(s).unwrap();
+        assert!(p("orders.*").matches("orders.eu"));
+        assert!(!p("orders.*").matches("orders"));
+        assert!(!p("orders.*").matches("orders.eu.1"));
+        assert!(p("orders.>").matches("orders.eu.1"));
+        assert!(p("orders.>").matches("orders.eu"));
+        assert!(!p("orders.>").matches("orders"));
+        assert!(p("*").matches("anything"));
+        assert!(!p("*").matches("a.b"));
+        assert!(p(">").matches("a.b.c"));
+        assert!(p("a.*.c").matches("a.b.c"));
+        assert!(!p("a.*.c").matches("a.b.d"));
+        assert!(p("exact").matches("exact"));
+        assert!(!p("exact").matches("exact.more"));
+        assert!(!p(">").matches("$sys"), "system channels only by name");
+        assert!(p("$sys").matches("$sys"));
+    }
+
+    #[test]
+    fn malformed_patterns_and_wildcard_channel_names_are_refused() {
+        for bad in ["", "a..b", "a.>.b", "a*", "or*ders.x", ".a", "a."] {
+            assert!(Pattern::parse(bad).is_err(), "{bad:?}");
+        }
+        assert!(check_channel_name("orders.eu").is_ok());
+        assert!(check_channel_name("orders.*").is_err());
+    }
+
+    #[test]
+    fn every_matching_subscriber_gets_one_copy_even_with_overlapping_patterns() {
+        let mut subs = Subscriptions::default();
+        subs.add("a", &sub("orders.eu", None, None)).unwrap();
+        subs.add("a", &sub("orders.*", None, None)).unwrap();
+        subs.add("b", &sub("orders.>", None, None)).unwrap();
+        subs.add("c", &sub("other", None, None)).unwrap();
+        let mut got = subs.route("orders.eu", None, |_| false);
+        got.sort();
+        assert_eq!(got, ["a", "b"]);
+    }
+
+    #[test]
+    fn subject_pattern_filters_and_a_subjectless_message_matches_no_subject_pattern() {
+        let mut subs = Subscriptions::default();
+        subs.add("a", &sub("orders", Some("created"), None))
+            .unwrap();
+        subs.add("b", &sub("orders", Some("order.*"), None))
+            .unwrap();
+        subs.add("c", &sub("orders", None, None)).unwrap();
+        assert_eq!(subs.route("orders", Some("created"), |_| false), ["a", "c"]);
+        assert_eq!(subs.route("orders", Some("order.x"), |_| false), ["b", "c"]);
+        assert_eq!(subs.route("orders", None, |_| false), ["c"]);
+    }
+
+    #[test]
+    fn consumer_group_members_take_turns_and_paused_ones_are_passed_over() {
+        let mut subs = Subscriptions::default();
+        for s in ["w1", "w2", "w3"] {
+            subs.add(s, &sub("jobs", None, Some("workers"))).unwrap();
+        }
+        let picks: Vec<String> = (0..6)
+            .map(|_| subs.route("jobs", None, |_| false).remove(0))
+            .collect();
+        assert_eq!(picks, ["w1", "w2", "w3", "w1", "w2", "w3"]);
+        let picks: Vec<String> = (0..4)
+            .map(|_| subs.route("jobs", None, |s| s == "w2").remove(0))
+            .collect();
+        assert!(!picks.contains(&"w2".to_owned()), "{picks:?}");
+        // All paused: still delivered to one of them, to wait in its mailbox.
+        assert_eq!(subs.route("jobs", None, |_| true).len(), 1);
+    }
+
+    #[test]
+    fn adding_twice_is_one_subscription_and_the_last_removal_says_so() {
+        let mut subs = Subscriptions::default();
+        let s = sub("c.*", None, None);
+        assert_eq!(subs.add("a", &s).unwrap(), Change::Created);
+        assert_eq!(subs.add("a", &s).unwrap(), Change::Nothing);
+        assert_eq!(subs.add("b", &s).unwrap(), Change::Changed);
+        assert_eq!(subs.present("c.x"), ["a", "b"]);
+        assert_eq!(subs.remove("a", &s), Change::Changed);
+        assert_eq!(subs.remove("a", &s), Change::Nothing);
+        assert_eq!(subs.remove("b", &s), Change::Removed);
+        assert!(subs.route("c.x", None, |_| false).is_empty());
+        assert!(subs.wildcards.is_empty());
+    }
+
+    #[test]
+    fn history_keeps_the_last_n_and_remembers_what_it_dropped() {
+        let settings = ChannelSettings {
+            pattern: Pattern::parse(">").unwrap(),
+            history_len: 2,
+            history_age: Some(Duration::from_secs(10)),
+            max_pending: 0,
+            priority: 0,
+        };
+        let t0 = Instant::now();
+        let mut h = History::default();
+        for id in 1..=3 {
+            let entry = HistoryEntry {
+                id,
+                at: t0,
+                subject: None,
+                body: String::new(),
+            };
+            h.push(entry, &settings, t0);
+        }
+        assert_eq!(h.entries.iter().map(|e| e.id).collect::<Vec<_>>(), [2, 3]);
+        assert_eq!(h.trimmed_to, 1);
+        h.expire(&settings, t0 + Duration::from_secs(11));
+        assert!(h.entries.is_empty());
+        assert_eq!(h.trimmed_to, 3);
+    }
+}
