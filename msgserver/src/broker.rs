@@ -20,7 +20,7 @@ use serde::Deserialize;
 use crate::routing::{
     self, Change, ChannelSettings, History, HistoryEntry, SYSTEM_CHANNEL, Subscriptions,
 };
-use crate::storage::{Record, Recovered, StoredCopy, StoredMessage};
+use crate::storage::{Record, Recovered, StoredCopy, StoredMessage, StoredSubscription};
 
 /// Identifies one IPC connection to the core for the life of the process.
 pub type ConnId = u64;
@@ -366,6 +366,14 @@ impl Broker {
             histories: HashMap::new(),
             forgotten_history: 0,
         }
+        .with_history_from_now()
+    }
+
+    /// History starts empty: nothing before the first id this broker gives can be
+    /// vouched for on resume (after a restart, what the old process kept is gone).
+    fn with_history_from_now(mut self) -> Self {
+        self.forgotten_history = self.next_message_id.saturating_sub(1);
+        self
     }
 
     /// A durable broker rebuilt from what storage recovered. Everything that was in
@@ -432,6 +440,37 @@ impl Broker {
                 .make_contiguous()
                 .sort_by_key(|s| s.message.id);
         }
+        for (session, state) in recovered.sessions {
+            let mailbox = mailbox_of(&mut broker.mailboxes, &session, now);
+            // Present again; one that does not come back leaves after the timeout.
+            mailbox.joined = true;
+            mailbox.paused = state.paused;
+            mailbox.user = state.user.clone();
+            if let Some(user) = state.user {
+                broker
+                    .users
+                    .entry(user)
+                    .or_default()
+                    .insert(session.clone());
+            }
+            for stored in state.subscriptions {
+                let subscription = Subscription {
+                    channel: stored.channel,
+                    subject: stored.subject,
+                    group: stored.group,
+                };
+                if broker.subscriptions.add(&session, &subscription).is_ok() {
+                    let mailbox = broker.mailboxes.get_mut(&session).expect("created above");
+                    mailbox.subscriptions.push(subscription);
+                }
+            }
+        }
+        for (session, until_ms) in recovered.kicked {
+            if until_ms > now_ms {
+                broker.kicked.insert(session, clock.instant_at(until_ms));
+            }
+        }
+        broker = broker.with_history_from_now();
         for (key, (id, until_ms)) in recovered.dedup {
             if until_ms > now_ms {
                 broker
@@ -519,6 +558,15 @@ impl Broker {
             records.push(Record::DeadLettered {
                 ids: self.dead.values().map(|d| d.stored.seq).collect(),
             });
+        }
+        // Kicks first: state a session holds now is newer than any kick of it (a
+        // kick clears it), and replaying a kick clears the state.
+        records.extend(self.kicked.iter().map(|(session, until)| Record::Kicked {
+            session: session.clone(),
+            until_ms: self.clock.unix_ms_at(*until),
+        }));
+        for (session, mailbox) in &self.mailboxes {
+            records.extend(session_records(session, mailbox));
         }
         records.extend(self.dedup.iter().map(|(key, (id, until))| Record::Dedup {
             key: key.clone(),
@@ -618,6 +666,10 @@ impl Broker {
             Request::SetPaused { session, paused } => {
                 self.touch(now, &session, out);
                 self.mailboxes.get_mut(&session).expect("touched").paused = paused;
+                self.journal.push(|| Record::Paused {
+                    session: session.clone(),
+                    paused,
+                });
                 if !paused {
                     self.deliver_if_waiting(now, &session, out);
                 }
@@ -969,6 +1021,10 @@ impl Broker {
         if change != Change::Nothing {
             let mailbox = self.mailboxes.get_mut(session).expect("touched");
             mailbox.subscriptions.push(subscription.clone());
+            self.journal.push(|| Record::Subscribed {
+                session: session.to_owned(),
+                subscription: stored_subscription(&subscription),
+            });
         }
         if change == Change::Created && !subscription.channel.starts_with('$') {
             self.emit(
@@ -1085,6 +1141,10 @@ impl Broker {
         }
         let mailbox = self.mailboxes.get_mut(session).expect("touched");
         mailbox.subscriptions.retain(|s| s != subscription);
+        self.journal.push(|| Record::Unsubscribed {
+            session: session.to_owned(),
+            subscription: stored_subscription(subscription),
+        });
         if change == Change::Removed && !subscription.channel.starts_with('$') {
             self.emit(
                 now,
@@ -1118,6 +1178,10 @@ impl Broker {
             .entry(user.clone())
             .or_default()
             .insert(session.clone());
+        self.journal.push(|| Record::Bound {
+            session: session.clone(),
+            user: user.clone(),
+        });
         self.touch(now, &session, out);
         let mut kicked = 0;
         if exclusive {
@@ -1146,8 +1210,9 @@ impl Broker {
     /// Ends a session for good: its poll is told, its messages and subscriptions
     /// go, and its requests are refused for the kick retention.
     fn kick(&mut self, now: Instant, session: &str, reason: &str, out: &mut Vec<Reply>) {
-        self.kicked
-            .insert(session.to_owned(), now + self.config.kick_retention);
+        let until = now + self.config.kick_retention;
+        self.kicked.insert(session.to_owned(), until);
+        let clock = self.clock;
         let user = self.mailboxes.get(session).and_then(|m| m.user.clone());
         self.leave(now, session, false, out);
         if let Some(mut mailbox) = self.mailboxes.remove(session) {
@@ -1169,6 +1234,11 @@ impl Broker {
                     .collect::<Vec<_>>(),
             );
         }
+        // After the Left that leave() wrote, so that a replay ends kicked.
+        self.journal.push(|| Record::Kicked {
+            session: session.to_owned(),
+            until_ms: clock.unix_ms_at(until),
+        });
         let data = session_event(session, user.as_deref(), Some(reason));
         self.emit(now, "session.kicked", data, out);
     }
@@ -1180,9 +1250,16 @@ impl Broker {
             return;
         };
         let was_joined = std::mem::take(&mut mailbox.joined);
+        let had_state =
+            mailbox.paused || mailbox.user.is_some() || !mailbox.subscriptions.is_empty();
         mailbox.paused = false;
         let subscriptions = std::mem::take(&mut mailbox.subscriptions);
         let user = mailbox.user.take();
+        if had_state {
+            self.journal.push(|| Record::Left {
+                session: session.to_owned(),
+            });
+        }
         if let Some(user) = &user {
             self.unbind_user(user, session);
         }
@@ -1823,6 +1900,41 @@ fn mailbox_of<'a>(
         mailboxes.insert(session.to_owned(), Mailbox::new(now));
     }
     mailboxes.get_mut(session).expect("inserted above")
+}
+
+fn stored_subscription(subscription: &Subscription) -> StoredSubscription {
+    StoredSubscription {
+        channel: subscription.channel.clone(),
+        subject: subscription.subject.clone(),
+        group: subscription.group.clone(),
+    }
+}
+
+/// What a snapshot writes for a session's presence state.
+fn session_records(session: &str, mailbox: &Mailbox) -> Vec<Record> {
+    let mut records = Vec::new();
+    if let Some(user) = &mailbox.user {
+        records.push(Record::Bound {
+            session: session.to_owned(),
+            user: user.clone(),
+        });
+    }
+    records.extend(
+        mailbox
+            .subscriptions
+            .iter()
+            .map(|subscription| Record::Subscribed {
+                session: session.to_owned(),
+                subscription: stored_subscription(subscription),
+            }),
+    );
+    if mailbox.paused {
+        records.push(Record::Paused {
+            session: session.to_owned(),
+            paused: true,
+        });
+    }
+    records
 }
 
 /// The session a request acts as, for the kicked check.
@@ -3607,6 +3719,72 @@ mod tests {
         }
 
         #[test]
+        fn subscriptions_bindings_pauses_and_kicks_survive_a_restore() {
+            let mut h = Harness::durable(BrokerConfig::default());
+            subscribe(&mut h, 0, "reader", sub("news", None, None), None);
+            bind(&mut h, 0, "reader", "u", false);
+            ask(
+                &mut h,
+                0,
+                Request::SetPaused {
+                    session: "paused".into(),
+                    paused: true,
+                },
+            );
+            ask(
+                &mut h,
+                0,
+                Request::Kick {
+                    session: "bad".into(),
+                    reason: String::new(),
+                },
+            );
+            let recovered = replay(&mut h);
+            let mut r = Harness {
+                broker: Broker::restore(
+                    BrokerConfig::default(),
+                    ClockAnchor {
+                        instant: h.t0,
+                        unix_ms: 0,
+                    },
+                    recovered,
+                    h.at(10),
+                ),
+                t0: h.t0,
+                next_request: 1,
+            };
+            let sent = to_channel(&mut r, 11, "news", None, "1");
+            assert!(
+                matches!(sent, Response::Sent { recipients: 1, .. }),
+                "{sent:?}"
+            );
+            let sent = send(
+                &mut r,
+                11,
+                message(None, Some(Target::User("u".into())), "2"),
+            );
+            assert!(
+                matches!(sent, Response::Sent { recipients: 1, .. }),
+                "{sent:?}"
+            );
+            assert_eq!(data(&mut r, 12, "reader"), [json!(1), json!(2)]);
+            r.publish(12, "paused", "x");
+            let (to, out) = r.poll(13, "paused", 0);
+            assert_eq!(
+                reply_for(&out, to),
+                Some(Response::Messages(Vec::new())),
+                "still paused"
+            );
+            assert!(matches!(
+                r.publish(13, "bad", "x"),
+                Response::Error(ipc::Error {
+                    kind: ErrorKind::Kicked,
+                    ..
+                })
+            ));
+        }
+
+        #[test]
         fn fanned_out_copies_are_stored_apart_and_acked_apart() {
             let mut h = Harness::durable(ack_mode());
             for s in ["a", "b"] {
@@ -3660,6 +3838,8 @@ mod tests {
             Subscribe { session: u8, resume: bool },
             Fanout { key: Option<u8> },
             Kick { session: u8 },
+            Bind { session: u8, user: u8 },
+            Pause { session: u8, paused: bool },
         }
 
         fn op() -> impl Strategy<Value = Op> {
@@ -3677,6 +3857,8 @@ mod tests {
                 1 => (0..3u8, any::<bool>()).prop_map(|(session, resume)| Op::Subscribe { session, resume }),
                 3 => proptest::option::of(0..4u8).prop_map(|key| Op::Fanout { key }),
                 1 => (0..3u8).prop_map(|session| Op::Kick { session }),
+                1 => (0..3u8, 0..2u8).prop_map(|(session, user)| Op::Bind { session, user }),
+                1 => (0..3u8, any::<bool>()).prop_map(|(session, paused)| Op::Pause { session, paused }),
             ]
         }
 
@@ -3695,6 +3877,34 @@ mod tests {
                 held.insert(*seq, (dead.session.clone(), dead.stored.message.id, true));
             }
             held
+        }
+
+        /// Presence state the broker holds, as storage records it.
+        fn held_sessions(broker: &Broker) -> BTreeMap<String, crate::storage::SessionState> {
+            broker
+                .mailboxes
+                .iter()
+                .map(|(session, m)| {
+                    let state = crate::storage::SessionState {
+                        user: m.user.clone(),
+                        subscriptions: m.subscriptions.iter().map(stored_subscription).collect(),
+                        paused: m.paused,
+                    };
+                    (session.clone(), state)
+                })
+                .filter(|(_, state)| *state != Default::default())
+                .collect()
+        }
+
+        fn recovered_sessions(
+            recovered: &Recovered,
+        ) -> BTreeMap<String, crate::storage::SessionState> {
+            recovered
+                .sessions
+                .iter()
+                .filter(|(_, state)| **state != Default::default())
+                .map(|(s, state)| (s.clone(), state.clone()))
+                .collect()
         }
 
         fn recovered_view(recovered: &Recovered) -> BTreeMap<MessageId, (String, MessageId, bool)> {
@@ -3793,11 +4003,14 @@ mod tests {
                             expect_reply_ms: None,
                         })), &mut out),
                         Op::Kick { session } => h.broker.handle(h.t0 + Duration::from_millis(now), to, Request::Kick { session: name(session), reason: String::new() }, &mut out),
+                        Op::Bind { session, user } => h.broker.handle(h.t0 + Duration::from_millis(now), to, Request::Bind { session: name(session), user: format!("u{user}"), exclusive: user == 1 }, &mut out),
+                        Op::Pause { session, paused } => h.broker.handle(h.t0 + Duration::from_millis(now), to, Request::SetPaused { session: name(session), paused }, &mut out),
                     }
                     for record in h.broker.take_journal() {
                         journal.apply(record);
                     }
                     prop_assert_eq!(recovered_view(&journal), held(&h.broker));
+                    prop_assert_eq!(recovered_sessions(&journal), held_sessions(&h.broker));
                 }
                 let mut from_snapshot = Recovered::default();
                 for record in h.broker.snapshot() {
@@ -3805,8 +4018,9 @@ mod tests {
                 }
                 prop_assert_eq!(recovered_view(&from_snapshot), held(&h.broker));
                 prop_assert!(from_snapshot.next_id >= journal.next_id);
-                prop_assert_eq!(from_snapshot.messages, journal.messages);
-                prop_assert_eq!(from_snapshot.routing, journal.routing);
+                prop_assert_eq!(&from_snapshot.messages, &journal.messages);
+                prop_assert_eq!(&from_snapshot.routing, &journal.routing);
+                prop_assert_eq!(recovered_sessions(&from_snapshot), held_sessions(&h.broker));
             }
         }
     }

@@ -7,10 +7,12 @@
 //! [`Recovered`] state that the broker is rebuilt from. Delivery state (which
 //! message is in flight to whom) is deliberately not stored: after a restart every
 //! pending message is ready again, which is what at-least-once delivery asks for.
+//! What present sessions subscribed to, who they belong to, whether they are
+//! paused and which are kicked is stored, so that routing survives a restart.
 //!
 //! [`wal::Wal`] is the one backend today: an append-only log of CRC-checked records.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io;
 
 use ipc::MessageId;
@@ -44,22 +46,47 @@ pub struct StoredCopy {
     pub priority: i32,
 }
 
+/// A session's subscription as it is stored (the storage format's own type, so
+/// that a change to the wire type cannot silently change the log's).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct StoredSubscription {
+    pub channel: String,
+    pub subject: Option<String>,
+    pub group: Option<String>,
+}
+
+/// What a durable core remembers of a present session besides its messages.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SessionState {
+    pub user: Option<String>,
+    pub subscriptions: BTreeSet<StoredSubscription>,
+    pub paused: bool,
+}
+
 /// One change to the stored state. Records are applied in log order. `ids` in
 /// records are storage ids: a [`StoredMessage`]'s id, or a [`StoredCopy`]'s `seq`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Record {
     /// Ids below `next_id` are never handed out again, even after everything that
     /// carried them is gone. Written at the start of every snapshot.
-    Meta { next_id: MessageId },
+    Meta {
+        next_id: MessageId,
+    },
     /// A message was accepted.
     Put(StoredMessage),
     /// Messages are gone for good: acknowledged, deleted on delivery, expired,
     /// dropped for room, or purged from the dead-letter queue.
-    Removed { ids: Vec<MessageId> },
+    Removed {
+        ids: Vec<MessageId>,
+    },
     /// Messages moved to the dead-letter queue after too many deliveries.
-    DeadLettered { ids: Vec<MessageId> },
+    DeadLettered {
+        ids: Vec<MessageId>,
+    },
     /// Dead letters given back to their mailboxes by an operator.
-    Revived { ids: Vec<MessageId> },
+    Revived {
+        ids: Vec<MessageId>,
+    },
     /// A publish key remembered after its message is gone, so that a late retry is
     /// still recognised. Written only in snapshots; live keys ride on their `Put`.
     Dedup {
@@ -69,6 +96,33 @@ pub enum Record {
     },
     /// A message of the versioned API was queued for one recipient.
     Copy(StoredCopy),
+    /// A session subscribed.
+    Subscribed {
+        session: String,
+        subscription: StoredSubscription,
+    },
+    Unsubscribed {
+        session: String,
+        subscription: StoredSubscription,
+    },
+    /// The backend bound a session to a user.
+    Bound {
+        session: String,
+        user: String,
+    },
+    Paused {
+        session: String,
+        paused: bool,
+    },
+    /// A session left or was kicked: its subscriptions, binding and pause go.
+    Left {
+        session: String,
+    },
+    /// A kicked session's requests are refused until then (Unix ms).
+    Kicked {
+        session: String,
+        until_ms: u64,
+    },
 }
 
 /// The state a log replays to.
@@ -81,6 +135,10 @@ pub struct Recovered {
     pub messages: BTreeMap<MessageId, (StoredMessage, bool)>,
     /// Channel and priority of the copies among `messages`, by storage id.
     pub routing: HashMap<MessageId, (Option<String>, i32)>,
+    /// Present sessions' subscriptions, bindings and pauses.
+    pub sessions: BTreeMap<String, SessionState>,
+    /// Kicked sessions: refused until (Unix ms).
+    pub kicked: HashMap<String, u64>,
     /// Publish keys of messages already removed: key → (id, remembered until ms).
     pub dedup: HashMap<String, (MessageId, u64)>,
 }
@@ -125,6 +183,37 @@ impl Recovered {
                     self.routing.insert(copy.seq, (copy.channel, copy.priority));
                 }
                 self.messages.insert(copy.seq, (copy.message, false));
+            }
+            Record::Subscribed {
+                session,
+                subscription,
+            } => {
+                self.sessions
+                    .entry(session)
+                    .or_default()
+                    .subscriptions
+                    .insert(subscription);
+            }
+            Record::Unsubscribed {
+                session,
+                subscription,
+            } => {
+                if let Some(state) = self.sessions.get_mut(&session) {
+                    state.subscriptions.remove(&subscription);
+                }
+            }
+            Record::Bound { session, user } => {
+                self.sessions.entry(session).or_default().user = Some(user);
+            }
+            Record::Paused { session, paused } => {
+                self.sessions.entry(session).or_default().paused = paused;
+            }
+            Record::Left { session } => {
+                self.sessions.remove(&session);
+            }
+            Record::Kicked { session, until_ms } => {
+                self.sessions.remove(&session);
+                self.kicked.insert(session, until_ms);
             }
         }
     }
