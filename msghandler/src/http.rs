@@ -357,10 +357,31 @@ async fn execute(app: &App, operation: Operation) -> Result<String, X0Error> {
         Operation::Get {
             session,
             ack_previous,
-        } => match long_poll(app, &session, app.poll_timeout, ack_previous, 0).await {
-            Ok(messages) => Ok(x0::messages_reply(&messages)),
-            Err(e) => Err(poll_error(e)),
-        },
+        } => {
+            let started = tokio::time::Instant::now();
+            match long_poll(app, &session, app.poll_timeout, ack_previous, 0).await {
+                Ok(messages) => Ok(x0::messages_reply(&messages)),
+                Err(e) => {
+                    // The x0 client polls again at once after any answer, errors
+                    // included: a refusal given at once (a kicked session's) would
+                    // make its tab spin, so it waits out the poll first.
+                    hold_until(app, started + app.poll_timeout).await;
+                    Err(poll_error(e))
+                }
+            }
+        }
+    }
+}
+
+/// Sleeps until `deadline`, or until the handler starts stopping.
+async fn hold_until(app: &App, deadline: tokio::time::Instant) {
+    let mut shutdown = app.shutdown.clone();
+    if *shutdown.borrow_and_update() {
+        return;
+    }
+    tokio::select! {
+        () = tokio::time::sleep_until(deadline) => {}
+        _ = shutdown.changed() => {}
     }
 }
 

@@ -3,8 +3,8 @@
 //! HTTP to the front, a Unix socket to the core.
 //!
 //! What it is for: the tests under `tests/tests/`, which state the wire contract of
-//! ARCHITECTURE.md ("HTTP contract: x0 compatibility") against real processes over
-//! real sockets. What it is not for: rules of the broker or the codec, which are
+//! ARCHITECTURE.md ("HTTP contract: x0 compatibility") and of docs/API.md (the `/v1`
+//! API) against real processes over real sockets. What it is not for: rules of the broker or the codec, which are
 //! unit-tested beside their code in microseconds.
 //!
 //! Every test gets its own temporary directory, socket path and TCP port, so tests
@@ -1006,4 +1006,144 @@ pub async fn try_post(addr: SocketAddr, path: &str, body: String) -> Result<Valu
     tokio::time::timeout(REQUEST_TIMEOUT, exchange)
         .await
         .unwrap_or_else(|_| Err(format!("no reply within {REQUEST_TIMEOUT:?}")))
+}
+
+// ---------------------------------------------------------------------------
+// API v1 (docs/API.md)
+// ---------------------------------------------------------------------------
+
+/// The backend key [`HandlerOptions::with_backend_key`] configures and
+/// [`Handler::backend`] sends.
+pub const BACKEND_KEY: &str = "e2e-backend-key";
+
+/// The headers of a v1 client call: plain JSON, nothing x0-specific.
+const V1_HEADERS: &[(&str, &str)] = &[("Content-Type", "application/json")];
+
+impl HandlerOptions {
+    /// These options plus `backend_key = BACKEND_KEY`: without a key the backend
+    /// API answers 403, so every test that binds, kicks or publishes to users needs it.
+    pub fn with_backend_key(mut self) -> HandlerOptions {
+        self.extra_toml
+            .push_str(&format!("backend_key = {}\n", Value::from(BACKEND_KEY)));
+        self
+    }
+}
+
+impl Handler {
+    /// POST `body` as JSON to `path` with `headers` added to the JSON content type;
+    /// the reply must be JSON (errors included: every v1 error has the x0 body).
+    pub async fn v1_with(
+        &self,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &Value,
+    ) -> (StatusCode, Value) {
+        let all: Vec<(&str, &str)> = V1_HEADERS.iter().chain(headers).copied().collect();
+        let reply = self
+            .request(Method::POST, path, &all, body.to_string())
+            .await;
+        (reply.status, reply.json())
+    }
+
+    /// POST `body` to a v1 path (`/v1/publish`, `/v1/subscribe`, ...).
+    pub async fn v1(&self, path: &str, body: Value) -> (StatusCode, Value) {
+        self.v1_with(path, &[], &body).await
+    }
+
+    /// A v1 call that must answer 200; returns the reply.
+    pub async fn v1_ok(&self, path: &str, body: Value) -> Value {
+        let (status, reply) = self.v1(path, body.clone()).await;
+        assert_eq!(status, StatusCode::OK, "POST {path} {body}: {reply}");
+        reply
+    }
+
+    /// GET a v1 path with its query string (`/v1/presence?channel=C`).
+    pub async fn v1_get(&self, path_and_query: &str) -> (StatusCode, Value) {
+        let reply = self
+            .request(Method::GET, path_and_query, &[], Bytes::new())
+            .await;
+        (reply.status, reply.json())
+    }
+
+    /// POST `body` to a backend path (`/v1/backend/...`) with the right key.
+    pub async fn backend(&self, path: &str, body: Value) -> (StatusCode, Value) {
+        let auth = format!("Bearer {BACKEND_KEY}");
+        self.v1_with(path, &[("Authorization", &auth)], &body).await
+    }
+
+    /// A backend call that must answer 200; returns the reply.
+    pub async fn backend_ok(&self, path: &str, body: Value) -> Value {
+        let (status, reply) = self.backend(path, body.clone()).await;
+        assert_eq!(status, StatusCode::OK, "POST {path} {body}: {reply}");
+        reply
+    }
+
+    /// `POST /v1/poll` with `body`, which must answer 200 with a consistent reply
+    /// (`ids` are the envelopes' ids in order, `cursor` the highest of them);
+    /// returns the envelopes.
+    pub async fn v1_poll_with(&self, body: Value) -> Vec<Value> {
+        let reply = self.v1_ok("/v1/poll", body.clone()).await;
+        let what = format!("POST /v1/poll {body}");
+        let messages = reply["messages"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{what}: no messages array in {reply}"))
+            .clone();
+        let ids = ids_of(&messages);
+        assert_eq!(reply["ids"], json!(ids), "{what}: ids beside messages");
+        match ids.iter().max() {
+            Some(max) => assert_eq!(reply["cursor"], json!(max), "{what}: cursor"),
+            None => assert!(
+                reply["cursor"].is_null(),
+                "{what}: cursor without messages: {reply}"
+            ),
+        }
+        messages
+    }
+
+    /// `POST /v1/poll` for `session` waiting at most `timeout` seconds.
+    pub async fn v1_poll(&self, session: &str, timeout: f64) -> Vec<Value> {
+        self.v1_poll_with(json!({"session": session, "timeout": timeout}))
+            .await
+    }
+
+    /// Polls `session` until a poll waits `timeout` seconds for nothing; returns
+    /// everything it was given, in order.
+    pub async fn v1_drain(&self, session: &str, timeout: f64) -> Vec<Value> {
+        let mut all = Vec::new();
+        loop {
+            let batch = self.v1_poll(session, timeout).await;
+            if batch.is_empty() {
+                return all;
+            }
+            all.extend(batch);
+        }
+    }
+}
+
+/// Asserts a v1 error: `status` and the x0 error body of kind `kind`; returns its
+/// text.
+pub fn assert_v1_error(
+    (status, reply): &(StatusCode, Value),
+    expected: StatusCode,
+    kind: &str,
+) -> String {
+    assert_eq!(*status, expected, "expected {expected} {kind}, got {reply}");
+    assert_error(reply, kind)
+}
+
+/// The `data` of each envelope, in order.
+pub fn data_of(envelopes: &[Value]) -> Vec<Value> {
+    envelopes.iter().map(|e| e["data"].clone()).collect()
+}
+
+/// The `id` of an envelope or of a publish reply.
+pub fn id_of(json: &Value) -> u64 {
+    json["id"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no message id in {json}"))
+}
+
+/// The `id` of each envelope, in order.
+pub fn ids_of(envelopes: &[Value]) -> Vec<u64> {
+    envelopes.iter().map(id_of).collect()
 }
