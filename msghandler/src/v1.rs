@@ -540,13 +540,7 @@ impl Answer {
 
 fn sent_reply(id: MessageId, recipients: u32, dropped: u32, duplicate: bool) -> String {
     let mut out = format!(r#"{{"id":{id},"recipients":{recipients}"#);
-    if dropped > 0 {
-        out.push_str(&format!(r#","dropped":{dropped}"#));
-    }
-    if duplicate {
-        out.push_str(r#","duplicate":true"#);
-    }
-    out.push('}');
+    x0::close_publish_reply(&mut out, dropped, duplicate);
     out
 }
 

@@ -357,6 +357,12 @@ pub const OK: &str = r#"{"messages":null,"status":"ok"}"#;
 /// make room or whether this was a retry of a message already stored.
 pub fn set_reply(id: MessageId, dropped: u32, duplicate: bool) -> String {
     let mut out = format!(r#"{{"messages":null,"status":"ok","id":{id}"#);
+    close_publish_reply(&mut out, dropped, duplicate);
+    out
+}
+
+/// Ends a publish reply (x0 or /v1) with what only sometimes needs saying.
+pub fn close_publish_reply(out: &mut String, dropped: u32, duplicate: bool) {
     if dropped > 0 {
         out.push_str(&format!(r#","dropped":{dropped}"#));
     }
@@ -364,7 +370,6 @@ pub fn set_reply(id: MessageId, dropped: u32, duplicate: bool) -> String {
         out.push_str(r#","duplicate":true"#);
     }
     out.push('}');
-    out
 }
 
 #[cfg(test)]

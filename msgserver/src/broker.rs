@@ -279,11 +279,6 @@ enum Timer {
         session: String,
         ids: Vec<MessageId>,
     },
-    /// A kicked session's poll, refused when its timeout is up.
-    KickedPoll {
-        to: ReplyTo,
-        session: String,
-    },
 }
 
 /// Changes to stored state not yet taken by the shell. A memory-only broker keeps
@@ -580,21 +575,6 @@ impl Broker {
         if let Some(session) = acting_session(&request)
             && self.is_kicked(now, session)
         {
-            if let Request::Poll { timeout_ms, .. } = request {
-                // The x0 client polls again at once after an error: told at once, a
-                // kicked tab would spin. The refusal waits out the poll instead.
-                let timeout = Duration::from_millis(timeout_ms).min(self.config.max_poll_timeout);
-                if !timeout.is_zero() {
-                    self.add_timer(
-                        now + timeout,
-                        Timer::KickedPoll {
-                            to: from,
-                            session: session.to_owned(),
-                        },
-                    );
-                    return;
-                }
-            }
             let response = kicked_error(session);
             out.push(Reply { to: from, response });
             return;
@@ -1688,10 +1668,6 @@ impl Broker {
                     }
                     self.requeue(now, &session, back, out);
                 }
-                Timer::KickedPoll { to, session } => out.push(Reply {
-                    to,
-                    response: kicked_error(&session),
-                }),
             }
         }
     }
@@ -2955,6 +2931,25 @@ mod tests {
             ask(h, ms, Request::Send(Box::new(send)))
         }
 
+        /// The kind of error a response is, if it is one.
+        fn refusal(response: &Response) -> Option<ErrorKind> {
+            match response {
+                Response::Error(e) => Some(e.kind),
+                _ => None,
+            }
+        }
+
+        fn recipients(response: &Response) -> u32 {
+            match response {
+                Response::Sent { recipients, .. } => *recipients,
+                other => panic!("expected Sent, got {other:?}"),
+            }
+        }
+
+        fn to_user(h: &mut Harness, ms: u64, user: &str, data: &str) -> Response {
+            send(h, ms, message(None, Some(Target::User(user.into())), data))
+        }
+
         fn sent_id(response: &Response) -> MessageId {
             match response {
                 Response::Sent { id, .. } => *id,
@@ -3062,12 +3057,8 @@ mod tests {
                 bind(&mut h, 0, tab, "u1", false);
             }
             bind(&mut h, 0, "other", "u2", false);
-            let r = send(
-                &mut h,
-                1,
-                message(None, Some(Target::User("u1".into())), "1"),
-            );
-            assert!(matches!(r, Response::Sent { recipients: 3, .. }), "{r:?}");
+            let r = to_user(&mut h, 1, "u1", "1");
+            assert_eq!(recipients(&r), 3, "{r:?}");
             let id = sent_id(&r);
             for tab in ["t1", "t2", "t3"] {
                 let got = envelopes(&mut h, 2, tab);
@@ -3079,12 +3070,8 @@ mod tests {
             assert!(envelopes(&mut h, 2, "other").is_empty());
             // Binding again moves the session to the other user.
             bind(&mut h, 3, "t3", "u2", false);
-            let r = send(
-                &mut h,
-                4,
-                message(None, Some(Target::User("u1".into())), "2"),
-            );
-            assert!(matches!(r, Response::Sent { recipients: 2, .. }), "{r:?}");
+            let r = to_user(&mut h, 4, "u1", "2");
+            assert_eq!(recipients(&r), 2, "{r:?}");
         }
 
         #[test]
@@ -3155,7 +3142,7 @@ mod tests {
             subscribe(&mut h, 0, "s", sub("news.*", None, None), None);
             subscribe(&mut h, 0, "s", sub("news.sport", None, None), None);
             let r = to_channel(&mut h, 1, "news.sport", None, "1");
-            assert!(matches!(r, Response::Sent { recipients: 1, .. }), "{r:?}");
+            assert_eq!(recipients(&r), 1, "{r:?}");
             assert_eq!(data(&mut h, 2, "s"), [json!(1)]);
         }
 
@@ -3168,7 +3155,7 @@ mod tests {
             subscribe(&mut h, 0, "auditor", sub("jobs", None, None), None);
             for n in 0..300 {
                 let r = to_channel(&mut h, 1, "jobs", None, &n.to_string());
-                assert!(matches!(r, Response::Sent { recipients: 2, .. }), "{r:?}");
+                assert_eq!(recipients(&r), 2, "{r:?}");
             }
             let mut seen = HashSet::new();
             for w in ["w1", "w2", "w3"] {
@@ -3226,7 +3213,7 @@ mod tests {
             let mut reply = message(Some("worker"), None, "3");
             reply.reference = Some(id);
             let r = send(&mut h, 3, reply.clone());
-            assert!(matches!(r, Response::Sent { recipients: 1, .. }), "{r:?}");
+            assert_eq!(recipients(&r), 1, "{r:?}");
             let got = envelopes(&mut h, 4, "pub");
             assert_eq!(got.len(), 1);
             assert_eq!(got[0]["reference"], json!(id));
@@ -3234,16 +3221,7 @@ mod tests {
             assert!(envelopes(&mut h, 4, "worker").is_empty());
             // After the registration expires, a reply has nowhere to go.
             let r = send(&mut h, 1_001, reply);
-            assert!(
-                matches!(
-                    r,
-                    Response::Error(ipc::Error {
-                        kind: ErrorKind::NoRoute,
-                        ..
-                    })
-                ),
-                "{r:?}"
-            );
+            assert_eq!(refusal(&r), Some(ErrorKind::NoRoute), "{r:?}");
         }
 
         #[test]
@@ -3389,72 +3367,22 @@ mod tests {
                 },
             );
             let ended = reply_for(&out, parked).expect("the parked poll is answered");
-            assert!(
-                matches!(
-                    ended,
-                    Response::Error(ipc::Error {
-                        kind: ErrorKind::Kicked,
-                        ..
-                    })
-                ),
-                "{ended:?}"
-            );
+            assert_eq!(refusal(&ended), Some(ErrorKind::Kicked), "{ended:?}");
             let (to, out) = h.poll(3, "s", 0);
-            assert!(matches!(
-                reply_for(&out, to),
-                Some(Response::Error(ipc::Error {
-                    kind: ErrorKind::Kicked,
-                    ..
-                }))
-            ));
-            assert!(matches!(
-                h.publish(3, "s", "more"),
-                Response::Error(ipc::Error {
-                    kind: ErrorKind::Kicked,
-                    ..
-                })
-            ));
+            assert_eq!(
+                reply_for(&out, to).as_ref().and_then(refusal),
+                Some(ErrorKind::Kicked)
+            );
+            assert_eq!(refusal(&h.publish(3, "s", "more")), Some(ErrorKind::Kicked));
             // Gone from channels and its user.
             let r = to_channel(&mut h, 3, "c", None, "1");
-            assert!(matches!(r, Response::Sent { recipients: 0, .. }), "{r:?}");
-            let r = send(
-                &mut h,
-                3,
-                message(None, Some(Target::User("u".into())), "1"),
-            );
-            assert!(matches!(r, Response::Sent { recipients: 0, .. }), "{r:?}");
+            assert_eq!(recipients(&r), 0, "{r:?}");
+            let r = to_user(&mut h, 3, "u", "1");
+            assert_eq!(recipients(&r), 0, "{r:?}");
             // Refused only for the retention.
             let later = 3 + BrokerConfig::default().kick_retention.as_millis() as u64;
             h.broker.sweep(h.at(later), &mut Vec::new());
             assert!(envelopes(&mut h, later, "s").is_empty());
-        }
-
-        #[test]
-        fn a_kicked_sessions_later_poll_is_refused_when_its_timeout_is_up() {
-            let mut h = Harness::new(BrokerConfig::default());
-            ask(
-                &mut h,
-                0,
-                Request::Kick {
-                    session: "s".into(),
-                    reason: String::new(),
-                },
-            );
-            let (to, out) = h.poll(1, "s", 5_000);
-            assert_eq!(
-                reply_for(&out, to),
-                None,
-                "held, so that an x0 tab does not spin"
-            );
-            assert!(h.tick(5_000).is_empty());
-            let out = h.tick(5_001);
-            assert!(matches!(
-                reply_for(&out, to),
-                Some(Response::Error(ipc::Error {
-                    kind: ErrorKind::Kicked,
-                    ..
-                }))
-            ));
         }
 
         #[test]
@@ -3464,19 +3392,12 @@ mod tests {
             bind(&mut h, 0, "old2", "u", false);
             assert_eq!(bind(&mut h, 1, "new", "u", true), Response::Count(2));
             let (to, out) = h.poll(2, "old1", 0);
-            assert!(matches!(
-                reply_for(&out, to),
-                Some(Response::Error(ipc::Error {
-                    kind: ErrorKind::Kicked,
-                    ..
-                }))
-            ));
-            let r = send(
-                &mut h,
-                3,
-                message(None, Some(Target::User("u".into())), "1"),
+            assert_eq!(
+                reply_for(&out, to).as_ref().and_then(refusal),
+                Some(ErrorKind::Kicked)
             );
-            assert!(matches!(r, Response::Sent { recipients: 1, .. }), "{r:?}");
+            let r = to_user(&mut h, 3, "u", "1");
+            assert_eq!(recipients(&r), 1, "{r:?}");
         }
 
         #[test]
@@ -3610,13 +3531,9 @@ mod tests {
             assert_eq!(left[0]["subject"], json!("session.left"));
             assert_eq!(left[0]["data"], json!({"session":"s","user":"u"}));
             let r = to_channel(&mut h, timeout + 3, "c", None, "1");
-            assert!(matches!(r, Response::Sent { recipients: 0, .. }), "{r:?}");
-            let r = send(
-                &mut h,
-                timeout + 3,
-                message(None, Some(Target::User("u".into())), "1"),
-            );
-            assert!(matches!(r, Response::Sent { recipients: 0, .. }), "{r:?}");
+            assert_eq!(recipients(&r), 0, "{r:?}");
+            let r = to_user(&mut h, timeout + 3, "u", "1");
+            assert_eq!(recipients(&r), 0, "{r:?}");
         }
 
         #[test]
@@ -3694,28 +3611,10 @@ mod tests {
             let mut h = Harness::new(BrokerConfig::default());
             for bad in ["$sys", "orders.*", "a..b"] {
                 let r = to_channel(&mut h, 0, bad, None, "1");
-                assert!(
-                    matches!(
-                        r,
-                        Response::Error(ipc::Error {
-                            kind: ErrorKind::InvalidRequest,
-                            ..
-                        })
-                    ),
-                    "{bad}: {r:?}"
-                );
+                assert_eq!(refusal(&r), Some(ErrorKind::InvalidRequest), "{bad}: {r:?}");
             }
             let r = subscribe(&mut h, 0, "s", sub("a.>.b", None, None), None);
-            assert!(
-                matches!(
-                    r,
-                    Response::Error(ipc::Error {
-                        kind: ErrorKind::InvalidRequest,
-                        ..
-                    })
-                ),
-                "{r:?}"
-            );
+            assert_eq!(refusal(&r), Some(ErrorKind::InvalidRequest), "{r:?}");
         }
 
         #[test]
@@ -3758,11 +3657,7 @@ mod tests {
                 matches!(sent, Response::Sent { recipients: 1, .. }),
                 "{sent:?}"
             );
-            let sent = send(
-                &mut r,
-                11,
-                message(None, Some(Target::User("u".into())), "2"),
-            );
+            let sent = to_user(&mut r, 11, "u", "2");
             assert!(
                 matches!(sent, Response::Sent { recipients: 1, .. }),
                 "{sent:?}"
@@ -3775,13 +3670,7 @@ mod tests {
                 Some(Response::Messages(Vec::new())),
                 "still paused"
             );
-            assert!(matches!(
-                r.publish(13, "bad", "x"),
-                Response::Error(ipc::Error {
-                    kind: ErrorKind::Kicked,
-                    ..
-                })
-            ));
+            assert_eq!(refusal(&r.publish(13, "bad", "x")), Some(ErrorKind::Kicked));
         }
 
         #[test]
