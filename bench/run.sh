@@ -5,25 +5,30 @@
 #   bench/run.sh            every scenario, each target RUNS times (interleaved),
 #                           medians and ratios as a markdown table
 #   bench/run.sh --quick    CI smoke (same as SMOKE=1): micromsg only, scenario 1 for
-#                           3 s, once; fails if anything was lost, duplicated or
-#                           misrouted. Needs no nginx.
+#                           3 s and a fan-out to 50 subscribers for 2 s, once each;
+#                           fails if anything was lost, duplicated or misrouted.
+#                           Needs no nginx.
 #
 # Environment:
 #   DURATION   seconds per run (default 15; 3 in --quick)
 #   RUNS       runs per scenario and target (default 3)
-#   SCENARIOS  which scenarios, in order (default "1 2 3 4 5 6"; 6 is micromsg only)
-#   TARGETS    which servers (default "micromsg nchan hello"; scenario 3 skips hello)
+#   SCENARIOS  which scenarios, in order (default "1 2 3 4 5 6 7"; 6 and 7 are
+#              micromsg only)
+#   TARGETS    which servers (default "micromsg nchan hello"; scenario 3 skips hello;
+#              nginx is installed and started only when nchan is among them)
 #   IDLE       parked long-polls in scenario 3 (default 10000)
+#   FANOUT     subscribers of the channel in scenario 7 (default 10000)
 #   ATTEMPTS   tries per measurement while runs come out disturbed (default 3)
 #   RESULTS    file for the raw JSON lines (default target/bench/results-<time>.jsonl;
 #              the markdown table goes next to it as .md)
 #   KEEP_TMP=1 keep the servers' logs and configs
 #
-# Installs nginx and libnginx-mod-nchan with apt if they are missing (the system
-# nginx service is not enabled or left running), builds in release mode, starts
-# micromsg (msgserver + msghandler on a private socket), nginx+nchan (own prefix and
-# config in a temporary directory) and hello, each on a free loopback port, and stops
-# everything it started on exit. Load only ever goes to 127.0.0.1.
+# Installs nginx and libnginx-mod-nchan with apt if nchan is a target and they are
+# missing (the system nginx service is not enabled or left running), builds in
+# release mode, starts the targets among micromsg (msgserver + msghandler on a
+# private socket), nginx+nchan (own prefix and config in a temporary directory) and
+# hello, each on a free loopback port, and stops everything it started on exit.
+# Load only ever goes to 127.0.0.1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -46,9 +51,11 @@ done
 duration=${DURATION:-15}
 runs=${RUNS:-3}
 idle_polls=${IDLE:-10000}
+fanout=${FANOUT:-10000}
 attempts=${ATTEMPTS:-3}
-scenarios=${SCENARIOS:-1 2 3 4 5 6}
+scenarios=${SCENARIOS:-1 2 3 4 5 6 7}
 targets=${TARGETS:-micromsg nchan hello}
+has_target() { [[ " $targets " == *" $1 "* ]]; }
 [ "$quick" = 1 ] && duration=${DURATION:-3}
 
 log() { echo "run.sh: $*" >&2; }
@@ -123,7 +130,7 @@ install_nchan() {
     command -v systemctl >/dev/null && systemctl disable nginx >/dev/null 2>&1 || true
 }
 
-if [ "$quick" = 0 ]; then
+if [ "$quick" = 0 ] && has_target nchan; then
     install_nchan
 fi
 
@@ -255,27 +262,31 @@ failures=0
 # run_one TARGET LABEL [msgbench flags...]: one measured run, appended to $results.
 # A run disturbed by other load on the machine (or by the hypervisor taking CPU away)
 # is repeated, up to ATTEMPTS runs in all; the last one counts either way and the
-# report says how many of the counted runs were disturbed.
+# report says how many of the counted runs were disturbed. With fresh_micromsg=1,
+# every attempt runs on a freshly started micromsg.
 run_one() {
     local target=$1 label=$2
     shift 2
-    local url watch
-    case $target in
-        micromsg)
-            url=http://127.0.0.1:$micromsg_port
-            watch=(--watch "msgserver:$msgserver_pid" --watch "msghandler:$msghandler_pid")
-            ;;
-        nchan)
-            url=http://127.0.0.1:$nchan_port
-            watch=(--watch "nginx:$nginx_pid")
-            ;;
-        hello)
-            url=http://127.0.0.1:$hello_port
-            watch=(--watch "hello:$hello_pid")
-            ;;
-    esac
-    local attempt line rc
+    local url watch attempt line rc
     for attempt in $(seq "$attempts"); do
+        if [ "$target" = micromsg ] && [ "${fresh_micromsg:-0}" = 1 ]; then
+            stop_micromsg
+            start_micromsg
+        fi
+        case $target in
+            micromsg)
+                url=http://127.0.0.1:$micromsg_port
+                watch=(--watch "msgserver:$msgserver_pid" --watch "msghandler:$msghandler_pid")
+                ;;
+            nchan)
+                url=http://127.0.0.1:$nchan_port
+                watch=(--watch "nginx:$nginx_pid")
+                ;;
+            hello)
+                url=http://127.0.0.1:$hello_port
+                watch=(--watch "hello:$hello_pid")
+                ;;
+        esac
         rc=0
         line=$("$bin/msgbench" --target "$target" --url "$url" "${watch[@]}" \
             --duration "$duration" --label "$label" "$@") || rc=$?
@@ -301,20 +312,27 @@ run_one() {
 
 if [ "$quick" = 1 ]; then
     start_micromsg
-    log "smoke: micromsg, S=100 P=4, ${duration}s"
     rc=0
-    "$bin/msgbench" --target micromsg --url "http://127.0.0.1:$micromsg_port" \
-        --watch "msgserver:$msgserver_pid" --watch "msghandler:$msghandler_pid" \
-        --subscribers 100 --publishers 4 --duration "$duration" --label smoke \
-        >>"$results" || rc=$?
+    smoke() { # label msgbench flags...
+        local label=$1 one=0
+        shift
+        "$bin/msgbench" --target micromsg --url "http://127.0.0.1:$micromsg_port" \
+            --watch "msgserver:$msgserver_pid" --watch "msghandler:$msghandler_pid" \
+            --label "$label" "$@" >>"$results" || one=$?
+        [ "$one" = 0 ] || { log "smoke $label FAILED (exit $one)"; rc=$one; }
+    }
+    log "smoke: micromsg, S=100 P=4, ${duration}s"
+    smoke smoke --subscribers 100 --publishers 4 --duration "$duration"
+    log "smoke: micromsg, fan-out of a channel to 50 subscribers, 2s"
+    smoke smoke-fanout --fanout 50 --duration 2
     [ "$rc" = 0 ] && log "smoke passed: nothing lost, duplicated or misrouted" ||
-        log "smoke FAILED (exit $rc); see $results"
+        log "smoke FAILED; see $results"
     exit "$rc"
 fi
 
-start_micromsg
-start_nchan
-start_hello
+has_target micromsg && start_micromsg
+has_target nchan && start_nchan
+has_target hello && start_hello
 log "micromsg :$micromsg_port  nchan :$nchan_port  hello :$hello_port  ${duration}s × $runs  results $results"
 
 label_of() {
@@ -325,6 +343,7 @@ label_of() {
         4) echo "4: S=100 P=4, CORS preflight before every request" ;;
         5) echo "5: backlog, S=100 P=4, subscribers pause 20 ms between polls" ;;
         6) echo "6: durable, ack delivery, S=100 P=32" ;;
+        7) echo "7: fan-out of one channel message to $fanout subscribers" ;;
     esac
 }
 flags_of() {
@@ -335,6 +354,7 @@ flags_of() {
         4) echo "--subscribers 100 --publishers 4 --preflight" ;;
         5) echo "--subscribers 100 --publishers 4 --poll-pause-ms 20" ;;
         6) echo "--subscribers 100 --publishers 32" ;;
+        7) echo "--fanout $fanout" ;;
     esac
 }
 
@@ -365,17 +385,35 @@ run_durable() {
     start_micromsg
 }
 
+# Scenario 7: micromsg only (channels are an API v1 feature). One publisher sends a
+# message to the channel all $fanout subscriber sessions are subscribed to and waits
+# until every one of them has it before the next. Every attempt on a freshly started
+# micromsg: the sessions of a previous run stay subscribed until the core's
+# session_timeout, and the RSS at the end should be this run's alone.
+run_fanout() {
+    local label=$1 rep
+    shift
+    for rep in $(seq "$runs"); do
+        log "scenario $label: micromsg, run $rep/$runs"
+        fresh_micromsg=1 run_one micromsg "$label" "$@"
+    done
+}
+
 started_at=$SECONDS
 for scenario in $scenarios; do
     label=$(label_of "$scenario")
     read -r -a flags <<<"$(flags_of "$scenario")"
     if [ "$scenario" = 6 ]; then
-        [[ " $targets " == *" micromsg "* ]] && run_durable "$label" "${flags[@]}"
+        has_target micromsg && run_durable "$label" "${flags[@]}"
+        continue
+    fi
+    if [ "$scenario" = 7 ]; then
+        has_target micromsg && run_fanout "$label" "${flags[@]}"
         continue
     fi
     # Each scenario starts from freshly started servers.
-    [[ " $targets " == *" micromsg "* ]] && { stop_micromsg; start_micromsg; }
-    [[ " $targets " == *" nchan "* ]] && { stop_nchan; start_nchan; }
+    has_target micromsg && { stop_micromsg; start_micromsg; }
+    has_target nchan && { stop_nchan; start_nchan; }
     for rep in $(seq "$runs"); do
         if [ "$scenario" = 3 ]; then
             # Memory per poll is measured on freshly started servers, so that nothing

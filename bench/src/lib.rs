@@ -12,14 +12,17 @@
 //!   delivered is counted as lost. It reads the CPU time and memory of the server
 //!   processes from `/proc`, so servers are compared by **server CPU per delivered
 //!   message**, and marks a run disturbed when something else used the CPU. It can
-//!   also hold thousands of idle parked long-polls to measure memory per poll, and
-//!   turn a file of result lines into the markdown table of `BENCHMARKS.md`.
+//!   also hold thousands of idle parked long-polls to measure memory per poll, fan
+//!   one channel message out to thousands of subscribers over the `/v1` API (timing
+//!   until the last copy arrives, [`fanout`]), and turn a file of result lines into
+//!   the markdown table of `BENCHMARKS.md`.
 //! * `hello` is a bare hyper HTTP/1.1 server that answers every request at once: the
 //!   upper bound of the request rate (and the floor of CPU per request) here.
 //!
 //! `bench/run.sh` builds everything, starts the three servers and runs the scenarios.
 
 pub mod client;
+pub mod fanout;
 pub mod procfs;
 pub mod report;
 

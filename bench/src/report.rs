@@ -1,5 +1,7 @@
 //! Turns msgbench's JSON result lines into markdown: per scenario (the `label`), the
 //! median of each figure per target, and the ratios micromsg/nchan and micromsg/hello.
+//! A scenario's rows follow its kind: load, idle parked polls (`idle`) or fan-out
+//! (`fanout`).
 
 use std::fmt::Write;
 use std::path::Path;
@@ -245,6 +247,81 @@ fn idle_rows() -> Vec<Row> {
     ]
 }
 
+fn fanout_rows() -> Vec<Row> {
+    let row = |title, read, decimals| Row {
+        title,
+        read,
+        decimals,
+        ratio: true,
+        skip_hello: true,
+        sum: false,
+    };
+    let total = |title, read| Row {
+        title,
+        read,
+        decimals: 0,
+        ratio: false,
+        skip_hello: true,
+        sum: true,
+    };
+    vec![
+        row("subscribers", |v| at(v, "/fanout"), 0),
+        row("messages published", |v| at(v, "/published"), 0),
+        row("copies delivered", |v| at(v, "/delivered"), 0),
+        row("copies expected", |v| at(v, "/copies_expected"), 0),
+        row("**deliveries/s**", |v| at(v, "/delivered_per_s"), 0),
+        row(
+            "fan-out completion p50 ms (publish to last copy)",
+            |v| at(v, "/completion_ms/p50"),
+            1,
+        ),
+        row(
+            "fan-out completion p90 ms",
+            |v| at(v, "/completion_ms/p90"),
+            1,
+        ),
+        row(
+            "fan-out completion p99 ms",
+            |v| at(v, "/completion_ms/p99"),
+            1,
+        ),
+        row(
+            "fan-out completion max ms",
+            |v| at(v, "/completion_ms/max"),
+            1,
+        ),
+        row("per-copy latency p50 ms", |v| at(v, "/latency_ms/p50"), 1),
+        row("per-copy latency p99 ms", |v| at(v, "/latency_ms/p99"), 1),
+        row(
+            "**server CPU µs per delivered copy**",
+            |v| at(v, "/server_cpu_us_per_unit"),
+            1,
+        ),
+        row("server CPU (cores)", |v| at(v, "/server_cores"), 2),
+        row(
+            "server RSS at end (MiB)",
+            |v| sum_object(v, "/rss_kb").map(|kb| kb / 1024.0),
+            1,
+        ),
+        row("generator CPU (cores)", |v| at(v, "/generator_cores"), 2),
+        row("hypervisor steal (s)", |v| at(v, "/steal_cpu_s"), 2),
+        total("lost copies (sum of runs)", |v| at(v, "/lost")),
+        total("duplicated copies (sum of runs)", |v| at(v, "/duplicated")),
+        total("misrouted copies (sum of runs)", |v| at(v, "/misrouted")),
+        total("fan-outs not complete after 5 s (sum of runs)", |v| {
+            at(v, "/timed_out")
+        }),
+        total("errors (sum of runs)", |v| at(v, "/errors")),
+        total("disturbed runs", |v| {
+            Some(if v["disturbed"].as_bool() == Some(true) {
+                1.0
+            } else {
+                0.0
+            })
+        }),
+    ]
+}
+
 fn sum_object(v: &Value, pointer: &str) -> Option<f64> {
     let map = v.pointer(pointer)?.as_object()?;
     Some(map.values().filter_map(Value::as_f64).sum())
@@ -287,7 +364,7 @@ pub fn markdown(runs: &[Value]) -> String {
             .iter()
             .filter(|r| r["label"].as_str().unwrap_or("") == label)
             .collect();
-        let idle = of_label.iter().any(|r| r["idle"].as_u64().unwrap_or(0) > 0);
+        let kind = |key: &str| of_label.iter().any(|r| r[key].as_u64().unwrap_or(0) > 0);
         let targets: Vec<&str> = TARGETS
             .iter()
             .copied()
@@ -324,7 +401,13 @@ pub fn markdown(runs: &[Value]) -> String {
             rule.push_str(" ---: |");
         }
         let _ = writeln!(out, "{header}\n{rule}");
-        let rows = if idle { idle_rows() } else { load_rows() };
+        let rows = if kind("idle") {
+            idle_rows()
+        } else if kind("fanout") {
+            fanout_rows()
+        } else {
+            load_rows()
+        };
         for row in rows {
             let figure = |t: &str| -> Option<f64> {
                 if row.skip_hello && t == "hello" {
@@ -416,6 +499,24 @@ mod tests {
             text.contains("| 22.0 | 50.0 | 10.0 | 0.44× | 2.20× |"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn fanout_runs_get_their_own_rows() {
+        let run = |completion: f64, lost: u64| {
+            json!({"label": "7: fan-out", "target": "micromsg", "idle": 0, "fanout": 10000,
+                   "delivered_per_s": 30000.0, "completion_ms": {"p50": completion},
+                   "lost": lost, "disturbed": false})
+        };
+        let text = markdown(&[run(300.0, 0), run(340.0, 2), run(320.0, 0)]);
+        assert!(text.contains("| subscribers | 10,000 |"), "{text}");
+        assert!(text.contains("| **deliveries/s** | 30,000 |"), "{text}");
+        assert!(
+            text.contains("| fan-out completion p50 ms (publish to last copy) | 320.0 |"),
+            "{text}"
+        );
+        assert!(text.contains("| lost copies (sum of runs) | 2 |"), "{text}");
+        assert!(!text.contains("latency p90 ms"), "{text}");
     }
 
     #[test]

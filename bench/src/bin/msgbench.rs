@@ -19,6 +19,7 @@ use http_body_util::Full;
 use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, StatusCode, Uri};
 use msgbench::client::{Connection, Reply};
+use msgbench::fanout::{self, Inbox, Ledger};
 use msgbench::procfs::{self, CpuDelta, Memory, Watched};
 use msgbench::{raise_fd_limit, report, unix_micros};
 use serde::Deserialize;
@@ -28,7 +29,8 @@ use tokio::task::JoinSet;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Target {
-    /// micromsg over the x0 protocol (POST /set, POST /python/MsgHandler.py).
+    /// micromsg over the x0 protocol (POST /set, POST /python/MsgHandler.py); with
+    /// --fanout over the /v1 API (POST /v1/subscribe, /v1/poll, /v1/publish).
     Micromsg,
     /// nginx + nchan long-poll (POST /pub?id=, GET /sub?id= with Etag/Last-Modified).
     Nchan,
@@ -49,9 +51,10 @@ impl Target {
 /// Load generator for micromsg, nginx+nchan and the hello baseline.
 ///
 /// P closed-loop publishers and S long-polling subscriber sessions, one persistent
-/// HTTP/1.1 connection each, for a timed window; then a drain. Prints a table on
-/// stderr and one JSON line on stdout; exits 1 if anything was lost, duplicated or
-/// misrouted (or nothing was delivered).
+/// HTTP/1.1 connection each, for a timed window; then a drain. Or (--idle) parked
+/// long-polls only, or (--fanout) one channel message at a time to N subscribers.
+/// Prints a table on stderr and one JSON line on stdout; exits 1 if anything was
+/// lost, duplicated or misrouted (or nothing was delivered).
 #[derive(Parser, Debug)]
 #[command(version)]
 struct Args {
@@ -63,9 +66,9 @@ struct Args {
     /// Subscriber sessions (one long-poll connection each).
     #[arg(long, default_value_t = 100)]
     subscribers: usize,
-    /// Closed-loop publishers (one connection each).
-    #[arg(long, default_value_t = 4)]
-    publishers: usize,
+    /// Closed-loop publishers (one connection each) [default: 4; 1 with --fanout].
+    #[arg(long)]
+    publishers: Option<usize>,
     /// Length of the timed window, in seconds.
     #[arg(long, default_value_t = 15.0)]
     duration: f64,
@@ -82,6 +85,11 @@ struct Args {
     /// --duration and report memory per poll; no publishers.
     #[arg(long, default_value_t = 0)]
     idle: usize,
+    /// Fan-out scenario (micromsg only): N subscriber sessions `fan<j>` on the channel
+    /// `bench.fan`, one connection each; each publisher sends one message, waits
+    /// until all N have it (or 5 s), then sends the next.
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    fanout: usize,
     /// Process name (/proc/<pid>/comm) whose CPU and memory to measure, all processes
     /// of that name summed; NAME:PID[,PID...] takes those pids and their children of
     /// that name instead. Repeatable.
@@ -100,6 +108,24 @@ struct Args {
     /// table of medians and ratios.
     #[arg(long, value_name = "FILE")]
     report: Option<PathBuf>,
+}
+
+impl Args {
+    fn publishers(&self) -> usize {
+        self.publishers
+            .unwrap_or(if self.fanout > 0 { 1 } else { 4 })
+    }
+
+    /// Subscriber connections the run opens.
+    fn subscriber_connections(&self) -> usize {
+        if self.idle > 0 {
+            self.idle
+        } else if self.fanout > 0 {
+            self.fanout
+        } else {
+            self.subscribers
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -128,7 +154,7 @@ fn main() -> ExitCode {
     };
     // Whatever a server does, a run ends: connecting (10 s per connection, 100 at a
     // time), the window, the drain and a margin.
-    let connections = args.subscribers.max(args.idle) + args.publishers;
+    let connections = args.subscriber_connections() + args.publishers();
     let limit = args.duration.max(0.0)
         + args.drain.max(0.0)
         + 10.0 * (connections as f64 / 100.0).ceil()
@@ -189,12 +215,18 @@ async fn run(args: Args) -> Result<bool> {
     if args.duration <= 0.0 || !args.duration.is_finite() {
         bail!("--duration must be positive");
     }
-    if args.idle == 0 && (args.subscribers == 0 || args.publishers == 0) {
+    if args.idle == 0 && (args.subscribers == 0 || args.publishers() == 0) {
         bail!("--subscribers and --publishers must be at least 1");
+    }
+    if args.idle > 0 && args.fanout > 0 {
+        bail!("--idle and --fanout are separate scenarios");
+    }
+    if args.fanout > 0 && args.target != Target::Micromsg {
+        bail!("--fanout needs --target micromsg (channels are a micromsg /v1 feature)");
     }
     let addr = resolve(&args.url).await?;
     let fd_limit = raise_fd_limit().unwrap_or(0);
-    let needed = (args.idle.max(args.subscribers) + args.publishers + 64) as u64;
+    let needed = (args.subscriber_connections() + args.publishers() + 64) as u64;
     if fd_limit < needed {
         eprintln!(
             "msgbench: warning: open-file limit {fd_limit} is below the {needed} this run needs"
@@ -210,7 +242,7 @@ async fn run(args: Args) -> Result<bool> {
         target: args.target,
         preflight: args.preflight,
         payload_bytes: args.payload_bytes,
-        publishers: args.publishers,
+        publishers: args.publishers(),
         subscribers: args.subscribers,
         poll_pause: Duration::from_millis(args.poll_pause_ms),
         window_start_us: AtomicU64::new(u64::MAX),
@@ -221,6 +253,8 @@ async fn run(args: Args) -> Result<bool> {
     });
     let (result, ok) = if args.idle > 0 {
         run_idle(&args, addr, &ctx, &watched).await?
+    } else if args.fanout > 0 {
+        run_fanout(&args, addr, &ctx, &watched).await?
     } else {
         run_load(&args, addr, &ctx, &watched).await?
     };
@@ -271,18 +305,73 @@ async fn connect_many(addr: SocketAddr, n: usize) -> Result<Vec<Connection>> {
         .collect())
 }
 
+/// Waits until `n` subscribers have sent their first poll, or `limit` has passed.
+async fn await_first_polls(ctx: &Ctx, n: usize, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    while ctx.first_polls.load(Ordering::Relaxed) < n && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Starts the timed window now; returns when it started and when it ends.
+fn open_window(ctx: &Ctx, duration: Duration) -> (Instant, Instant) {
+    let start = Instant::now();
+    let start_us = unix_micros();
+    ctx.window_end_us
+        .store(start_us + duration.as_micros() as u64, Ordering::Relaxed);
+    ctx.window_start_us.store(start_us, Ordering::Relaxed);
+    (start, start + duration)
+}
+
+/// After the window: waits while messages are still under way (`pending`), for at
+/// most `limit`.
+async fn drain_while(pending: impl Fn() -> bool, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    while pending() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// What every task of `set` returned, in the order they ended.
+async fn join_all<T: 'static>(mut set: JoinSet<T>) -> Result<Vec<T>> {
+    let mut results = Vec::with_capacity(set.len());
+    while let Some(joined) = set.join_next().await {
+        results.push(joined?);
+    }
+    Ok(results)
+}
+
 // ---------------------------------------------------------------------------------
 // Requests
 
 fn payload(seq: u64, publisher: usize, dst: usize, ts: u64, size: usize) -> String {
-    let mut text = format!(r#"{{"seq":{seq},"pub":{publisher},"dst":"sub{dst}","ts":{ts},"pad":""#);
+    padded(
+        format!(r#"{{"seq":{seq},"pub":{publisher},"dst":"sub{dst}","ts":{ts},"pad":""#),
+        size,
+    )
+}
+
+/// The fan-out scenario's payload: one message for every subscriber, so no `dst`,
+/// and one sequence for all publishers, so no `pub`.
+fn fan_payload(seq: u64, ts: u64, size: usize) -> String {
+    padded(format!(r#"{{"seq":{seq},"ts":{ts},"pad":""#), size)
+}
+
+/// Ends `text`, a JSON object up to an open `"pad":"` string, with as many `x` as
+/// make it `size` bytes (none when it is already longer: a message is never cut).
+fn padded(mut text: String, size: usize) -> String {
     let pad = size.saturating_sub(text.len() + 2);
     text.extend(std::iter::repeat_n('x', pad));
     text.push_str("\"}");
     text
 }
 
-fn post(uri: &str, host: &HeaderValue, body: String, origin: bool) -> Request<Full<Bytes>> {
+fn post(
+    uri: &str,
+    host: &HeaderValue,
+    body: impl Into<Bytes>,
+    origin: bool,
+) -> Request<Full<Bytes>> {
     let mut builder = Request::builder()
         .method(Method::POST)
         .uri(uri)
@@ -291,9 +380,7 @@ fn post(uri: &str, host: &HeaderValue, body: String, origin: bool) -> Request<Fu
     if origin {
         builder = builder.header(header::ORIGIN, ORIGIN);
     }
-    builder
-        .body(Full::new(Bytes::from(body)))
-        .expect("valid request")
+    builder.body(Full::new(body.into())).expect("valid request")
 }
 
 fn preflight_request(
@@ -352,6 +439,11 @@ struct Delivered<'a> {
     ts: u64,
     #[serde(borrow, default)]
     session_src: Option<Cow<'a, str>>,
+}
+
+/// The start of a reply's body, for error messages.
+fn excerpt(reply: &Reply) -> Cow<'_, str> {
+    String::from_utf8_lossy(&reply.body[..reply.body.len().min(200)])
 }
 
 /// Keeps the first error text of each task, for the report.
@@ -449,13 +541,7 @@ async fn publisher(
 
 /// Ok(messages dropped by the server) when the publish was accepted.
 fn publish_outcome(target: Target, reply: &Reply) -> Result<u64, String> {
-    let describe = || {
-        format!(
-            "publish answered {}: {}",
-            reply.status,
-            String::from_utf8_lossy(&reply.body[..reply.body.len().min(200)])
-        )
-    };
+    let describe = || format!("publish answered {}: {}", reply.status, excerpt(reply));
     match target {
         Target::Micromsg => {
             if reply.status != StatusCode::OK {
@@ -629,11 +715,7 @@ fn handle_poll_reply(
     let bad = |stats: &mut SubStats, what: &str| {
         stats.errors += 1;
         note(&mut stats.first_error, || {
-            format!(
-                "{what}: {} {}",
-                reply.status,
-                String::from_utf8_lossy(&reply.body[..reply.body.len().min(200)])
-            )
+            format!("{what}: {} {}", reply.status, excerpt(reply))
         });
     };
     match ctx.target {
@@ -717,7 +799,7 @@ async fn run_load(
     watched: &[Watched],
 ) -> Result<(Value, bool)> {
     let s = args.subscribers;
-    let p = args.publishers;
+    let p = args.publishers();
     let sub_connections = connect_many(addr, s).await?;
     let pub_connections = connect_many(addr, p).await?;
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -732,19 +814,10 @@ async fn run_load(
         ));
     }
     // Every subscriber's first poll parked before the window starts.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while ctx.first_polls.load(Ordering::Relaxed) < s && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    await_first_polls(ctx, s, Duration::from_secs(10)).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
 
-    let duration = Duration::from_secs_f64(args.duration);
-    let start = Instant::now();
-    let start_us = unix_micros();
-    let end = start + duration;
-    ctx.window_end_us
-        .store(start_us + duration.as_micros() as u64, Ordering::Relaxed);
-    ctx.window_start_us.store(start_us, Ordering::Relaxed);
+    let (start, end) = open_window(ctx, Duration::from_secs_f64(args.duration));
     let cpu_before = procfs::cpu_sample(watched);
 
     let mut publishers = JoinSet::new();
@@ -754,27 +827,21 @@ async fn run_load(
     tokio::time::sleep_until(end.into()).await;
     let cpu_after = procfs::cpu_sample(watched);
     let window = start.elapsed().as_secs_f64();
-    let memory: Vec<Memory> = watched.iter().map(|w| procfs::memory_of(&w.pids)).collect();
+    let memory = memory_now(watched);
 
-    let mut pub_stats = Vec::new();
-    while let Some(joined) = publishers.join_next().await {
-        pub_stats.push(joined?);
-    }
-    let drain_start = Instant::now();
-    if ctx.target != Target::Hello {
-        let drain = Duration::from_secs_f64(args.drain.max(0.0));
-        while ctx.delivered_total.load(Ordering::Relaxed) < ctx.acked_total.load(Ordering::Relaxed)
-            && drain_start.elapsed() < drain
-        {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    }
-    let drained = drain_start.elapsed().as_secs_f64();
+    let pub_stats = join_all(publishers).await?;
+    let drained = if ctx.target == Target::Hello {
+        0.0
+    } else {
+        let pending = || {
+            ctx.delivered_total.load(Ordering::Relaxed) < ctx.acked_total.load(Ordering::Relaxed)
+        };
+        let drain_start = Instant::now();
+        drain_while(pending, Duration::from_secs_f64(args.drain.max(0.0))).await;
+        drain_start.elapsed().as_secs_f64()
+    };
     let _ = stop_tx.send(true);
-    let mut sub_stats = Vec::new();
-    while let Some(joined) = subscribers.join_next().await {
-        sub_stats.push(joined?);
-    }
+    let sub_stats = join_all(subscribers).await?;
     Ok(summarize_load(
         args,
         ctx,
@@ -801,12 +868,11 @@ fn summarize_load(
     subs: Vec<SubStats>,
 ) -> (Value, bool) {
     // seen[publisher][seq]: how many times that message was delivered.
-    let mut seen: Vec<Vec<u8>> = vec![Vec::new(); args.publishers];
+    let mut seen: Vec<Vec<u8>> = vec![Vec::new(); args.publishers()];
     for stats in &pubs {
         seen[stats.index] = vec![0u8; stats.sent as usize];
     }
-    let mut histogram =
-        Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3).expect("valid bounds");
+    let mut histogram = micros_histogram();
     let (mut unique, mut duplicated, mut unknown, mut in_window) = (0u64, 0u64, 0u64, 0u64);
     for sub in &subs {
         for d in &sub.deliveries {
@@ -870,36 +936,15 @@ fn summarize_load(
     } else {
         0.0
     };
-    let disturbed_by = disturbances(cpu, window);
-    let q = |p: f64| histogram.value_at_quantile(p) as f64 / 1000.0;
-    let latency = if histogram.is_empty() {
-        Value::Null
-    } else {
-        json!({"p50": q(0.50), "p90": q(0.90), "p99": q(0.99), "max": histogram.max() as f64 / 1000.0})
-    };
-    let cpu_by_name: serde_json::Map<String, Value> = watched
-        .iter()
-        .zip(&cpu.watched)
-        .map(|(w, s)| (w.name.clone(), json!(round(*s, 3))))
-        .collect();
-    let rss: serde_json::Map<String, Value> = watched
-        .iter()
-        .zip(memory)
-        .map(|(w, m)| (w.name.clone(), json!(m.rss_kb)))
-        .collect();
-    let pss: serde_json::Map<String, Value> = watched
-        .iter()
-        .zip(memory)
-        .map(|(w, m)| (w.name.clone(), json!(m.pss_kb)))
-        .collect();
+    let latency = quantiles_ms(&histogram);
     let ok = lost == 0 && duplicated == 0 && misrouted == 0 && wrong_sender == 0;
     let ok = ok && (is_hello || unique > 0);
-    let result = json!({
+    let mut result = json!({
         "label": args.label,
         "target": ctx.target.name(),
         "url": args.url,
         "subscribers": args.subscribers,
-        "publishers": args.publishers,
+        "publishers": args.publishers(),
         "duration_s": round(window, 3),
         "payload_bytes": args.payload_bytes,
         "preflight": args.preflight,
@@ -926,13 +971,31 @@ fn summarize_load(
         "reconnects": sum(|s| s.reconnects) + psum(|s| s.reconnects),
         "first_errors": first_errors,
         "drain_s": round(drained, 3),
-        "cpu_s": cpu_by_name,
-        "server_cpu_s": round(server_cpu, 3),
-        "server_cores": round(server_cpu / window, 3),
         "cpu_per": if is_hello { "request" } else { "delivered message" },
         "server_cpu_us_per_msg": round(if is_hello { 0.0 } else { cpu_us_per_unit }, 2),
         "server_cpu_us_per_request": round(if requests > 0 { server_cpu * 1e6 / requests as f64 } else { 0.0 }, 2),
         "server_cpu_us_per_unit": round(cpu_us_per_unit, 2),
+        "ok": ok,
+    });
+    add_usage(&mut result, watched, cpu, window, memory);
+    (result, ok)
+}
+
+/// Adds the CPU and memory figures of a run with load (`cpu` over the `window` of
+/// that many seconds, `memory` at its end) to its JSON line.
+fn add_usage(
+    result: &mut Value,
+    watched: &[Watched],
+    cpu: &CpuDelta,
+    window: f64,
+    memory: &[Memory],
+) {
+    let server_cpu: f64 = cpu.watched.iter().sum();
+    let disturbed_by = disturbances(cpu, window);
+    let usage = json!({
+        "cpu_s": by_name(watched, &cpu.watched, |s| json!(round(*s, 3))),
+        "server_cpu_s": round(server_cpu, 3),
+        "server_cores": round(server_cpu / window, 3),
         "generator_cpu_s": round(cpu.own, 3),
         "generator_cores": round(cpu.own / window, 3),
         "other_cpu_s": round(cpu.other, 3),
@@ -941,11 +1004,45 @@ fn summarize_load(
         "total_busy_cpu_s": round(cpu.total_busy, 3),
         "disturbed": !disturbed_by.is_empty(),
         "disturbed_by": disturbed_by,
-        "rss_kb": rss,
-        "pss_kb": pss,
-        "ok": ok,
+        "rss_kb": by_name(watched, memory, |m| json!(m.rss_kb)),
+        "pss_kb": by_name(watched, memory, |m| json!(m.pss_kb)),
     });
-    (result, ok)
+    if let (Some(result), Value::Object(usage)) = (result.as_object_mut(), usage) {
+        result.extend(usage);
+    }
+}
+
+/// Memory of each watched process set, in the order of `watched`.
+fn memory_now(watched: &[Watched]) -> Vec<Memory> {
+    watched.iter().map(|w| procfs::memory_of(&w.pids)).collect()
+}
+
+/// One figure per watched process name: `values` are in the order of `watched`.
+fn by_name<T>(
+    watched: &[Watched],
+    values: &[T],
+    figure: impl Fn(&T) -> Value,
+) -> serde_json::Map<String, Value> {
+    watched
+        .iter()
+        .zip(values)
+        .map(|(w, v)| (w.name.clone(), figure(v)))
+        .collect()
+}
+
+/// A histogram of microseconds, from 1 µs to an hour, 3 significant digits.
+fn micros_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid bounds")
+}
+
+/// p50, p90, p99 and max of a histogram of microseconds, in milliseconds (null when
+/// it is empty).
+fn quantiles_ms(histogram: &Histogram<u64>) -> Value {
+    if histogram.is_empty() {
+        return Value::Null;
+    }
+    let q = |p: f64| histogram.value_at_quantile(p) as f64 / 1000.0;
+    json!({"p50": q(0.50), "p90": q(0.90), "p99": q(0.99), "max": histogram.max() as f64 / 1000.0})
 }
 
 /// Why a run does not show what this machine can do: other processes used more than
@@ -976,7 +1073,7 @@ async fn run_idle(
     watched: &[Watched],
 ) -> Result<(Value, bool)> {
     let n = args.idle;
-    let memory_before: Vec<Memory> = watched.iter().map(|w| procfs::memory_of(&w.pids)).collect();
+    let memory_before = memory_now(watched);
     let opening = Instant::now();
     let connections = connect_many(addr, n).await?;
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -989,31 +1086,20 @@ async fn run_idle(
             stop_rx.clone(),
         ));
     }
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while ctx.first_polls.load(Ordering::Relaxed) < n && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    await_first_polls(ctx, n, Duration::from_secs(60)).await;
     // Let the last requests reach the server and park.
     tokio::time::sleep(Duration::from_secs(1)).await;
     let opened_in = opening.elapsed().as_secs_f64();
-    let memory_parked: Vec<Memory> = watched.iter().map(|w| procfs::memory_of(&w.pids)).collect();
+    let memory_parked = memory_now(watched);
 
-    let duration = Duration::from_secs_f64(args.duration);
-    let start = Instant::now();
-    let start_us = unix_micros();
-    ctx.window_end_us
-        .store(start_us + duration.as_micros() as u64, Ordering::Relaxed);
-    ctx.window_start_us.store(start_us, Ordering::Relaxed);
+    let (start, end) = open_window(ctx, Duration::from_secs_f64(args.duration));
     let cpu_before = procfs::cpu_sample(watched);
-    tokio::time::sleep(duration).await;
+    tokio::time::sleep_until(end.into()).await;
     let cpu_after = procfs::cpu_sample(watched);
     let window = start.elapsed().as_secs_f64();
-    let memory_end: Vec<Memory> = watched.iter().map(|w| procfs::memory_of(&w.pids)).collect();
+    let memory_end = memory_now(watched);
     let _ = stop_tx.send(true);
-    let mut stats = Vec::new();
-    while let Some(joined) = polls.join_next().await {
-        stats.push(joined?);
-    }
+    let stats = join_all(polls).await?;
     let cpu = CpuDelta::between(&cpu_before, &cpu_after);
 
     let per_poll = |after: u64, before: u64| (after as f64 - before as f64) * 1024.0 / n as f64;
@@ -1046,11 +1132,7 @@ async fn run_idle(
         .take(5)
         .collect();
     let server_cpu: f64 = cpu.watched.iter().sum();
-    let cpu_by_name: serde_json::Map<String, Value> = watched
-        .iter()
-        .zip(&cpu.watched)
-        .map(|(w, s)| (w.name.clone(), json!(round(*s, 3))))
-        .collect();
+    let cpu_by_name = by_name(watched, &cpu.watched, |s| json!(round(*s, 3)));
     let parked = ctx.first_polls.load(Ordering::Relaxed);
     let result = json!({
         "label": args.label,
@@ -1079,6 +1161,444 @@ async fn run_idle(
 }
 
 // ---------------------------------------------------------------------------------
+// The fan-out scenario: one channel message to every subscriber (micromsg /v1)
+
+/// The channel every fan-out subscriber is subscribed to.
+const FAN_CHANNEL: &str = "bench.fan";
+/// The session every fan-out publisher sends as.
+const FAN_PUBLISHER: &str = "fanpub";
+/// How long a publisher waits for the last copy of its message before it sends the
+/// next one anyway.
+const FAN_WAIT: Duration = Duration::from_secs(5);
+
+#[derive(Deserialize)]
+struct SentReply {
+    id: u64,
+    recipients: u64,
+    #[serde(default)]
+    dropped: u64,
+}
+
+#[derive(Deserialize)]
+struct FanPollReply<'a> {
+    #[serde(borrow, default)]
+    messages: Option<Vec<Envelope<'a>>>,
+    #[serde(default)]
+    ids: Vec<u64>,
+    #[serde(default)]
+    error: bool,
+}
+
+/// The /v1 envelope, as far as it is checked.
+#[derive(Deserialize)]
+struct Envelope<'a> {
+    id: u64,
+    #[serde(borrow, default)]
+    source: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    target: EnvelopeTarget<'a>,
+    data: FanData,
+}
+
+#[derive(Deserialize)]
+struct EnvelopeTarget<'a> {
+    #[serde(borrow, default)]
+    channel: Option<Cow<'a, str>>,
+}
+
+/// The payload the publisher sent (`pad` is left unread).
+#[derive(Deserialize)]
+struct FanData {
+    seq: u64,
+    ts: u64,
+}
+
+/// What one fan-out publisher saw (the ledger counts what it sent and had accepted).
+#[derive(Default)]
+struct FanPubStats {
+    /// Publishes whose reply counted other than one recipient per subscriber.
+    short_of_recipients: u64,
+    dropped: u64,
+    /// Messages whose last copy had not arrived FAN_WAIT after the publish.
+    timed_out: u64,
+    errors: u64,
+    reconnects: u64,
+    first_error: Option<String>,
+}
+
+#[derive(Default)]
+struct FanSubStats {
+    inbox: Inbox,
+    subscribed: bool,
+    /// Copies whose envelope names another target than the channel.
+    misrouted: u64,
+    wrong_sender: u64,
+    errors: u64,
+    polls_in_window: u64,
+    polls_with_messages: u64,
+    messages_in_polls: u64,
+    reconnects: u64,
+    first_error: Option<String>,
+}
+
+/// Publishes one message at a time to the channel and waits until every subscriber
+/// has it (or FAN_WAIT has passed) before the next, until `end`.
+async fn fan_publisher(
+    ctx: Arc<Ctx>,
+    ledger: Arc<Ledger>,
+    subscribers: usize,
+    mut connection: Connection,
+    end: Instant,
+) -> FanPubStats {
+    let mut stats = FanPubStats::default();
+    while Instant::now() < end {
+        let ts = unix_micros();
+        let seq = ledger.register(ts);
+        let data = fan_payload(seq, ts, ctx.payload_bytes);
+        let body = format!(
+            r#"{{"session":"{FAN_PUBLISHER}","target":{{"channel":"{FAN_CHANNEL}"}},"data":{data}}}"#
+        );
+        let give_up = Instant::now() + FAN_WAIT;
+        let request = post("/v1/publish", &connection.host, body, false);
+        let sent = match connection.send(request, REQUEST_LIMIT).await {
+            Ok(reply) => sent_outcome(&reply),
+            Err(error) => Err(format!("publish: {error:#}")),
+        };
+        match sent {
+            Ok(sent) => {
+                ledger.acknowledge(seq, sent.id);
+                stats.dropped += sent.dropped;
+                if sent.recipients != subscribers as u64 {
+                    stats.short_of_recipients += 1;
+                    note(&mut stats.first_error, || {
+                        format!(
+                            "publish reached {} recipients, not {subscribers}",
+                            sent.recipients
+                        )
+                    });
+                }
+            }
+            Err(text) => {
+                stats.errors += 1;
+                note(&mut stats.first_error, || text);
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        }
+        // The window's end cuts the wait short; that is no time-out.
+        let complete = ledger.wait_complete(seq, give_up.min(end).into()).await;
+        if !complete && give_up <= end {
+            stats.timed_out += 1;
+        }
+    }
+    stats.reconnects = connection.reconnects;
+    stats
+}
+
+/// The publish reply when it is a success.
+fn sent_outcome(reply: &Reply) -> Result<SentReply, String> {
+    let parsed = if reply.status == StatusCode::OK {
+        serde_json::from_slice::<SentReply>(&reply.body).ok()
+    } else {
+        None
+    };
+    parsed.ok_or_else(|| format!("publish answered {}: {}", reply.status, excerpt(reply)))
+}
+
+/// Subscribes session `fan<j>` to the channel, then long-polls until stopped.
+async fn fan_subscriber(
+    ctx: Arc<Ctx>,
+    ledger: Arc<Ledger>,
+    session: String,
+    mut connection: Connection,
+    mut stop: watch::Receiver<bool>,
+) -> FanSubStats {
+    let mut stats = FanSubStats::default();
+    let subscribe = format!(r#"{{"session":"{session}","channel":"{FAN_CHANNEL}"}}"#);
+    for _attempt in 0..3 {
+        let request = post("/v1/subscribe", &connection.host, subscribe.clone(), false);
+        match connection.send(request, REQUEST_LIMIT).await {
+            Ok(reply) if subscribed(&reply) => {
+                stats.subscribed = true;
+                break;
+            }
+            Ok(reply) => note(&mut stats.first_error, || {
+                format!("subscribe answered {}: {}", reply.status, excerpt(&reply))
+            }),
+            Err(error) => note(&mut stats.first_error, || format!("subscribe: {error:#}")),
+        }
+        stats.errors += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Counted whether or not the subscription took: the run waits for every
+    // subscriber, and one that failed loses every copy in the report.
+    ctx.first_polls.fetch_add(1, Ordering::Relaxed);
+    let poll = Bytes::from(format!(r#"{{"session":"{session}","timeout":10}}"#));
+    loop {
+        let request = post("/v1/poll", &connection.host, poll.clone(), false);
+        let result = tokio::select! {
+            biased;
+            _ = stop.wait_for(|s| *s) => break,
+            result = connection.send(request, POLL_LIMIT) => result,
+        };
+        let now_us = unix_micros();
+        if ctx.in_window(now_us) {
+            stats.polls_in_window += 1;
+        }
+        match result {
+            Ok(reply) => handle_fan_reply(&ctx, &ledger, &reply, now_us, &mut stats),
+            Err(error) => {
+                stats.errors += 1;
+                note(&mut stats.first_error, || format!("poll: {error:#}"));
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+    stats.reconnects = connection.reconnects;
+    stats
+}
+
+/// The subscribe reply says `"subscribed":true`.
+fn subscribed(reply: &Reply) -> bool {
+    #[derive(Deserialize)]
+    struct Subscribed {
+        subscribed: bool,
+    }
+    reply.status == StatusCode::OK
+        && serde_json::from_slice::<Subscribed>(&reply.body).is_ok_and(|r| r.subscribed)
+}
+
+fn handle_fan_reply(
+    ctx: &Ctx,
+    ledger: &Ledger,
+    reply: &Reply,
+    now_us: u64,
+    stats: &mut FanSubStats,
+) {
+    let parsed = if reply.status == StatusCode::OK {
+        serde_json::from_slice::<FanPollReply>(&reply.body)
+            .ok()
+            .filter(|parsed| !parsed.error)
+    } else {
+        None
+    };
+    let Some(parsed) = parsed else {
+        stats.errors += 1;
+        note(&mut stats.first_error, || {
+            format!("poll answered {}: {}", reply.status, excerpt(reply))
+        });
+        return;
+    };
+    let messages = parsed.messages.unwrap_or_default();
+    if !messages.iter().map(|m| m.id).eq(parsed.ids.iter().copied()) {
+        stats.errors += 1;
+        note(&mut stats.first_error, || {
+            format!(
+                "poll reply's ids do not match its messages: {}",
+                excerpt(reply)
+            )
+        });
+    }
+    let mut copies = Vec::with_capacity(messages.len());
+    for message in &messages {
+        if message.target.channel.as_deref() != Some(FAN_CHANNEL) {
+            stats.misrouted += 1;
+            note(&mut stats.first_error, || {
+                format!("a copy not for {FAN_CHANNEL}: {}", excerpt(reply))
+            });
+            continue;
+        }
+        if message.source.as_deref() != Some(FAN_PUBLISHER) {
+            stats.wrong_sender += 1;
+        }
+        copies.push(fanout::Copy {
+            seq: message.data.seq,
+            ts: message.data.ts,
+            id: message.id,
+        });
+    }
+    if !messages.is_empty() {
+        stats.polls_with_messages += 1;
+        stats.messages_in_polls += messages.len() as u64;
+    }
+    let in_window = now_us < ctx.window_end_us.load(Ordering::Relaxed);
+    ledger.receive(&mut stats.inbox, &copies, now_us, in_window);
+}
+
+async fn run_fanout(
+    args: &Args,
+    addr: SocketAddr,
+    ctx: &Arc<Ctx>,
+    watched: &[Watched],
+) -> Result<(Value, bool)> {
+    let n = args.fanout;
+    let ledger = Arc::new(Ledger::new(n));
+    let opening = Instant::now();
+    let sub_connections = connect_many(addr, n).await?;
+    let pub_connections = connect_many(addr, args.publishers()).await?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut subscribers = JoinSet::new();
+    for (j, connection) in sub_connections.into_iter().enumerate() {
+        subscribers.spawn(fan_subscriber(
+            ctx.clone(),
+            ledger.clone(),
+            format!("fan{j}"),
+            connection,
+            stop_rx.clone(),
+        ));
+    }
+    // Every subscription in place and (nearly) every first poll parked before the
+    // first message; thousands of polls take a moment to reach the server.
+    await_first_polls(ctx, n, Duration::from_secs(60)).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let opened_in = opening.elapsed().as_secs_f64();
+
+    let (start, end) = open_window(ctx, Duration::from_secs_f64(args.duration));
+    let cpu_before = procfs::cpu_sample(watched);
+    let mut publishers = JoinSet::new();
+    for connection in pub_connections {
+        publishers.spawn(fan_publisher(
+            ctx.clone(),
+            ledger.clone(),
+            n,
+            connection,
+            end,
+        ));
+    }
+    tokio::time::sleep_until(end.into()).await;
+    let cpu_after = procfs::cpu_sample(watched);
+    let window = start.elapsed().as_secs_f64();
+    let memory = memory_now(watched);
+    let pub_stats = join_all(publishers).await?;
+    drain_while(
+        || ledger.delivered() < ledger.expected(),
+        Duration::from_secs_f64(args.drain.max(0.0)),
+    )
+    .await;
+    // Counted from the window's end: the last publisher may end well after it (its
+    // publish answered late, or the busy runtime slow to finish its task), and the
+    // copies of that message arrive meanwhile.
+    let drained = end.elapsed().as_secs_f64();
+    let _ = stop_tx.send(true);
+    let sub_stats = join_all(subscribers).await?;
+    let measured = Measured {
+        opened_in,
+        window,
+        drained,
+        cpu: CpuDelta::between(&cpu_before, &cpu_after),
+        memory,
+    };
+    Ok(summarize_fanout(
+        args, ctx, watched, &measured, &ledger, pub_stats, sub_stats,
+    ))
+}
+
+/// The clocks and gauges of a fan-out run, read around its window.
+struct Measured {
+    /// Seconds from the first connection to the window's start.
+    opened_in: f64,
+    window: f64,
+    /// Seconds from the window's end until every copy owed arrived (or the drain
+    /// gave up).
+    drained: f64,
+    cpu: CpuDelta,
+    /// At the window's end.
+    memory: Vec<Memory>,
+}
+
+fn summarize_fanout(
+    args: &Args,
+    ctx: &Ctx,
+    watched: &[Watched],
+    measured: &Measured,
+    ledger: &Ledger,
+    pub_stats: Vec<FanPubStats>,
+    mut sub_stats: Vec<FanSubStats>,
+) -> (Value, bool) {
+    let (window, cpu) = (measured.window, &measured.cpu);
+    let n = args.fanout;
+    let inboxes: Vec<Inbox> = sub_stats
+        .iter_mut()
+        .map(|s| std::mem::take(&mut s.inbox))
+        .collect();
+    let books = ledger.summary(&inboxes);
+    let mut completion = micros_histogram();
+    for &us in &books.completion_us {
+        let _ = completion.record(us.max(1));
+    }
+    let mut latency = micros_histogram();
+    for inbox in &inboxes {
+        for &us in &inbox.latencies_us {
+            let _ = latency.record(u64::from(us).max(1));
+        }
+    }
+    let sum = |f: fn(&FanSubStats) -> u64| sub_stats.iter().map(f).sum::<u64>();
+    let psum = |f: fn(&FanPubStats) -> u64| pub_stats.iter().map(f).sum::<u64>();
+    let subscribed = sub_stats.iter().filter(|s| s.subscribed).count();
+    let misrouted = sum(|s| s.misrouted) + books.foreign;
+    let wrong_sender = sum(|s| s.wrong_sender);
+    let polls_with = sum(|s| s.polls_with_messages);
+    let first_errors: Vec<String> = sub_stats
+        .iter()
+        .filter_map(|s| s.first_error.clone())
+        .chain(pub_stats.iter().filter_map(|s| s.first_error.clone()))
+        .take(5)
+        .collect();
+    let server_cpu: f64 = cpu.watched.iter().sum();
+    let in_window = books.delivered_in_window;
+    let ok = books.lost == 0
+        && books.duplicated == 0
+        && misrouted == 0
+        && wrong_sender == 0
+        && books.id_mismatches == 0
+        && books.delivered > 0
+        && subscribed == n;
+    let mut result = json!({
+        "label": args.label,
+        "target": ctx.target.name(),
+        "url": args.url,
+        "fanout": n,
+        "subscribed": subscribed,
+        "publishers": args.publishers(),
+        "idle": 0,
+        "channel": FAN_CHANNEL,
+        "payload_bytes": args.payload_bytes,
+        "opened_in_s": round(measured.opened_in, 3),
+        "duration_s": round(window, 3),
+        "sent": books.sent,
+        "published": books.published,
+        "published_per_s": round(books.published as f64 / window, 2),
+        "short_of_recipients": psum(|s| s.short_of_recipients),
+        "timed_out": psum(|s| s.timed_out),
+        "copies_expected": books.expected,
+        "delivered": books.delivered,
+        "delivered_in_window": in_window,
+        "delivered_per_s": round(in_window as f64 / window, 1),
+        "rate_per_s": round(in_window as f64 / window, 1),
+        "completed": books.completion_us.len(),
+        "completion_ms": quantiles_ms(&completion),
+        "latency_ms": quantiles_ms(&latency),
+        "polls_in_window": sum(|s| s.polls_in_window),
+        "messages_per_nonempty_poll": round(if polls_with > 0 { sum(|s| s.messages_in_polls) as f64 / polls_with as f64 } else { 0.0 }, 3),
+        "lost": books.lost,
+        "duplicated": books.duplicated,
+        "misrouted": misrouted,
+        "wrong_sender": wrong_sender,
+        "id_mismatches": books.id_mismatches,
+        "dropped_by_server": psum(|s| s.dropped),
+        "errors": sum(|s| s.errors) + psum(|s| s.errors),
+        "reconnects": sum(|s| s.reconnects) + psum(|s| s.reconnects),
+        "first_errors": first_errors,
+        "drain_s": round(measured.drained, 3),
+        "cpu_per": "delivered copy",
+        "server_cpu_us_per_unit": round(if in_window > 0 { server_cpu * 1e6 / in_window as f64 } else { 0.0 }, 2),
+        "ok": ok,
+    });
+    add_usage(&mut result, watched, cpu, window, &measured.memory);
+    (result, ok)
+}
+
+// ---------------------------------------------------------------------------------
 // The human-readable table
 
 fn table(args: &Args, r: &Value) -> String {
@@ -1097,16 +1617,6 @@ fn table(args: &Args, r: &Value) -> String {
             format!("  [{}]", args.label)
         }
     );
-    let names = |map: &Value, unit: &str, scale: f64| -> String {
-        map.as_object()
-            .map(|m| {
-                m.iter()
-                    .map(|(k, v)| format!("{k} {:.2}{unit}", v.as_f64().unwrap_or(0.0) * scale))
-                    .collect::<Vec<_>>()
-                    .join("  ")
-            })
-            .unwrap_or_default()
-    };
     if args.idle > 0 {
         let _ = writeln!(
             out,
@@ -1137,17 +1647,78 @@ fn table(args: &Args, r: &Value) -> String {
         let _ = writeln!(
             out,
             "  cpu s             {}  generator {:.2}  other {:.2}",
-            names(&r["cpu_s"], "", 1.0),
+            by_process(&r["cpu_s"], 1.0),
             f("generator_cpu_s"),
             f("other_cpu_s")
         );
         let _ = writeln!(out, "  errors            {}", u("errors"));
+    } else if args.fanout > 0 {
+        let ms = |key: &str, q: &str| r[key].get(q).and_then(Value::as_f64).unwrap_or(0.0);
+        let _ = writeln!(
+            out,
+            "  fan-out           {} subscribers of {} ({} subscribed, opened in {:.1} s), P={} payload {} B, window {:.2} s, drain {:.2} s",
+            args.fanout,
+            FAN_CHANNEL,
+            u("subscribed"),
+            f("opened_in_s"),
+            args.publishers(),
+            args.payload_bytes,
+            f("duration_s"),
+            f("drain_s")
+        );
+        let _ = writeln!(
+            out,
+            "  published         {:>10}  {:>10.2}/s  ({} timed out after {} s, {} short of recipients)",
+            u("published"),
+            f("published_per_s"),
+            u("timed_out"),
+            FAN_WAIT.as_secs(),
+            u("short_of_recipients")
+        );
+        let _ = writeln!(
+            out,
+            "  copies            {:>10} delivered of {} expected; {:.0}/s in the window ({:.2} per non-empty poll)",
+            u("delivered"),
+            u("copies_expected"),
+            f("delivered_per_s"),
+            f("messages_per_nonempty_poll")
+        );
+        let _ = writeln!(
+            out,
+            "  completion ms     p50 {:.3}  p90 {:.3}  p99 {:.3}  max {:.3}  ({} messages complete)",
+            ms("completion_ms", "p50"),
+            ms("completion_ms", "p90"),
+            ms("completion_ms", "p99"),
+            ms("completion_ms", "max"),
+            u("completed")
+        );
+        let _ = writeln!(
+            out,
+            "  per-copy ms       p50 {:.3}  p90 {:.3}  p99 {:.3}  max {:.3}",
+            ms("latency_ms", "p50"),
+            ms("latency_ms", "p90"),
+            ms("latency_ms", "p99"),
+            ms("latency_ms", "max")
+        );
+        let _ = writeln!(
+            out,
+            "  lost {}  duplicated {}  misrouted {}  wrong sender {}  id mismatches {}  dropped by server {}  errors {}  reconnects {}",
+            u("lost"),
+            u("duplicated"),
+            u("misrouted"),
+            u("wrong_sender"),
+            u("id_mismatches"),
+            u("dropped_by_server"),
+            u("errors"),
+            u("reconnects")
+        );
+        usage_lines(&mut out, r);
     } else {
         let _ = writeln!(
             out,
             "  load              S={} P={} payload {} B{}{}, window {:.2} s, drain {:.2} s",
             args.subscribers,
-            args.publishers,
+            args.publishers(),
             args.payload_bytes,
             if args.preflight { ", preflight" } else { "" },
             if args.poll_pause_ms > 0 {
@@ -1199,34 +1770,7 @@ fn table(args: &Args, r: &Value) -> String {
             u("errors"),
             u("reconnects")
         );
-        let _ = writeln!(
-            out,
-            "  server cpu s      {}  = {:.2} s ({:.2} cores) -> {:.1} µs per {}",
-            names(&r["cpu_s"], "", 1.0),
-            f("server_cpu_s"),
-            f("server_cores"),
-            f("server_cpu_us_per_unit"),
-            r["cpu_per"].as_str().unwrap_or("")
-        );
-        let _ = writeln!(
-            out,
-            "  generator cpu     {:.2} s ({:.2} cores)  other {:.2} s  irq {:.2} s  steal {:.2} s{}",
-            f("generator_cpu_s"),
-            f("generator_cores"),
-            f("other_cpu_s"),
-            f("irq_cpu_s"),
-            f("steal_cpu_s"),
-            if r["disturbed"].as_bool() == Some(true) {
-                format!("  DISTURBED ({})", r["disturbed_by"])
-            } else {
-                String::new()
-            }
-        );
-        let _ = writeln!(
-            out,
-            "  rss MiB           {}",
-            names(&r["rss_kb"], "", 1.0 / 1024.0)
-        );
+        usage_lines(&mut out, r);
     }
     if let Some(errors) = r["first_errors"].as_array() {
         for e in errors.iter().take(3) {
@@ -1234,6 +1778,52 @@ fn table(args: &Args, r: &Value) -> String {
         }
     }
     out
+}
+
+/// The CPU and memory lines of a run with load (the figures of [`add_usage`]).
+fn usage_lines(out: &mut String, r: &Value) {
+    use std::fmt::Write;
+    let f = |key: &str| r.get(key).and_then(Value::as_f64).unwrap_or(0.0);
+    let _ = writeln!(
+        out,
+        "  server cpu s      {}  = {:.2} s ({:.2} cores) -> {:.1} µs per {}",
+        by_process(&r["cpu_s"], 1.0),
+        f("server_cpu_s"),
+        f("server_cores"),
+        f("server_cpu_us_per_unit"),
+        r["cpu_per"].as_str().unwrap_or("")
+    );
+    let _ = writeln!(
+        out,
+        "  generator cpu     {:.2} s ({:.2} cores)  other {:.2} s  irq {:.2} s  steal {:.2} s{}",
+        f("generator_cpu_s"),
+        f("generator_cores"),
+        f("other_cpu_s"),
+        f("irq_cpu_s"),
+        f("steal_cpu_s"),
+        if r["disturbed"].as_bool() == Some(true) {
+            format!("  DISTURBED ({})", r["disturbed_by"])
+        } else {
+            String::new()
+        }
+    );
+    let _ = writeln!(
+        out,
+        "  rss MiB           {}",
+        by_process(&r["rss_kb"], 1.0 / 1024.0)
+    );
+}
+
+/// `name figure` for each process of a `{name: figure}` object, figures × `scale`.
+fn by_process(map: &Value, scale: f64) -> String {
+    map.as_object()
+        .map(|m| {
+            m.iter()
+                .map(|(k, v)| format!("{k} {:.2}", v.as_f64().unwrap_or(0.0) * scale))
+                .collect::<Vec<_>>()
+                .join("  ")
+        })
+        .unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -1281,6 +1871,82 @@ mod tests {
         }
         // Too small to pad: the message is never cut.
         assert!(payload(1, 0, 0, 1, 10).ends_with(r#""pad":""}"#));
+    }
+
+    #[test]
+    fn fan_payload_has_the_requested_size_and_reads_back() {
+        let text = fan_payload(12, 1_700_000_000_000_000, 100);
+        assert_eq!(text.len(), 100, "{text}");
+        let parsed: FanData = serde_json::from_str(&text).unwrap();
+        assert_eq!((parsed.seq, parsed.ts), (12, 1_700_000_000_000_000));
+    }
+
+    #[test]
+    fn fan_poll_reply_is_checked_per_envelope() {
+        let c = ctx(Target::Micromsg);
+        let ledger = Ledger::new(1);
+        let seq = ledger.register(10);
+        ledger.acknowledge(seq, 41);
+        let mut stats = FanSubStats::default();
+        let body = r#"{"messages":[
+            {"id":41,"time":1,"source":"fanpub","target":{"channel":"bench.fan"},"data":{"seq":0,"ts":10,"pad":"x"}},
+            {"id":42,"time":1,"source":"fanpub","target":{"session":"fan0"},"data":{"seq":1,"ts":10}},
+            {"id":41,"time":1,"source":null,"target":{"channel":"bench.fan"},"data":{"seq":0,"ts":10}}],
+            "ids":[41,42,41],"cursor":42}"#;
+        handle_fan_reply(
+            &c,
+            &ledger,
+            &reply(StatusCode::OK, &[], body),
+            1010,
+            &mut stats,
+        );
+        assert_eq!(
+            (stats.misrouted, stats.wrong_sender, stats.errors),
+            (1, 1, 0)
+        );
+        assert_eq!(stats.inbox.latencies_us, vec![1000]);
+        assert_eq!(stats.inbox.duplicated, 1);
+        assert!(ledger.is_complete(seq));
+
+        // ids out of step with the messages, an error reply, an empty poll.
+        let body = r#"{"messages":[],"ids":[7]}"#;
+        handle_fan_reply(
+            &c,
+            &ledger,
+            &reply(StatusCode::OK, &[], body),
+            0,
+            &mut stats,
+        );
+        let error = r#"{"error":true,"exception_id":"Kicked","exception":"x"}"#;
+        handle_fan_reply(
+            &c,
+            &ledger,
+            &reply(StatusCode::FORBIDDEN, &[], error),
+            0,
+            &mut stats,
+        );
+        let empty = r#"{"messages":[],"ids":[]}"#;
+        handle_fan_reply(
+            &c,
+            &ledger,
+            &reply(StatusCode::OK, &[], empty),
+            0,
+            &mut stats,
+        );
+        assert_eq!((stats.errors, stats.polls_with_messages), (2, 1));
+    }
+
+    #[test]
+    fn fan_publish_replies() {
+        let ok = reply(StatusCode::OK, &[], r#"{"id":17,"recipients":3}"#);
+        let sent = sent_outcome(&ok).unwrap();
+        assert_eq!((sent.id, sent.recipients, sent.dropped), (17, 3, 0));
+        let refused = reply(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &[],
+            r#"{"error":true,"exception_id":"CoreUnavailable","exception":"x"}"#,
+        );
+        assert!(sent_outcome(&refused).is_err());
     }
 
     #[test]
