@@ -43,6 +43,21 @@ pub struct HandlerConfig {
     /// A file whose contents (trimmed) are the backend key, so that the secret can
     /// stay out of the configuration file and the environment.
     pub backend_key_file: Option<PathBuf>,
+    /// Seconds between WebSocket pings; a connection silent for three is closed.
+    pub ws_ping_interval: f64,
+    /// How long a write to a WebSocket (or an SSE stream) may take before the
+    /// client counts as not reading and is dropped.
+    pub ws_send_timeout: f64,
+    /// Bytes a WebSocket may have waiting to be written before the client counts as
+    /// not reading; more than the largest message the core accepts.
+    pub ws_max_buffer: usize,
+    /// Seconds between comment lines on an idle SSE stream, so that proxies keep it.
+    pub sse_heartbeat: f64,
+    /// Messages a WebSocket client is given ahead of its acknowledgements when it
+    /// asks for no window of its own.
+    pub ws_default_window: u32,
+    /// The largest window a WebSocket client may ask for.
+    pub ws_max_window: u32,
     pub log: String,
 }
 
@@ -74,6 +89,12 @@ impl Default for HandlerConfig {
             shutdown_grace: 5.0,
             backend_key: None,
             backend_key_file: None,
+            ws_ping_interval: 20.0,
+            ws_send_timeout: 10.0,
+            ws_max_buffer: 1024 * 1024,
+            sse_heartbeat: 15.0,
+            ws_default_window: 32,
+            ws_max_window: 1024,
             log: "info".into(),
         }
     }

@@ -188,9 +188,40 @@ impl CorePool {
         ack_previous: bool,
         max: u32,
     ) -> Result<Vec<Message>, PollError> {
+        self.poll_waiting(session, timeout, ack_previous, max, timeout)
+            .await
+    }
+
+    /// As [`Self::poll`], but when no core is reachable for `core_wait` it fails with
+    /// [`CoreError::Unavailable`] instead of waiting out the whole poll. For the
+    /// streams, whose polls are long and whose clients are better told (and sent
+    /// to reconnect) than held on a dead core; an HTTP long-poll is answered empty
+    /// at its timeout either way.
+    pub async fn poll_for_stream(
+        &self,
+        session: &str,
+        timeout: Duration,
+        ack_previous: bool,
+        max: u32,
+    ) -> Result<Vec<Message>, PollError> {
+        let wait = self.config.core_wait;
+        self.poll_waiting(session, timeout, ack_previous, max, wait)
+            .await
+    }
+
+    /// The poll, waiting at most `wait` at a time for a core connection.
+    async fn poll_waiting(
+        &self,
+        session: &str,
+        timeout: Duration,
+        ack_previous: bool,
+        max: u32,
+        wait: Duration,
+    ) -> Result<Vec<Message>, PollError> {
         let deadline = Instant::now() + timeout;
         loop {
-            let Some(conn) = self.connection(deadline).await else {
+            let connect_by = deadline.min(Instant::now() + wait);
+            let Some(conn) = self.connection(connect_by).await else {
                 return Err(CoreError::Unavailable.into());
             };
             let remaining = deadline.saturating_duration_since(Instant::now());
@@ -239,6 +270,51 @@ impl CorePool {
                 Err(CoreError::ConnectionLost) => return Ok(Vec::new()),
                 Err(e) => return Err(e.into()),
             }
+        }
+    }
+
+    /// Hands messages that were given for `session` but never reached its client
+    /// back to the core, which gives them again at once (in `ack` delivery mode
+    /// instead of after the visibility timeout; in `x0` mode instead of never).
+    pub async fn give_back(&self, session: &str, mut messages: Vec<Message>) {
+        // What a stream holds can be far more than one frame may carry (a window of
+        // 1024 large messages), so it goes back in parts.
+        const PART_BYTES: usize = ipc::MAX_FRAME_LEN / 4;
+        while !messages.is_empty() {
+            let mut bytes = 0;
+            let part_len = messages
+                .iter()
+                .take_while(|m| {
+                    bytes += m.body.len() + 64;
+                    bytes <= PART_BYTES
+                })
+                .count()
+                .max(1);
+            let rest = messages.split_off(part_len);
+            self.give_back_part(session, messages).await;
+            messages = rest;
+        }
+    }
+
+    async fn give_back_part(&self, session: &str, messages: Vec<Message>) {
+        let count = messages.len();
+        let request = Request::Return {
+            session: session.to_owned(),
+            messages,
+        };
+        match self.request(request).await {
+            Ok(Response::Done) => debug!(session, count, "gave unacknowledged messages back"),
+            // A kicked session's messages are gone anyway.
+            Ok(Response::Error(e)) => {
+                debug!(session, count, error = %e.message, "the core refused them back");
+            }
+            Ok(other) => warn!(?other, "unexpected reply to a return"),
+            Err(e) => warn!(
+                session,
+                count,
+                error = %e,
+                "could not give messages back; they come again after the core's visibility timeout, or not at all in x0 delivery mode"
+            ),
         }
     }
 

@@ -1,24 +1,30 @@
 //! HTTP routes: the four x0 paths and the `/v1` API, CORS, body limits, the backend
 //! key, and the mapping of core replies and errors onto HTTP answers: on the x0 paths
 //! the ones the x0 client can survive (always 200 and a JSON object; see
-//! ARCHITECTURE.md), on `/v1` the statuses of docs/API.md.
+//! ARCHITECTURE.md), on `/v1` the statuses of docs/API.md. The streaming transports
+//! ([`crate::ws`], [`crate::sse`]) and the served files ([`crate::assets`]) are
+//! routed here too.
 
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Either, Full, Limited};
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use ipc::{Message, Response as CoreResponse};
 use tokio::sync::watch;
+use tokio_util::task::TaskTracker;
 use tracing::debug;
 
+use crate::assets::{self, Asset};
 use crate::backend_key::{BackendKey, Denied};
 use crate::core_link::{CoreError, CorePool, PollError};
+use crate::sse::{self, EventBody};
 use crate::v1::{self, Route};
+use crate::ws;
 use crate::x0::{self, Endpoint, Operation, X0Error};
 
 pub struct App {
@@ -28,9 +34,35 @@ pub struct App {
     pub cors: Cors,
     /// `None` disables the backend API.
     pub backend_key: Option<Arc<BackendKey>>,
-    /// Turns true on SIGTERM: parked polls answer at once.
+    /// Turns true on SIGTERM: parked polls answer at once, streams end.
     pub shutdown: watch::Receiver<bool>,
+    pub streams: Streams,
+    /// The HTTP connections, and the WebSocket and SSE tasks that outlive their
+    /// request. Shutdown waits for them all, so that what a stream was given and
+    /// nobody acknowledged is back at the core before the process exits.
+    pub tasks: TaskTracker,
 }
+
+/// The streaming transports' settings (WebSocket and SSE), from the configuration.
+#[derive(Debug, Clone)]
+pub struct Streams {
+    pub ping_interval: Duration,
+    /// Also bounds how long an SSE batch may wait for hyper to take it.
+    pub send_timeout: Duration,
+    pub max_buffer: usize,
+    pub heartbeat: Duration,
+    pub default_window: u32,
+    pub max_window: u32,
+}
+
+/// How long a stream's poll is parked at the core. A stream polls again at once,
+/// so this only bounds how often an idle stream costs a round trip; it stays below
+/// the core's default `max_poll_timeout` (120 s), which would cut it short.
+pub const STREAM_POLL: Duration = Duration::from_secs(25);
+
+/// At most this many messages per poll of a stream: a batch is one write (one SSE
+/// chunk), and a mailbox with thousands waiting should not become one huge write.
+pub const STREAM_BATCH: u32 = 256;
 
 pub struct Cors {
     any_origin: bool,
@@ -51,6 +83,12 @@ impl Cors {
         })
     }
 
+    /// Whether a request from `origin` may be served at all: for WebSockets, which
+    /// browsers open from any page without asking CORS. No `Origin` is not a browser.
+    pub fn admits(&self, origin: Option<&HeaderValue>) -> bool {
+        self.any_origin || origin.is_none_or(|origin| self.origins.contains(origin))
+    }
+
     /// Adds `Access-Control-Allow-Origin` when the request's `origin` may read the reply.
     fn allow(&self, origin: Option<&HeaderValue>, response: &mut HeaderMap) {
         if self.any_origin {
@@ -69,12 +107,19 @@ impl Cors {
     }
 }
 
-type Reply = Response<Full<Bytes>>;
+/// A whole reply, or an event stream. An enum rather than a boxed body, so that
+/// the plain replies, nearly all the traffic, cost no allocation for it.
+pub type Body = Either<Full<Bytes>, EventBody>;
+
+pub type Reply = Response<Body>;
 
 /// Which API a path belongs to.
 enum Api {
     X0(Endpoint),
     V1(Route),
+    WebSocket,
+    Events,
+    Asset(Asset),
 }
 
 pub async fn handle(app: Arc<App>, request: Request<Incoming>) -> Result<Reply, Infallible> {
@@ -84,9 +129,12 @@ pub async fn handle(app: Arc<App>, request: Request<Incoming>) -> Result<Reply, 
         "/get" => Api::X0(Endpoint::Get),
         "/set" => Api::X0(Endpoint::Set),
         "/del" => Api::X0(Endpoint::Del),
-        path => match Route::of(path) {
-            Some(route) => Api::V1(route),
-            None => {
+        "/v1/ws" => Api::WebSocket,
+        "/v1/events" => Api::Events,
+        path => match (Route::of(path), Asset::of(path)) {
+            (Some(route), _) => Api::V1(route),
+            (None, Some(asset)) => Api::Asset(asset),
+            (None, None) => {
                 let error = X0Error::new("NotFound", format!("no such path: {path}"));
                 return Ok(json(StatusCode::NOT_FOUND, error.to_json()));
             }
@@ -101,6 +149,16 @@ pub async fn handle(app: Arc<App>, request: Request<Incoming>) -> Result<Reply, 
         match api {
             Api::X0(endpoint) => x0_reply(x0_request(&app, endpoint, request).await),
             Api::V1(route) => v1_reply(route, v1_request(&app, route, request).await),
+            Api::WebSocket => ws::upgrade(&app, request),
+            Api::Events if request.method() == Method::GET => sse::open(&app, &request),
+            Api::Events => refusal(
+                X0Error::new(
+                    "MethodNotAllowed",
+                    format!("{} is not supported here; use GET", request.method()),
+                ),
+                "GET, OPTIONS",
+            ),
+            Api::Asset(asset) => assets::reply(asset, request.method()),
         }
     };
     app.cors.allow(origin.as_ref(), reply.headers_mut());
@@ -139,6 +197,20 @@ fn v1_reply(route: Route, result: Result<String, Refusal>) -> Reply {
             );
         }
         _ => {}
+    }
+    reply
+}
+
+/// A refusal outside the x0 paths and the `/v1` routes, with the status of its
+/// `exception_id`; `allow` is the `Allow` header of a 405.
+pub fn refusal(error: X0Error, allow: &'static str) -> Reply {
+    debug!(kind = error.kind, message = %error.message, "request refused");
+    let status = v1::status(error.kind);
+    let mut reply = json(status, error.to_json());
+    if status == StatusCode::METHOD_NOT_ALLOWED {
+        reply
+            .headers_mut()
+            .insert(header::ALLOW, HeaderValue::from_static(allow));
     }
     reply
 }
@@ -406,7 +478,7 @@ async fn long_poll(
 
 /// A refused poll keeps the core's name for the refusal (`Kicked`): the x0 paths
 /// show it in a 200, `/v1` with its status.
-fn poll_error(e: PollError) -> X0Error {
+pub fn poll_error(e: PollError) -> X0Error {
     match e {
         PollError::Core(e) => core_error(e),
         PollError::Refused(e) => X0Error::new(e.kind.name(), e.message),
@@ -424,7 +496,7 @@ fn unexpected(reply: Result<CoreResponse, CoreError>) -> X0Error {
     }
 }
 
-fn core_error(e: CoreError) -> X0Error {
+pub fn core_error(e: CoreError) -> X0Error {
     let hint = match e {
         CoreError::Unavailable => "; try again shortly",
         CoreError::ConnectionLost => "; the request may or may not have been carried out",
@@ -433,7 +505,7 @@ fn core_error(e: CoreError) -> X0Error {
 }
 
 fn preflight(request: &HeaderMap) -> Reply {
-    let mut reply = Response::new(Full::new(Bytes::new()));
+    let mut reply = Response::new(Either::Left(Full::new(Bytes::new())));
     *reply.status_mut() = StatusCode::NO_CONTENT;
     let headers = reply.headers_mut();
     headers.insert(
@@ -453,7 +525,7 @@ fn preflight(request: &HeaderMap) -> Reply {
 }
 
 fn json(status: StatusCode, body: String) -> Reply {
-    let mut reply = Response::new(Full::new(Bytes::from(body)));
+    let mut reply = Response::new(Either::Left(Full::new(Bytes::from(body))));
     *reply.status_mut() = status;
     let headers = reply.headers_mut();
     headers.insert(
@@ -469,179 +541,10 @@ mod tests {
     //! The HTTP answers themselves, over a real socket, against no core at all or a
     //! scripted stand-in for one on a Unix socket.
 
-    use std::path::PathBuf;
-    use std::sync::Mutex;
-    use std::sync::atomic::{AtomicUsize, Ordering};
-
-    use futures_util::{SinkExt, StreamExt};
-    use hyper::server::conn::http1;
-    use hyper::service::service_fn;
-    use hyper_util::rt::TokioIo;
-    use ipc::{
-        ClientFrame, ErrorKind, FrameCodec, Hello, Request as CoreRequest, ServerFrame, Welcome,
-    };
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    use tokio::net::{TcpListener, UnixListener};
-    use tokio_util::codec::{FramedRead, FramedWrite};
+    use ipc::{ErrorKind, Request as CoreRequest};
 
     use super::*;
-    use crate::config::Secret;
-    use crate::core_link::PoolConfig;
-
-    /// Answers a core request, or leaves it unanswered with `None`.
-    type Script = fn(&CoreRequest) -> Option<CoreResponse>;
-
-    /// What the stand-in core was asked, in order (heartbeats left out).
-    type Asked = Arc<Mutex<Vec<CoreRequest>>>;
-
-    fn socket_path() -> PathBuf {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let n = N.fetch_add(1, Ordering::Relaxed);
-        std::env::temp_dir().join(format!("msghandler-http-{}-{n}.sock", std::process::id()))
-    }
-
-    /// Removes the stand-in core's socket file when the test ends.
-    struct SocketFile(PathBuf);
-
-    impl Drop for SocketFile {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_file(&self.0);
-        }
-    }
-
-    /// A durable core that answers as `script` says.
-    fn fake_core(script: Script) -> (SocketFile, Asked) {
-        let path = socket_path();
-        let _ = std::fs::remove_file(&path);
-        let listener = UnixListener::bind(&path).unwrap();
-        let asked = Asked::default();
-        let log = asked.clone();
-        tokio::spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
-                let log = log.clone();
-                tokio::spawn(async move {
-                    let (r, w) = stream.into_split();
-                    let mut reader = FramedRead::new(r, FrameCodec::<Hello, Welcome>::new());
-                    let mut writer = FramedWrite::new(w, FrameCodec::<Hello, Welcome>::new());
-                    reader.next().await.unwrap().unwrap();
-                    let accepted = Welcome::Accepted {
-                        version: ipc::PROTOCOL_VERSION,
-                        durable: true,
-                    };
-                    writer.send(accepted).await.unwrap();
-                    let mut reader =
-                        reader.map_decoder(FrameCodec::retype::<ClientFrame, ServerFrame>);
-                    let mut writer =
-                        writer.map_encoder(FrameCodec::retype::<ClientFrame, ServerFrame>);
-                    while let Some(Ok(frame)) = reader.next().await {
-                        let response = match &frame.request {
-                            CoreRequest::Ping => Some(CoreResponse::Pong),
-                            other => {
-                                log.lock().unwrap().push(other.clone());
-                                script(other)
-                            }
-                        };
-                        if let Some(response) = response {
-                            let reply = ServerFrame {
-                                id: frame.id,
-                                response,
-                            };
-                            if writer.send(reply).await.is_err() {
-                                return;
-                            }
-                        }
-                    }
-                });
-            }
-        });
-        (SocketFile(path), asked)
-    }
-
-    struct Handler {
-        addr: std::net::SocketAddr,
-        stop: watch::Sender<bool>,
-    }
-
-    async fn handler(socket: PathBuf, backend_key: Option<&str>) -> Handler {
-        let core = CorePool::start(PoolConfig {
-            socket,
-            connections: 1,
-            max_in_flight: 64,
-            heartbeat_interval: Duration::from_secs(5),
-            core_wait: Duration::from_millis(300),
-        });
-        let (stop, shutdown) = watch::channel(false);
-        let key = backend_key.map(|k| Secret(k.into()));
-        let app = Arc::new(App {
-            core,
-            poll_timeout: Duration::from_millis(200),
-            max_body_bytes: 1024,
-            cors: Cors::new(&["*".to_owned()]).unwrap(),
-            backend_key: BackendKey::from_config(key.as_ref(), None)
-                .unwrap()
-                .map(Arc::new),
-            shutdown,
-        });
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
-                let app = app.clone();
-                let service = service_fn(move |request| handle(app.clone(), request));
-                tokio::spawn(http1::Builder::new().serve_connection(TokioIo::new(stream), service));
-            }
-        });
-        Handler { addr, stop }
-    }
-
-    struct Answer {
-        status: u16,
-        /// The header lines, lower-cased.
-        head: String,
-        body: serde_json::Value,
-    }
-
-    impl Handler {
-        async fn call(&self, method: &str, path: &str, headers: &[&str], body: &str) -> Answer {
-            let mut stream = tokio::net::TcpStream::connect(self.addr).await.unwrap();
-            let mut request = format!(
-                "{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\nContent-Length: {}\r\n",
-                body.len()
-            );
-            for header in headers {
-                request.push_str(header);
-                request.push_str("\r\n");
-            }
-            request.push_str("\r\n");
-            request.push_str(body);
-            stream.write_all(request.as_bytes()).await.unwrap();
-            let mut raw = String::new();
-            stream.read_to_string(&mut raw).await.unwrap();
-            let (head, body) = raw.split_once("\r\n\r\n").unwrap();
-            Answer {
-                status: head[9..12].parse().unwrap(),
-                head: head.to_ascii_lowercase(),
-                body: serde_json::from_str(body).unwrap_or(serde_json::Value::Null),
-            }
-        }
-
-        async fn post(&self, path: &str, body: &str) -> Answer {
-            self.call("POST", path, &[], body).await
-        }
-    }
-
-    impl Answer {
-        fn refusal(&self) -> (u16, &str) {
-            (
-                self.status,
-                self.body["exception_id"].as_str().unwrap_or(""),
-            )
-        }
-    }
-
-    fn no_core() -> PathBuf {
-        socket_path()
-    }
+    use crate::harness::{fake_core, handler, no_core};
 
     #[tokio::test]
     async fn v1_refusals_get_their_documented_status_while_x0_stays_200() {
@@ -859,5 +762,42 @@ mod tests {
                 serde_json::json!({"messages":[{"id":17,"data":1.50}],"ids":[17],"cursor":17})
             )
         );
+    }
+
+    #[tokio::test]
+    async fn the_client_and_the_demo_are_served_as_files() {
+        let h = handler(no_core(), None).await;
+        let script = h.call("GET", "/v1/micromsg.js", &[], "").await;
+        assert_eq!(script.status, 200);
+        assert!(
+            script
+                .head
+                .contains("content-type: text/javascript; charset=utf-8")
+        );
+        assert!(script.head.contains("cache-control: public, max-age=300"));
+        assert!(script.text.contains("globalThis.MicroMsg = MicroMsg;"));
+        let module = h.call("GET", "/v1/micromsg.mjs?v=2", &[], "").await;
+        assert!(module.text.starts_with(&script.text));
+        assert!(
+            module
+                .text
+                .ends_with("export default MicroMsg;\nexport { MicroMsg };\n")
+        );
+        let demo = h.call("GET", "/demo", &[], "").await;
+        assert_eq!(demo.status, 200);
+        assert!(demo.head.contains("content-type: text/html; charset=utf-8"));
+        assert!(demo.text.contains("/v1/micromsg.js"));
+        let head = h.call("HEAD", "/v1/micromsg.js", &[], "").await;
+        assert_eq!((head.status, head.text.as_str()), (200, ""));
+    }
+
+    #[test]
+    fn websockets_from_origins_cors_does_not_allow_are_not_admitted() {
+        let cors = Cors::new(&["https://app.example".to_owned()]).unwrap();
+        assert!(cors.admits(None));
+        assert!(cors.admits(Some(&HeaderValue::from_static("https://app.example"))));
+        assert!(!cors.admits(Some(&HeaderValue::from_static("https://evil.example"))));
+        let any = Cors::new(&["*".to_owned()]).unwrap();
+        assert!(any.admits(Some(&HeaderValue::from_static("https://evil.example"))));
     }
 }

@@ -3,14 +3,20 @@
 //! Speaks HTTP/1.1 to browsers (usually behind nginx) and the application backend,
 //! and turns every request into one IPC request to `msgserver` over its Unix socket.
 //! It holds no message state, so it can be restarted at any time without losing a
-//! message. It implements the x0 `micro-msg-server` contract (see ARCHITECTURE.md)
-//! and the versioned `/v1` API (docs/API.md).
+//! message. It implements the x0 `micro-msg-server` contract (see ARCHITECTURE.md),
+//! the versioned `/v1` API (docs/API.md), and its WebSocket and Server-Sent Events
+//! transports with the browser client that uses them (docs/TRANSPORTS.md).
 
+mod assets;
 mod backend_key;
 mod config;
 mod core_link;
+#[cfg(test)]
+mod harness;
 mod http;
+mod sse;
 mod v1;
+mod ws;
 mod x0;
 
 use std::net::SocketAddr;
@@ -22,14 +28,14 @@ use clap::Parser;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
+use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
 use crate::backend_key::BackendKey;
 use crate::config::{HandlerConfig, seconds};
 use crate::core_link::{CorePool, PoolConfig};
-use crate::http::{App, Cors};
+use crate::http::{App, Cors, Streams};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -163,6 +169,7 @@ struct Settings {
     cors_allowed_origins: Vec<String>,
     backend_key: Option<Arc<BackendKey>>,
     grace: std::time::Duration,
+    streams: Streams,
 }
 
 impl Settings {
@@ -186,8 +193,36 @@ impl Settings {
             )?
             .map(Arc::new),
             grace: seconds("shutdown_grace", config.shutdown_grace)?,
+            streams: streams(config)?,
         })
     }
+}
+
+fn streams(config: &HandlerConfig) -> anyhow::Result<Streams> {
+    let streams = Streams {
+        ping_interval: seconds("ws_ping_interval", config.ws_ping_interval)?,
+        send_timeout: seconds("ws_send_timeout", config.ws_send_timeout)?,
+        max_buffer: config.ws_max_buffer,
+        heartbeat: seconds("sse_heartbeat", config.sse_heartbeat)?,
+        default_window: config.ws_default_window,
+        max_window: config.ws_max_window,
+    };
+    // Zero periods would make tokio's intervals panic, and a zero window or buffer
+    // would deliver nothing.
+    for (key, value) in [
+        ("ws_ping_interval", streams.ping_interval),
+        ("ws_send_timeout", streams.send_timeout),
+        ("sse_heartbeat", streams.heartbeat),
+    ] {
+        anyhow::ensure!(!value.is_zero(), "{key} must be more than 0");
+    }
+    anyhow::ensure!(streams.max_buffer > 0, "ws_max_buffer must be more than 0");
+    anyhow::ensure!(
+        (1..=streams.max_window).contains(&streams.default_window),
+        "ws_default_window must be 1 to ws_max_window ({})",
+        streams.max_window
+    );
+    Ok(streams)
 }
 
 fn worker(
@@ -209,6 +244,7 @@ async fn serve(
 ) -> anyhow::Result<()> {
     let listener = TcpListener::from_std(listener)?;
     let core = CorePool::start(settings.pool.clone());
+    let tasks = TaskTracker::new();
     let app = Arc::new(App {
         core: core.clone(),
         poll_timeout: settings.poll_timeout,
@@ -216,9 +252,10 @@ async fn serve(
         cors: Cors::new(&settings.cors_allowed_origins)?,
         backend_key: settings.backend_key.clone(),
         shutdown: stopped.clone(),
+        streams: settings.streams.clone(),
+        tasks: tasks.clone(),
     });
 
-    let graceful = GracefulShutdown::new();
     loop {
         let (stream, _) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -235,21 +272,40 @@ async fn serve(
             _ = stopped.wait_for(|stop| *stop) => break,
         };
         let _ = stream.set_nodelay(true);
-        let app = app.clone();
-        let service = service_fn(move |request| http::handle(app.clone(), request));
+        let service = {
+            let app = app.clone();
+            service_fn(move |request| http::handle(app.clone(), request))
+        };
+        // With upgrades: a WebSocket takes the connection over from hyper.
         let connection = http1::Builder::new()
             .keep_alive(true)
-            .serve_connection(TokioIo::new(stream), service);
-        let connection = graceful.watch(connection);
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
+            .serve_connection(TokioIo::new(stream), service)
+            .with_upgrades();
+        let mut stopped = stopped.clone();
+        tasks.spawn(async move {
+            tokio::pin!(connection);
+            let ended = tokio::select! {
+                ended = connection.as_mut() => Some(ended),
+                _ = stopped.wait_for(|stop| *stop) => None,
+            };
+            // Stopping: finish the request in progress (an event stream ends by
+            // itself), then close instead of waiting for the next one.
+            let ended = match ended {
+                Some(ended) => ended,
+                None => {
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
+                }
+            };
+            if let Err(e) = ended {
                 tracing::debug!(error = %e, "HTTP connection ended with an error");
             }
         });
     }
 
     drop(listener);
-    if tokio::time::timeout(settings.grace, graceful.shutdown())
+    tasks.close();
+    if tokio::time::timeout(settings.grace, tasks.wait())
         .await
         .is_err()
     {

@@ -113,20 +113,59 @@ const MAX_SECONDS: f64 = u32::MAX as f64;
 
 /// Understands the JSON body of a `POST` to `route`.
 pub fn parse(route: Route, json: &[u8]) -> Result<Operation, X0Error> {
+    parse_for(route, json, None)
+}
+
+/// As [`parse`], for a caller whose session is known before its JSON is read (a
+/// WebSocket's, from its URL): `session` stands in for whatever the JSON names, on
+/// the client routes, which are the ones that name the caller. So an HTTP body and a
+/// WebSocket frame go through one parser per operation and are refused alike.
+pub fn parse_for(route: Route, json: &[u8], session: Option<&str>) -> Result<Operation, X0Error> {
     match route {
-        Route::Publish => publish(body(json)?, Sender::Client),
+        Route::Publish => publish(own(body(json)?, session), Sender::Client),
         Route::BackendPublish => publish(body(json)?, Sender::Backend),
-        Route::Poll => poll(body(json)?),
-        Route::Ack => ack(body(json)?),
-        Route::Subscribe => subscribe(body(json)?),
-        Route::Unsubscribe => unsubscribe(body(json)?),
-        Route::Replies => replies(body(json)?),
-        Route::Pause => set_paused(body(json)?, true),
-        Route::Resume => set_paused(body(json)?, false),
+        Route::Poll => poll(own(body(json)?, session)),
+        Route::Ack => ack(own(body(json)?, session)),
+        Route::Subscribe => subscribe(own(body(json)?, session)),
+        Route::Unsubscribe => unsubscribe(own(body(json)?, session)),
+        Route::Replies => replies(own(body(json)?, session)),
+        Route::Pause => set_paused(own(body(json)?, session), true),
+        Route::Resume => set_paused(own(body(json)?, session), false),
         Route::Presence => presence(body::<PresenceBody>(json)?.channel),
         Route::BackendBind => bind(body(json)?),
         Route::BackendKick => kick(body(json)?),
     }
+}
+
+/// A body whose `session` is the caller's own.
+trait CallerSession {
+    fn session(&mut self) -> &mut Option<String>;
+}
+
+macro_rules! caller_session {
+    ($($body:ty),*) => {$(
+        impl CallerSession for $body {
+            fn session(&mut self) -> &mut Option<String> {
+                &mut self.session
+            }
+        }
+    )*};
+}
+
+caller_session!(
+    PublishBody<'_>,
+    PollBody,
+    AckBody,
+    SubscriptionBody,
+    RepliesBody,
+    SessionBody
+);
+
+fn own<T: CallerSession>(mut body: T, session: Option<&str>) -> T {
+    if let Some(session) = session {
+        *body.session() = Some(session.to_owned());
+    }
+    body
 }
 
 /// Understands the query string of a `GET` (only where [`Route::takes_get`]).
@@ -153,13 +192,13 @@ fn body<'a, T: Deserialize<'a>>(json: &'a [u8]) -> Result<T, X0Error> {
 }
 
 /// The first value of `key`; like x0's `GET /get`, later repeats are ignored.
-fn query_value(query: &str, key: &str) -> Option<String> {
+pub fn query_value(query: &str, key: &str) -> Option<String> {
     form_urlencoded::parse(query.as_bytes())
         .find(|(k, _)| k == key)
         .map(|(_, v)| v.into_owned())
 }
 
-fn query_parsed<T: FromStr>(query: &str, key: &str) -> Result<Option<T>, X0Error> {
+pub fn query_parsed<T: FromStr>(query: &str, key: &str) -> Result<Option<T>, X0Error> {
     query_value(query, key)
         .map(|value| {
             value.parse().map_err(|_| {

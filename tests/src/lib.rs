@@ -1147,3 +1147,226 @@ pub fn id_of(json: &Value) -> u64 {
 pub fn ids_of(envelopes: &[Value]) -> Vec<u64> {
     envelopes.iter().map(id_of).collect()
 }
+
+// ---------------------------------------------------------------------------
+// Server-Sent Events (docs/TRANSPORTS.md)
+// ---------------------------------------------------------------------------
+
+/// How long the head of an event stream may take: it comes before any event.
+const SSE_HEAD_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// One block of an event stream: the lines up to the blank line that ends them (an
+/// event, a `retry:` line, a comment), without their line endings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SseBlock {
+    pub lines: Vec<String>,
+}
+
+impl SseBlock {
+    /// The value of the first `name:` line (one space after the colon dropped, as
+    /// EventSource does).
+    pub fn field(&self, name: &str) -> Option<&str> {
+        self.lines.iter().find_map(|line| {
+            let value = line.strip_prefix(name)?.strip_prefix(':')?;
+            Some(value.strip_prefix(' ').unwrap_or(value))
+        })
+    }
+
+    /// How many `data:` lines the block has.
+    pub fn data_lines(&self) -> usize {
+        self.lines.iter().filter(|l| l.starts_with("data:")).count()
+    }
+
+    /// The `data:` line parsed as JSON; panics unless there is exactly one and it
+    /// is JSON.
+    pub fn json(&self) -> Value {
+        assert_eq!(self.data_lines(), 1, "one data line per event: {self:?}");
+        let data = self.field("data").expect("counted above");
+        serde_json::from_str(data).unwrap_or_else(|e| panic!("data is not JSON ({e}): {self:?}"))
+    }
+
+    /// `id:` as a number; panics without one.
+    pub fn id(&self) -> u64 {
+        self.field("id")
+            .and_then(|id| id.parse().ok())
+            .unwrap_or_else(|| panic!("no numeric id: {self:?}"))
+    }
+
+    /// Only comment lines (`: heartbeat`).
+    pub fn is_comment(&self) -> bool {
+        self.lines.iter().all(|l| l.starts_with(':'))
+    }
+
+    /// Carries data, so EventSource dispatches it.
+    pub fn is_event(&self) -> bool {
+        self.data_lines() > 0
+    }
+}
+
+/// What an event stream did next.
+#[derive(Debug)]
+pub enum SseNext {
+    Block(SseBlock),
+    /// The server ended the response (or the connection went).
+    Ended,
+    /// Nothing complete arrived within the wait.
+    Silent,
+}
+
+/// An open `GET /v1/events` response, read block by block as EventSource would.
+pub struct EventStream {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    body: hyper::body::Incoming,
+    /// Bytes of a line not yet complete.
+    partial: Vec<u8>,
+    /// Lines of the block being read: kept here so that a wait that runs out in
+    /// the middle of a block loses nothing.
+    block: Vec<String>,
+    /// Every line read so far (to check what the stream starts with).
+    pub first_lines: Vec<String>,
+    ended: bool,
+    /// Kept open with the stream: a dropped sender may let hyper close the
+    /// connection before the endless body is done.
+    _sender: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+    /// Drives the socket. Aborted on drop so that dropping the stream closes the TCP
+    /// connection at once, as a closed tab does.
+    conn: tokio::task::JoinHandle<()>,
+}
+
+impl EventStream {
+    /// A header as text, if present.
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.headers
+            .get(name)
+            .map(|v| v.to_str().expect("header is not text").to_owned())
+    }
+
+    /// The next block, the end of the stream, or silence after `within`.
+    pub async fn next(&mut self, within: Duration) -> SseNext {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            while let Some(end) = self.partial.iter().position(|&b| b == b'\n') {
+                let mut line: Vec<u8> = self.partial.drain(..=end).collect();
+                line.pop();
+                if line.last() == Some(&b'\r') {
+                    line.pop();
+                }
+                let line = String::from_utf8(line).expect("an event stream is UTF-8");
+                if self.first_lines.len() < 16 {
+                    self.first_lines.push(line.clone());
+                }
+                if !line.is_empty() {
+                    self.block.push(line);
+                } else if !self.block.is_empty() {
+                    return SseNext::Block(SseBlock {
+                        lines: std::mem::take(&mut self.block),
+                    });
+                }
+            }
+            if self.ended {
+                return SseNext::Ended;
+            }
+            match tokio::time::timeout_at(deadline, self.body.frame()).await {
+                Err(_) => return SseNext::Silent,
+                Ok(None) | Ok(Some(Err(_))) => self.ended = true,
+                Ok(Some(Ok(frame))) => {
+                    if let Ok(data) = frame.into_data() {
+                        self.partial.extend_from_slice(&data);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The next block that carries data (comments and `retry:` blocks skipped);
+    /// panics if the stream ends or nothing comes within `within`.
+    pub async fn event(&mut self, within: Duration) -> SseBlock {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match self.next(left).await {
+                SseNext::Block(block) if block.is_event() => return block,
+                SseNext::Block(_) => continue,
+                SseNext::Ended => panic!("the event stream ended while an event was due"),
+                SseNext::Silent => panic!("no event within {within:?}"),
+            }
+        }
+    }
+
+    /// `count` events in a row.
+    pub async fn events(&mut self, count: usize, within: Duration) -> Vec<SseBlock> {
+        let mut events = Vec::with_capacity(count);
+        for _ in 0..count {
+            events.push(self.event(within).await);
+        }
+        events
+    }
+
+    /// Asserts that no event comes within `within` (comments may).
+    pub async fn assert_no_event(&mut self, within: Duration, what: &str) {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match self.next(left).await {
+                SseNext::Block(block) if block.is_event() => {
+                    panic!("{what}: expected no event, got {block:?}")
+                }
+                SseNext::Block(_) => continue,
+                SseNext::Ended => panic!("{what}: the stream ended"),
+                SseNext::Silent => return,
+            }
+        }
+    }
+}
+
+impl Drop for EventStream {
+    fn drop(&mut self) {
+        self.conn.abort();
+    }
+}
+
+impl Handler {
+    /// `GET /v1/events?<query>` with `headers` (`Last-Event-ID`), as EventSource
+    /// sends it; returns once the response head is in, whatever its status.
+    pub async fn events(&self, query: &str, headers: &[(&str, &str)]) -> EventStream {
+        let path = format!("/v1/events?{query}");
+        let open = async {
+            let stream = tokio::net::TcpStream::connect(self.addr).await?;
+            let (mut sender, conn) =
+                hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+            let conn = tokio::spawn(async move {
+                let _ = conn.await;
+            });
+            let mut req = hyper::Request::builder()
+                .method(Method::GET)
+                .uri(&path)
+                .header(hyper::header::HOST, self.addr.to_string())
+                .header(hyper::header::ACCEPT, "text/event-stream")
+                .header(hyper::header::CACHE_CONTROL, "no-cache");
+            for (name, value) in headers {
+                req = req.header(*name, *value);
+            }
+            let response = sender
+                .send_request(req.body(Full::new(Bytes::new()))?)
+                .await?;
+            let (parts, body) = response.into_parts();
+            Ok::<_, Box<dyn std::error::Error + Send + Sync>>(EventStream {
+                status: parts.status,
+                headers: parts.headers,
+                body,
+                partial: Vec::new(),
+                block: Vec::new(),
+                first_lines: Vec::new(),
+                ended: false,
+                _sender: sender,
+                conn,
+            })
+        };
+        match tokio::time::timeout(SSE_HEAD_TIMEOUT, open).await {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(e)) => panic!("GET {path}: {e}"),
+            Err(_) => panic!("GET {path}: no response head within {SSE_HEAD_TIMEOUT:?}"),
+        }
+    }
+}

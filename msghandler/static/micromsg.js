@@ -1,0 +1,538 @@
+// micromsg browser client: WebSocket, Server-Sent Events or long-polling to
+// msghandler, one API for all three (docs/TRANSPORTS.md is the contract).
+//
+//   const mm = new MicroMsg({session: "tab-123"});
+//   mm.on("message", (message, id) => ...);
+//   await mm.publish({target: {session: "tab-456"}, data: {...}});
+//
+// Served as /v1/micromsg.js (a classic script: defines globalThis.MicroMsg) and as
+// /v1/micromsg.mjs (this same file with `export default MicroMsg; export { MicroMsg };`
+// appended). Hence: no build step, no import/export here, and every top-level name
+// carries the MicroMsg / MICROMSG_ prefix so that it clashes with nothing on a page.
+"use strict";
+
+const MICROMSG_TRANSPORTS = ["websocket", "sse", "poll"];
+const MICROMSG_BACKOFF_MIN_MS = 500; // first reconnect delay (before jitter)
+const MICROMSG_BACKOFF_MAX_MS = 30000; // the doubling stops here
+// A connection that stayed up this long counts as healthy: its loss starts the
+// backoff from the beginning again. Without it a server that accepts and at once
+// drops connections would be hammered every 0.5 s forever.
+const MICROMSG_STABLE_MS = 10000;
+const MICROMSG_OPEN_TIMEOUT_MS = 10000; // a transport that is not open by then failed
+// Running on a fallback transport, try the preferred one again after this long,
+// doubling (up to the maximum) each time it still fails...
+const MICROMSG_PROMOTE_MS = 60000;
+const MICROMSG_PROMOTE_MAX_MS = 600000;
+// ... or after this long when the preferred one probably failed because the server
+// was away rather than because something blocks it: it has worked for this client
+// before, or every transport had failed before the fallback opened.
+const MICROMSG_PROMOTE_SOON_MS = 2000;
+const MICROMSG_WS_WINDOW = 32; // prefetch window asked for over WebSocket
+// WebSocket liveness: browsers answer the server's pings without telling us, so a
+// dead network would go unnoticed until TCP gives up. After this much silence we
+// send an application ping and expect some frame back within the wait.
+const MICROMSG_WS_IDLE_MS = 25000;
+const MICROMSG_WS_PONG_WAIT_MS = 10000;
+const MICROMSG_POLL_TIMEOUT_S = 20; // long-poll timeout asked for (the core caps it)
+const MICROMSG_POLL_MAX = 100;
+const MICROMSG_STORAGE_PREFIX = "micromsg.lastId.";
+
+/** A refusal from msghandler ({exception_id, exception}) or a client-side failure. */
+class MicroMsgError extends Error {
+  constructor(exception_id, exception, status) {
+    super(`${exception_id}: ${exception}`);
+    this.name = "MicroMsgError";
+    this.exception_id = exception_id;
+    this.exception = exception;
+    if (status !== undefined) this.status = status; // HTTP status, when there was one
+  }
+}
+
+// The last id handled is kept per session in sessionStorage (when there is one):
+// a reloaded tab that keeps its session resumes where it stopped instead of being
+// handed again what it already handled.
+function microMsgLoadLastId(session) {
+  try {
+    const v = Number(globalThis.sessionStorage.getItem(MICROMSG_STORAGE_PREFIX + session));
+    return Number.isSafeInteger(v) && v > 0 ? v : 0;
+  } catch {
+    return 0; // no storage (worker, privacy mode): resume within this page only
+  }
+}
+
+function microMsgSaveLastId(session, id) {
+  try {
+    globalThis.sessionStorage.setItem(MICROMSG_STORAGE_PREFIX + session, String(id));
+  } catch {
+    // see microMsgLoadLastId
+  }
+}
+
+function microMsgSupported(transport) {
+  if (transport === "websocket") return typeof globalThis.WebSocket === "function";
+  if (transport === "sse") return typeof globalThis.EventSource === "function";
+  return transport === "poll" && typeof globalThis.fetch === "function";
+}
+
+// Turns a WebSocket answer frame into what the same request answers over HTTP, so
+// that a caller sees one shape whichever way its request went.
+function microMsgAnswer(op, frame) {
+  const out = Object.assign({}, frame);
+  delete out.op;
+  delete out.ref;
+  if (op === "subscribe") out.subscribed = true;
+  if (op === "unsubscribe") {
+    out.unsubscribed = out.count;
+    delete out.count;
+  }
+  return out;
+}
+
+function microMsgSubKey(sub) {
+  return JSON.stringify([sub.channel, sub.subject ?? null, sub.group ?? null]);
+}
+
+class MicroMsg {
+  /**
+   * @param {{url?: string, session: string, transports?: string[]}} options
+   *   url: base URL of msghandler ("" = same origin); session: this client's
+   *   session id; transports: order of preference among "websocket", "sse", "poll".
+   */
+  constructor(options = {}) {
+    if (!options.session) throw new TypeError("MicroMsg: options.session is required");
+    this.url = String(options.url ?? "").replace(/\/+$/, "");
+    this.session = String(options.session);
+    const wanted = options.transports ?? MICROMSG_TRANSPORTS;
+    for (const t of wanted) {
+      if (!MICROMSG_TRANSPORTS.includes(t)) throw new TypeError(`MicroMsg: unknown transport ${t}`);
+    }
+    this.transports = wanted.filter(microMsgSupported);
+    if (!this.transports.length) throw new TypeError("MicroMsg: none of the transports works here");
+    this.state = "connecting"; // "connecting" | "open" | "closed"
+    this.transport = null; // the transport in use while open
+    this.lastId = microMsgLoadLastId(this.session); // highest id handed to callbacks
+
+    this._handlers = { message: [], state: [], error: [] };
+    this._subs = new Map(); // subscriptions to restore on reconnect, by their keys
+    this._pending = new Map(); // WebSocket requests awaiting an answer, by ref
+    this._ref = 0;
+    this._conn = null; // the current connection attempt or connection
+    this._index = 0; // which of this.transports it uses
+    this._failures = 0; // consecutive failures: the backoff exponent
+    this._failedKinds = new Set(); // transports that failed to open since the last open
+    this._workedKinds = new Set(); // transports that opened at least once
+    this._everOpened = false;
+    this._retryTimer = null;
+    this._promoteDelay = 0; // last delay before trying the preferred transport again
+    this._closed = false;
+    this._emitted = null; // last state told to "state" callbacks
+    // msg_id prefix for WebSocket publishes (see _request).
+    this._msgIdPrefix = `mm-${Date.now().toString(36)}-${Math.random().toString(36).slice(2, 10)}-`;
+    this._msgIdSeq = 0;
+    // Connect on the next tick, so that handlers registered right after `new` see
+    // the first "connecting".
+    this._retryTimer = setTimeout(() => this._connect(), 0);
+  }
+
+  /** Registers a callback for "message" (message, id), "state" (state) or "error" (error). */
+  on(event, callback) {
+    if (!this._handlers[event]) throw new TypeError(`MicroMsg: unknown event ${event}`);
+    this._handlers[event].push(callback);
+    return this;
+  }
+
+  /** {channel, subject?, group?, since?} -> {subscribed, recovered, complete} */
+  async subscribe(options) {
+    const sub = Object.assign({}, options);
+    const answer = await this._request("subscribe", sub);
+    delete sub.since; // a resume passes the last id handled instead
+    this._subs.set(microMsgSubKey(sub), sub);
+    return answer;
+  }
+
+  /** {channel, subject?, group?} -> {unsubscribed} */
+  async unsubscribe(options) {
+    const sub = Object.assign({}, options);
+    delete sub.since;
+    this._subs.delete(microMsgSubKey(sub));
+    return this._request("unsubscribe", sub);
+  }
+
+  /** {target?, subject?, reference?, data, ttl?, msg_id?, expect_reply?} -> {id, recipients, ...} */
+  publish(options) {
+    return this._request("publish", Object.assign({}, options));
+  }
+
+  /** Stops for good: closes the connection, rejects requests still waiting. */
+  close() {
+    if (this._closed) return;
+    this._closed = true;
+    clearTimeout(this._retryTimer);
+    if (this._conn) this._drop(this._conn);
+    for (const p of this._pending.values()) p.reject(new MicroMsgError("Closed", "the client was closed"));
+    this._pending.clear();
+    this._setState("closed");
+  }
+
+  // ---- connection management ----------------------------------------------------
+
+  _connect() {
+    this._retryTimer = null;
+    if (this._closed) return;
+    this._setState("connecting");
+    const kind = this.transports[this._index];
+    const conn = { kind, open: false, openedAt: 0, close() {}, send: null };
+    this._conn = conn;
+    conn.openTimer = setTimeout(() => this._lost(conn), MICROMSG_OPEN_TIMEOUT_MS);
+    try {
+      if (kind === "websocket") this._openWebSocket(conn);
+      else if (kind === "sse") this._openSse(conn);
+      else this._openPoll(conn);
+    } catch (e) {
+      // e.g. a URL the WebSocket constructor refuses: counts as failing to open.
+      console.warn("micromsg:", kind, e);
+      this._lost(conn);
+    }
+  }
+
+  // The transport works: it answered (WebSocket welcome, SSE stream, first poll).
+  _opened(conn) {
+    if (conn !== this._conn || conn.open) return;
+    conn.open = true;
+    conn.openedAt = Date.now();
+    clearTimeout(conn.openTimer);
+    this.transport = conn.kind;
+    const resume = this._everOpened;
+    this._everOpened = true;
+    this._setState("open");
+    // Subscriptions live in the core, but a session that was away longer than the
+    // core's session_timeout, or a memory-only core that restarted, has lost them:
+    // subscribe again, asking for what the channels' history holds after the last id
+    // we handled. Copies of what is still queued come back with ids we have already
+    // seen and are skipped. (Not on the first open: subscribe() has just done it.)
+    if (resume) {
+      for (const sub of this._subs.values()) {
+        const body = Object.assign({}, sub, this.lastId > 0 ? { since: this.lastId } : {});
+        this._request("subscribe", body).catch((e) => this._emitError(e));
+      }
+    }
+    const outage = this._failedKinds.size === this.transports.length;
+    this._failedKinds.clear();
+    this._workedKinds.add(conn.kind);
+    if (this._index > 0) {
+      // On a fallback: try the preferred transport again later.
+      if (this._promoteDelay) {
+        this._promoteDelay = Math.min(this._promoteDelay * 2, MICROMSG_PROMOTE_MAX_MS);
+      } else {
+        const soon = outage || this._workedKinds.has(this.transports[0]);
+        this._promoteDelay = soon ? MICROMSG_PROMOTE_SOON_MS : MICROMSG_PROMOTE_MS;
+      }
+      const delay = this._promoteDelay * (0.5 + Math.random() / 2);
+      conn.promoteTimer = setTimeout(() => {
+        if (conn !== this._conn) return;
+        this._drop(conn);
+        this._index = 0;
+        this._failures = 0; // the fallback worked: no reason to wait long for it again
+        this._connect();
+      }, delay);
+    } else {
+      this._promoteDelay = 0;
+    }
+  }
+
+  // Tears a connection down without deciding what comes next.
+  _drop(conn) {
+    if (this._conn === conn) this._conn = null;
+    clearTimeout(conn.openTimer);
+    clearTimeout(conn.promoteTimer);
+    clearInterval(conn.pingTimer);
+    try {
+      conn.close();
+    } catch {
+      // already closed
+    }
+    this.transport = null;
+    // WebSocket requests that got no answer go again over HTTP. Safe: subscribing
+    // and unsubscribing are idempotent and publishes carry a msg_id (see _request).
+    for (const [ref, p] of this._pending) {
+      if (p.conn !== conn) continue;
+      this._pending.delete(ref);
+      if (this._closed) p.reject(new MicroMsgError("Closed", "the client was closed"));
+      else this._http(p.op, p.body).then(p.resolve, p.reject);
+    }
+  }
+
+  // The connection failed to open or ended: reconnect after a backoff.
+  _lost(conn) {
+    if (conn !== this._conn) return; // an old connection's late event
+    this._drop(conn);
+    if (this._closed) return;
+    if (conn.open) {
+      // It worked and then dropped: start over from the preferred transport.
+      if (Date.now() - conn.openedAt >= MICROMSG_STABLE_MS) this._failures = 0;
+      this._index = 0;
+    } else {
+      // It never opened: the next transport (wrapping round to the preferred one).
+      this._failedKinds.add(conn.kind);
+      this._index = (this._index + 1) % this.transports.length;
+    }
+    this._failures++;
+    this._setState("connecting");
+    // Exponential backoff with full jitter: uniformly random up to the cap, so that
+    // many tabs cut off by one outage do not all come back at the same moment.
+    const cap = Math.min(MICROMSG_BACKOFF_MAX_MS, MICROMSG_BACKOFF_MIN_MS * 2 ** (this._failures - 1));
+    this._retryTimer = setTimeout(() => this._connect(), Math.random() * cap);
+  }
+
+  // ---- the three transports --------------------------------------------------------
+
+  _openWebSocket(conn) {
+    const url = new URL(`${this.url}/v1/ws`, globalThis.location?.href);
+    url.protocol = url.protocol === "https:" ? "wss:" : "ws:";
+    url.search = new URLSearchParams({ session: this.session, flow: "window", window: String(MICROMSG_WS_WINDOW) });
+    const ws = new WebSocket(url.href);
+    ws.binaryType = "arraybuffer";
+    conn.close = () => {
+      ws.onmessage = ws.onclose = ws.onerror = null;
+      ws.close(1000);
+    };
+    conn.send = (frame) => ws.send(JSON.stringify(frame));
+    conn.lastSeen = Date.now();
+    ws.onerror = () => {}; // a close event always follows
+    ws.onclose = () => this._lost(conn);
+    ws.onmessage = (event) => {
+      if (conn !== this._conn) return;
+      conn.lastSeen = Date.now();
+      let frame;
+      try {
+        const text = typeof event.data === "string" ? event.data : new TextDecoder().decode(event.data);
+        frame = JSON.parse(text);
+      } catch {
+        console.warn("micromsg: a WebSocket frame that is not JSON");
+        return;
+      }
+      this._wsFrame(conn, frame);
+    };
+  }
+
+  _wsFrame(conn, frame) {
+    switch (frame.op) {
+      case "welcome":
+        this._opened(conn);
+        conn.pingTimer = setInterval(() => this._wsCheck(conn), MICROMSG_WS_PONG_WAIT_MS / 2);
+        return;
+      case "message":
+        this._deliver(frame.message, frame.id);
+        // Acknowledged after the callbacks ran, so that the window (flow "window")
+        // makes room only for messages really handled. By cursor: everything given
+        // on this connection up to the last id handled, including copies we skipped.
+        conn.send({ op: "ack", cursor: this.lastId });
+        return;
+      case "error": {
+        const p = this._pending.get(frame.ref);
+        const error = new MicroMsgError(frame.exception_id, frame.exception);
+        if (frame.ref !== undefined && p) {
+          this._pending.delete(frame.ref);
+          p.reject(error);
+        } else {
+          this._emitError(error); // e.g. Kicked, before the server closes with 4403
+        }
+        return;
+      }
+      default: {
+        // published, subscribed, unsubscribed: answers to our requests. Others
+        // (pong, acked, ok) need nothing beyond the lastSeen update already done.
+        const p = frame.ref !== undefined && this._pending.get(frame.ref);
+        if (p) {
+          this._pending.delete(frame.ref);
+          p.resolve(microMsgAnswer(p.op, frame));
+        }
+      }
+    }
+  }
+
+  _wsCheck(conn) {
+    const now = Date.now();
+    if (conn.pingSent && conn.lastSeen < conn.pingSent) {
+      if (now - conn.pingSent > MICROMSG_WS_PONG_WAIT_MS) this._lost(conn); // no answer: dead
+    } else if (now - conn.lastSeen > MICROMSG_WS_IDLE_MS) {
+      conn.pingSent = now;
+      conn.send({ op: "ping" });
+    }
+  }
+
+  _openSse(conn) {
+    const query = new URLSearchParams({ session: this.session });
+    // We open every EventSource ourselves (closing the old one on any error) rather
+    // than letting the browser reconnect, so Last-Event-ID is never sent: the resume
+    // point is always the query parameter, taken from the last id handled.
+    if (this.lastId > 0) query.set("last_event_id", String(this.lastId));
+    const es = new EventSource(`${this.url}/v1/events?${query}`);
+    conn.close = () => es.close();
+    es.onopen = () => this._opened(conn);
+    es.addEventListener("message", (event) => {
+      if (conn !== this._conn) return;
+      this._opened(conn); // in case the first event beat the open event
+      let message;
+      try {
+        message = JSON.parse(event.data);
+      } catch {
+        console.warn("micromsg: an SSE event that is not JSON");
+        return;
+      }
+      this._deliver(message, event.lastEventId);
+    });
+    // "error" is both the connection failing (a plain Event) and the server's
+    // `event: error` (a MessageEvent carrying the JSON error body, after which the
+    // stream ends and a plain error follows).
+    es.addEventListener("error", (event) => {
+      if (conn !== this._conn) return;
+      if (typeof event.data === "string") {
+        let body = {};
+        try {
+          body = JSON.parse(event.data);
+        } catch {
+          // keep the empty body
+        }
+        this._emitError(new MicroMsgError(body.exception_id ?? "Error", body.exception ?? event.data));
+        return;
+      }
+      this._lost(conn);
+    });
+  }
+
+  async _openPoll(conn) {
+    const abort = new AbortController();
+    conn.close = () => abort.abort();
+    try {
+      // What a previous connection (or page) handled but did not get to acknowledge.
+      if (this.lastId > 0) await this._http("ack", { cursor: this.lastId }, abort.signal);
+      // The first poll answers at once: it says whether the transport works.
+      let timeout = 0;
+      while (conn === this._conn) {
+        const reply = await this._http(
+          "poll",
+          { timeout, max: MICROMSG_POLL_MAX, auto_ack: false },
+          abort.signal,
+          (timeout + 15) * 1000, // an answer that does not come: the network is gone
+        );
+        // A reply that arrived although we switched away meanwhile is still handed
+        // on: its messages were given to this session and are not given again until
+        // the core's visibility timeout.
+        if (this._closed) return;
+        this._opened(conn);
+        const messages = reply.messages ?? [];
+        const ids = reply.ids ?? [];
+        messages.forEach((m, i) => this._deliver(m, ids[i]));
+        // By cursor, after the callbacks ran: also covers copies we skipped.
+        if (ids.length) await this._http("ack", { cursor: this.lastId }, abort.signal);
+        timeout = MICROMSG_POLL_TIMEOUT_S;
+      }
+    } catch (e) {
+      if (conn !== this._conn) return; // we aborted it ourselves
+      // A refusal other than "try again later" deserves a word; network errors and
+      // 503 (CoreUnavailable, ShuttingDown) are what reconnecting is for.
+      if (e instanceof MicroMsgError && e.status !== undefined && e.status !== 503) this._emitError(e);
+      this._lost(conn);
+    }
+  }
+
+  // ---- requests --------------------------------------------------------------------
+
+  // Over the WebSocket when that is the open transport, else POST /v1/<op>.
+  _request(op, body) {
+    if (this._closed) return Promise.reject(new MicroMsgError("Closed", "the client was closed"));
+    const conn = this._conn;
+    if (!conn || !conn.open || conn.kind !== "websocket") return this._http(op, body);
+    // A publish whose connection drops before the answer is sent again over HTTP;
+    // an idempotency key makes sure that the core stores it once.
+    if (op === "publish" && body.msg_id === undefined) body = Object.assign({}, body, { msg_id: this._msgIdPrefix + ++this._msgIdSeq });
+    return new Promise((resolve, reject) => {
+      const ref = ++this._ref;
+      this._pending.set(ref, { op, body, conn, resolve, reject });
+      try {
+        conn.send(Object.assign({}, body, { op, ref }));
+      } catch {
+        // The socket is closing: its close event will re-send this over HTTP.
+      }
+    });
+  }
+
+  async _http(op, body, signal, timeoutMs) {
+    const controller = new AbortController();
+    const cancel = () => controller.abort();
+    signal?.addEventListener("abort", cancel);
+    const timer = timeoutMs ? setTimeout(cancel, timeoutMs) : null;
+    try {
+      const response = await fetch(`${this.url}/v1/${op}`, {
+        method: "POST",
+        headers: { "Content-Type": "application/json" },
+        body: JSON.stringify(Object.assign({}, body, { session: this.session })),
+        cache: "no-store",
+        signal: controller.signal,
+      });
+      let json = null;
+      try {
+        json = await response.json();
+      } catch {
+        // not JSON: reported below
+      }
+      if (!response.ok || !json || json.error) {
+        throw new MicroMsgError(json?.exception_id ?? "HttpError", json?.exception ?? `HTTP ${response.status}`, response.status);
+      }
+      return json;
+    } finally {
+      clearTimeout(timer);
+      signal?.removeEventListener("abort", cancel);
+    }
+  }
+
+  // ---- delivery and events -------------------------------------------------------------
+
+  // Hands a message to the "message" callbacks unless its id is at or below the last
+  // one handled: a copy given again after a reconnect, a resume or a transport switch.
+  _deliver(message, id) {
+    id = Number(id);
+    if (Number.isSafeInteger(id) && id > 0) {
+      if (id <= this.lastId) return;
+      this.lastId = id;
+      microMsgSaveLastId(this.session, id);
+    }
+    for (const callback of this._handlers.message) {
+      try {
+        callback(message, id);
+      } catch (e) {
+        // A failing callback must not stall delivery; the message still counts as
+        // handled (and is acknowledged), as redelivering it would fail again.
+        console.error("micromsg: message callback failed", e);
+      }
+    }
+  }
+
+  _emitError(error) {
+    const info = { exception_id: error.exception_id ?? "Error", exception: error.exception ?? String(error) };
+    this._emit("error", info);
+    // A kicked session is refused for a while: reconnecting would only be refused again.
+    if (info.exception_id === "Kicked") this.close();
+  }
+
+  _setState(state) {
+    this.state = state;
+    if (this._emitted === state) return;
+    this._emitted = state;
+    this._emit("state", state);
+  }
+
+  _emit(event, value) {
+    for (const callback of this._handlers[event]) {
+      try {
+        callback(value);
+      } catch (e) {
+        console.error(`micromsg: ${event} callback failed`, e);
+      }
+    }
+  }
+}
+
+MicroMsg.Error = MicroMsgError;
+globalThis.MicroMsg = MicroMsg;
