@@ -35,7 +35,8 @@ const MICROMSG_WS_IDLE_MS = 25000;
 const MICROMSG_WS_PONG_WAIT_MS = 10000;
 const MICROMSG_POLL_TIMEOUT_S = 20; // long-poll timeout asked for (the core caps it)
 const MICROMSG_POLL_MAX = 100;
-const MICROMSG_STORAGE_PREFIX = "micromsg.lastId.";
+const MICROMSG_SEEN_MAX = 200; // handled ids remembered exactly (see MicroMsgSeen)
+const MICROMSG_STORAGE_PREFIX = "micromsg.seen.";
 
 /** A refusal from msghandler ({exception_id, exception}) or a client-side failure. */
 class MicroMsgError extends Error {
@@ -48,25 +49,58 @@ class MicroMsgError extends Error {
   }
 }
 
-// The last id handled is kept per session in sessionStorage (when there is one):
-// a reloaded tab that keeps its session resumes where it stopped instead of being
-// handed again what it already handled.
-function microMsgLoadLastId(session) {
-  try {
-    const v = Number(globalThis.sessionStorage.getItem(MICROMSG_STORAGE_PREFIX + session));
-    return Number.isSafeInteger(v) && v > 0 ? v : 0;
-  } catch {
-    return 0; // no storage (worker, privacy mode): resume within this page only
+// Which message ids this session has handled: every id up to `floor`, and the ids
+// in `ids` above it. A plain "highest id handled" is not enough: a message given to
+// a connection that died (a tab reloaded just as a poll answered) comes back later,
+// after higher ids were handled, and must still be handled once. The most recent
+// MICROMSG_SEEN_MAX ids are kept exactly; when one more comes, the lowest is folded
+// into the floor. Kept per session in sessionStorage (when there is one), so that a
+// reloaded tab that keeps its session goes on where it stopped.
+class MicroMsgSeen {
+  constructor(session) {
+    this.key = MICROMSG_STORAGE_PREFIX + session;
+    this.floor = 0;
+    this.ids = new Set();
+    try {
+      const saved = JSON.parse(globalThis.sessionStorage.getItem(this.key) || "null");
+      if (saved && Number.isSafeInteger(saved.floor) && Array.isArray(saved.ids)) {
+        this.floor = saved.floor;
+        this.ids = new Set(saved.ids.filter((id) => Number.isSafeInteger(id) && id > saved.floor));
+      }
+    } catch {
+      // no storage (worker, privacy mode) or garbage in it: start afresh
+    }
+  }
+
+  has(id) {
+    return id <= this.floor || this.ids.has(id);
+  }
+
+  // The highest id handled: the resume point (since, last_event_id).
+  get last() {
+    let last = this.floor;
+    for (const id of this.ids) if (id > last) last = id;
+    return last;
+  }
+
+  add(id) {
+    this.ids.add(id);
+    if (this.ids.size > MICROMSG_SEEN_MAX) {
+      const lowest = Math.min(...this.ids);
+      this.ids.delete(lowest);
+      this.floor = lowest;
+    }
+    try {
+      globalThis.sessionStorage.setItem(this.key, JSON.stringify({ floor: this.floor, ids: [...this.ids] }));
+    } catch {
+      // see the constructor
+    }
   }
 }
 
-function microMsgSaveLastId(session, id) {
-  try {
-    globalThis.sessionStorage.setItem(MICROMSG_STORAGE_PREFIX + session, String(id));
-  } catch {
-    // see microMsgLoadLastId
-  }
-}
+// Refusals that mean "try again": reconnecting is the answer, not the app's business
+// (over WebSocket and SSE they come just before the server closes the connection).
+const MICROMSG_TRANSIENT = new Set(["CoreUnavailable", "ShuttingDown"]);
 
 function microMsgSupported(transport) {
   if (transport === "websocket") return typeof globalThis.WebSocket === "function";
@@ -110,7 +144,8 @@ class MicroMsg {
     if (!this.transports.length) throw new TypeError("MicroMsg: none of the transports works here");
     this.state = "connecting"; // "connecting" | "open" | "closed"
     this.transport = null; // the transport in use while open
-    this.lastId = microMsgLoadLastId(this.session); // highest id handed to callbacks
+    this._seen = new MicroMsgSeen(this.session);
+    this.lastId = this._seen.last; // highest id handed to callbacks
 
     this._handlers = { message: [], state: [], error: [] };
     this._subs = new Map(); // subscriptions to restore on reconnect, by their keys
@@ -324,9 +359,11 @@ class MicroMsg {
       case "message":
         this._deliver(frame.message, frame.id);
         // Acknowledged after the callbacks ran, so that the window (flow "window")
-        // makes room only for messages really handled. By cursor: everything given
-        // on this connection up to the last id handled, including copies we skipped.
-        conn.send({ op: "ack", cursor: this.lastId });
+        // makes room only for messages really handled; copies we skipped as well.
+        // By id, not by cursor: a lower id given after a higher one (given again
+        // after a connection died, or from a higher-priority channel) may already
+        // be on its way unhandled, and a cursor would acknowledge it.
+        conn.send({ op: "ack", ids: [frame.id] });
         return;
       case "error": {
         const p = this._pending.get(frame.ref);
@@ -334,7 +371,7 @@ class MicroMsg {
         if (frame.ref !== undefined && p) {
           this._pending.delete(frame.ref);
           p.reject(error);
-        } else {
+        } else if (!MICROMSG_TRANSIENT.has(error.exception_id)) {
           this._emitError(error); // e.g. Kicked, before the server closes with 4403
         }
         return;
@@ -394,7 +431,8 @@ class MicroMsg {
         } catch {
           // keep the empty body
         }
-        this._emitError(new MicroMsgError(body.exception_id ?? "Error", body.exception ?? event.data));
+        const error = new MicroMsgError(body.exception_id ?? "Error", body.exception ?? event.data);
+        if (!MICROMSG_TRANSIENT.has(error.exception_id)) this._emitError(error);
         return;
       }
       this._lost(conn);
@@ -405,8 +443,8 @@ class MicroMsg {
     const abort = new AbortController();
     conn.close = () => abort.abort();
     try {
-      // What a previous connection (or page) handled but did not get to acknowledge.
-      if (this.lastId > 0) await this._http("ack", { cursor: this.lastId }, abort.signal);
+      // What a previous connection (or page) handled but may not have acknowledged.
+      if (this._seen.ids.size) await this._http("ack", { ids: [...this._seen.ids] }, abort.signal);
       // The first poll answers at once: it says whether the transport works.
       let timeout = 0;
       while (conn === this._conn) {
@@ -424,15 +462,17 @@ class MicroMsg {
         const messages = reply.messages ?? [];
         const ids = reply.ids ?? [];
         messages.forEach((m, i) => this._deliver(m, ids[i]));
-        // By cursor, after the callbacks ran: also covers copies we skipped.
-        if (ids.length) await this._http("ack", { cursor: this.lastId }, abort.signal);
+        // After the callbacks ran, by id (see the WebSocket's ack): this batch,
+        // copies we skipped included.
+        if (ids.length) await this._http("ack", { ids }, abort.signal);
         timeout = MICROMSG_POLL_TIMEOUT_S;
       }
     } catch (e) {
       if (conn !== this._conn) return; // we aborted it ourselves
-      // A refusal other than "try again later" deserves a word; network errors and
-      // 503 (CoreUnavailable, ShuttingDown) are what reconnecting is for.
-      if (e instanceof MicroMsgError && e.status !== undefined && e.status !== 503) this._emitError(e);
+      // A refusal other than "try again" deserves a word; network errors and
+      // transient refusals are what reconnecting is for.
+      // (5xx: CoreUnavailable, ShuttingDown, or a proxy in front that lost msghandler.)
+      if (e instanceof MicroMsgError && e.status >= 400 && e.status < 500) this._emitError(e);
       this._lost(conn);
     }
   }
@@ -489,14 +529,14 @@ class MicroMsg {
 
   // ---- delivery and events -------------------------------------------------------------
 
-  // Hands a message to the "message" callbacks unless its id is at or below the last
-  // one handled: a copy given again after a reconnect, a resume or a transport switch.
+  // Hands a message to the "message" callbacks unless it was handled already: a copy
+  // given again after a reconnect, a resume or a transport switch.
   _deliver(message, id) {
     id = Number(id);
     if (Number.isSafeInteger(id) && id > 0) {
-      if (id <= this.lastId) return;
-      this.lastId = id;
-      microMsgSaveLastId(this.session, id);
+      if (this._seen.has(id)) return;
+      this._seen.add(id);
+      if (id > this.lastId) this.lastId = id;
     }
     for (const callback of this._handlers.message) {
       try {
