@@ -157,6 +157,10 @@ pub enum Request {
         user: String,
         exclusive: bool,
     },
+    /// Everything `session` was given and has not acknowledged is ready again at
+    /// once (a reconnecting client whose old connection may have died with messages
+    /// unread). Answered with [`Response::Count`] of messages released.
+    Release { session: String },
     /// Backend: end `session`: its parked poll is answered with [`ErrorKind::Kicked`],
     /// its messages and subscriptions are dropped and its later requests refused.
     /// Answered with [`Response::Done`].

@@ -58,14 +58,14 @@ impl hyper::body::Body for EventBody {
 pub fn open(app: &Arc<App>, request: &Request<Incoming>) -> Reply {
     let query = request.uri().query().unwrap_or("");
     let header = request.headers().get("last-event-id");
-    let (session, last_event_id) = match parse(query, header) {
+    let (session, last_event_id, client_acks) = match parse(query, header) {
         Ok(parsed) => parsed,
         Err(error) => return http::refusal(error, "GET, OPTIONS"),
     };
     let (chunks, body) = mpsc::channel(1);
     let span = tracing::info_span!("sse", session = %session);
     app.tasks
-        .spawn(stream(app.clone(), session, last_event_id, chunks).instrument(span));
+        .spawn(stream(app.clone(), session, last_event_id, client_acks, chunks).instrument(span));
     let mut reply = Response::new(http::Body::Right(EventBody { chunks: body }));
     *reply.status_mut() = StatusCode::OK;
     let headers = reply.headers_mut();
@@ -79,13 +79,14 @@ pub fn open(app: &Arc<App>, request: &Request<Incoming>) -> Reply {
     reply
 }
 
-/// The session, and the id to resume after. The header wins over the query: the
-/// browser sends it on every reconnect with the id it saw last, while the query
-/// stays as the page first wrote it.
+/// The session, the id to resume after, and whether the client acknowledges by
+/// itself (`ack=client`). The header wins over the query: the browser sends it on
+/// every reconnect with the id it saw last, while the query stays as the page first
+/// wrote it.
 fn parse(
     query: &str,
     header: Option<&HeaderValue>,
-) -> Result<(String, Option<MessageId>), X0Error> {
+) -> Result<(String, Option<MessageId>, bool), X0Error> {
     let session = checked_session("session", v1::query_value(query, "session"))?;
     let last_event_id = match header {
         Some(value) => {
@@ -98,7 +99,17 @@ fn parse(
         }
         None => v1::query_parsed(query, "last_event_id")?,
     };
-    Ok((session, last_event_id))
+    let client_acks = match v1::query_value(query, "ack").as_deref() {
+        None | Some("stream") => false,
+        Some("client") => true,
+        Some(other) => {
+            return Err(X0Error::new(
+                "InvalidField",
+                format!("ack={other:?}: expected \"stream\" or \"client\""),
+            ));
+        }
+    };
+    Ok((session, last_event_id, client_acks))
 }
 
 /// One `message` event per message. A body is one JSON value, on one line as the
@@ -153,6 +164,7 @@ async fn stream(
     app: Arc<App>,
     session: String,
     last_event_id: Option<MessageId>,
+    client_acks: bool,
     chunks: mpsc::Sender<Bytes>,
 ) {
     debug!(?last_event_id, "event stream open");
@@ -173,6 +185,7 @@ async fn stream(
         app,
         session,
         unconfirmed: Vec::new(),
+        client_acks,
     };
     stream.run(&chunks).await;
     // Whatever was written last and not yet confirmed goes back: the next
@@ -182,6 +195,7 @@ async fn stream(
         app,
         session,
         unconfirmed,
+        ..
     } = stream;
     app.core.give_back(&session, unconfirmed).await;
 }
@@ -198,6 +212,10 @@ struct EventStream {
     /// just died would be lost in `ack` delivery mode; never acknowledged, it would
     /// come again on this same stream after the core's visibility timeout.)
     unconfirmed: Vec<Message>,
+    /// `ack=client`: the client acknowledges what it handled (`POST /v1/ack`), so
+    /// the stream acknowledges nothing: written is not read, and a page that dies
+    /// with several batches unread would otherwise lose all but the last.
+    client_acks: bool,
 }
 
 impl EventStream {
@@ -269,6 +287,9 @@ impl EventStream {
 
     /// The stream outlived its last batch: that batch is acknowledged.
     fn confirm(&mut self) {
+        if self.client_acks {
+            self.unconfirmed.clear();
+        }
         if self.unconfirmed.is_empty() {
             return;
         }
@@ -362,15 +383,23 @@ mod tests {
 
     #[test]
     fn the_resume_id_comes_from_the_header_before_the_query() {
-        assert_eq!(parse("session=B", None).unwrap(), ("B".into(), None));
+        assert_eq!(parse("session=B", None).unwrap(), ("B".into(), None, false));
         assert_eq!(
             parse("session=B&last_event_id=17", None).unwrap(),
-            ("B".into(), Some(17))
+            ("B".into(), Some(17), false)
         );
         let header = HeaderValue::from_static(" 18 ");
         assert_eq!(
             parse("session=B&last_event_id=17", Some(&header)).unwrap(),
-            ("B".into(), Some(18))
+            ("B".into(), Some(18), false)
+        );
+        assert_eq!(
+            parse("session=B&ack=client", None).unwrap(),
+            ("B".into(), None, true)
+        );
+        assert_eq!(
+            parse("session=B&ack=sometimes", None).unwrap_err().kind,
+            "InvalidField"
         );
         assert_eq!(parse("", None).unwrap_err().kind, "MissingField");
         assert_eq!(parse("session=", None).unwrap_err().kind, "InvalidField");

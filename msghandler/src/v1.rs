@@ -24,6 +24,7 @@ pub enum Route {
     Replies,
     Pause,
     Resume,
+    Release,
     Presence,
     BackendPublish,
     BackendBind,
@@ -40,6 +41,7 @@ impl Route {
             "unsubscribe" => Route::Unsubscribe,
             "replies" => Route::Replies,
             "pause" => Route::Pause,
+            "release" => Route::Release,
             "resume" => Route::Resume,
             "presence" => Route::Presence,
             "backend/publish" => Route::BackendPublish,
@@ -99,6 +101,7 @@ pub enum Answer {
     Acked,
     Subscribed,
     Unsubscribed,
+    Released,
     Done,
     Bound,
     /// The channel is repeated in the reply, as the client asked for it.
@@ -131,6 +134,7 @@ pub fn parse_for(route: Route, json: &[u8], session: Option<&str>) -> Result<Ope
         Route::Replies => replies(own(body(json)?, session)),
         Route::Pause => set_paused(own(body(json)?, session), true),
         Route::Resume => set_paused(own(body(json)?, session), false),
+        Route::Release => release(own(body(json)?, session)),
         Route::Presence => presence(body::<PresenceBody>(json)?.channel),
         Route::BackendBind => bind(body(json)?),
         Route::BackendKick => kick(body(json)?),
@@ -482,6 +486,15 @@ fn set_paused(body: SessionBody, paused: bool) -> Result<Operation, X0Error> {
     ))
 }
 
+fn release(body: SessionBody) -> Result<Operation, X0Error> {
+    Ok(Operation::Request(
+        ipc::Request::Release {
+            session: checked_session("session", body.session)?,
+        },
+        Answer::Released,
+    ))
+}
+
 #[derive(Debug, Default, Deserialize)]
 #[serde(default)]
 struct PresenceBody {
@@ -562,6 +575,7 @@ impl Answer {
                 r#"{{"subscribed":true,"recovered":{recovered},"complete":{complete}}}"#
             )),
             (Answer::Unsubscribed, Response::Count(n)) => Ok(format!(r#"{{"unsubscribed":{n}}}"#)),
+            (Answer::Released, Response::Count(n)) => Ok(format!(r#"{{"released":{n}}}"#)),
             (Answer::Bound, Response::Count(kicked)) => {
                 Ok(format!(r#"{{"status":"ok","kicked":{kicked}}}"#))
             }

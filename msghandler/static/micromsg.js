@@ -219,15 +219,24 @@ class MicroMsg {
     const conn = { kind, open: false, openedAt: 0, close() {}, send: null };
     this._conn = conn;
     conn.openTimer = setTimeout(() => this._lost(conn), MICROMSG_OPEN_TIMEOUT_MS);
-    try {
-      if (kind === "websocket") this._openWebSocket(conn);
-      else if (kind === "sse") this._openSse(conn);
-      else this._openPoll(conn);
-    } catch (e) {
-      // e.g. a URL the WebSocket constructor refuses: counts as failing to open.
-      console.warn("micromsg:", kind, e);
-      this._lost(conn);
-    }
+    // What an earlier connection or page of this session was handed and never
+    // acknowledged (a poll answer or SSE events that reached a dying page) comes
+    // back at once, instead of after the core's visibility timeout. Failing that
+    // (msghandler away), the transport's own failure says so.
+    this._http("release", {}, undefined, 5000)
+      .catch(() => {})
+      .then(() => {
+        if (conn !== this._conn || this._closed) return;
+        try {
+          if (kind === "websocket") this._openWebSocket(conn);
+          else if (kind === "sse") this._openSse(conn);
+          else this._openPoll(conn);
+        } catch (e) {
+          // e.g. a URL the WebSocket constructor refuses: counts as failing to open.
+          console.warn("micromsg:", kind, e);
+          this._lost(conn);
+        }
+      });
   }
 
   // The transport works: it answered (WebSocket welcome, SSE stream, first poll).
@@ -399,7 +408,9 @@ class MicroMsg {
   }
 
   _openSse(conn) {
-    const query = new URLSearchParams({ session: this.session });
+    // ack=client: written is not read, so we acknowledge what we handled ourselves
+    // (POST /v1/ack) rather than let the stream count it acknowledged once written.
+    const query = new URLSearchParams({ session: this.session, ack: "client" });
     // We open every EventSource ourselves (closing the old one on any error) rather
     // than letting the browser reconnect, so Last-Event-ID is never sent: the resume
     // point is always the query parameter, taken from the last id handled.
@@ -418,6 +429,7 @@ class MicroMsg {
         return;
       }
       this._deliver(message, event.lastEventId);
+      this._sseAck(event.lastEventId);
     });
     // "error" is both the connection failing (a plain Event) and the server's
     // `event: error` (a MessageEvent carrying the JSON error body, after which the
@@ -475,6 +487,21 @@ class MicroMsg {
       if (e instanceof MicroMsgError && e.status >= 400 && e.status < 500) this._emitError(e);
       this._lost(conn);
     }
+  }
+
+  // Acknowledges SSE events after the callbacks ran, a few at a time: one POST per
+  // burst, not per event. A lost acknowledgement only means the event comes again,
+  // and is then dropped as handled.
+  _sseAck(id) {
+    id = Number(id);
+    if (!Number.isSafeInteger(id) || id <= 0) return;
+    (this._sseAcks ??= []).push(id);
+    if (this._sseAckTimer) return;
+    this._sseAckTimer = setTimeout(() => {
+      this._sseAckTimer = null;
+      const ids = this._sseAcks.splice(0);
+      this._http("ack", { ids }).catch(() => {});
+    }, 20);
   }
 
   // ---- requests --------------------------------------------------------------------

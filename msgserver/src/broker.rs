@@ -676,6 +676,19 @@ impl Broker {
                 self.kick(now, &session, &reason, out);
                 Response::Done
             }
+            Request::Release { session } => {
+                self.touch(now, &session, out);
+                let mailbox = self.mailboxes.get_mut(&session).expect("touched");
+                let ids: Vec<MessageId> = mailbox.in_flight.keys().copied().collect();
+                let mut back = take_in_flight(mailbox, &mut self.timers, &ids);
+                // Given back unread, as with Return: no delivery attempt counted.
+                for stored in &mut back {
+                    stored.deliveries = stored.deliveries.saturating_sub(1);
+                }
+                let count = back.len() as u64;
+                self.requeue(now, &session, back, out);
+                Response::Count(count)
+            }
         };
         out.push(Reply { to: from, response });
     }
@@ -1923,7 +1936,8 @@ fn acting_session(request: &Request) -> Option<&str> {
         | Request::Unsubscribe { session, .. }
         | Request::AwaitReply { session, .. }
         | Request::SetPaused { session, .. }
-        | Request::Bind { session, .. } => Some(session),
+        | Request::Bind { session, .. }
+        | Request::Release { session } => Some(session),
         Request::Publish { src, .. } => Some(src),
         Request::Send(send) => send.src.as_deref(),
         Request::Ping
@@ -3383,6 +3397,25 @@ mod tests {
             let later = 3 + BrokerConfig::default().kick_retention.as_millis() as u64;
             h.broker.sweep(h.at(later), &mut Vec::new());
             assert!(envelopes(&mut h, later, "s").is_empty());
+        }
+
+        #[test]
+        fn release_makes_everything_in_flight_ready_again_at_once() {
+            let mut h = Harness::new(ack_mode());
+            h.publish(0, "s", "1");
+            h.publish(0, "s", "2");
+            assert_eq!(poll_explicit(&mut h, 1, "s").len(), 2);
+            assert!(poll_explicit(&mut h, 2, "s").is_empty(), "in flight");
+            let released = ask(
+                &mut h,
+                3,
+                Request::Release {
+                    session: "s".into(),
+                },
+            );
+            assert_eq!(released, Response::Count(2));
+            let (to, out) = h.poll(4, "s", 0);
+            assert_eq!(bodies(&reply_for(&out, to).unwrap()), ["1", "2"]);
         }
 
         #[test]

@@ -1367,3 +1367,54 @@ async fn sse_without_a_valid_session_is_400_with_the_json_error_before_any_strea
         .await;
     assert_v1_error(&too_long, StatusCode::BAD_REQUEST, "InvalidField");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sse_with_client_acks_loses_nothing_the_page_did_not_acknowledge() {
+    // With ack=client the stream acknowledges nothing by itself: a page that dies
+    // with events written but unread gets them again, however many batches it was.
+    let (_core, h) = start(ack_core(), HandlerOptions::default());
+    let b = session("b");
+    let ids = queue(&h, &b, 6).await;
+    let mut sse = h.events(&format!("session={b}&ack=client"), &[]).await;
+    let mut seen = Vec::new();
+    while seen.len() < 6 {
+        seen.push(sse.event(DUE).await.id());
+    }
+    assert_eq!(sorted(seen), ids);
+    let acked = h
+        .v1_ok("/v1/ack", json!({"session": b, "ids": &ids[..2]}))
+        .await;
+    assert_eq!(acked["acked"], 2, "{acked}");
+    drop(sse);
+    // The next page first takes back what the last one may have left unread.
+    h.v1_ok("/v1/release", json!({"session": b})).await;
+    let polled = h
+        .v1_poll_with(json!({"session": b, "timeout": 1, "auto_ack": false}))
+        .await;
+    assert_eq!(
+        sorted(ids_of(&polled)),
+        ids[2..],
+        "exactly the unacknowledged"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn release_gives_back_at_once_what_a_dead_page_was_handed_by_a_long_poll() {
+    let (_core, h) = start(ack_core(), HandlerOptions::default());
+    let b = session("b");
+    let ids = queue(&h, &b, 3).await;
+    let given = h
+        .v1_poll_with(json!({"session": b, "timeout": 1, "auto_ack": false}))
+        .await;
+    assert_eq!(ids_of(&given), ids, "handed out, then the page died");
+    let released = h.v1_ok("/v1/release", json!({"session": b})).await;
+    assert_eq!(released["released"], 3, "{released}");
+    let again = h
+        .v1_poll_with(json!({"session": b, "timeout": 1, "auto_ack": false}))
+        .await;
+    assert_eq!(
+        ids_of(&again),
+        ids,
+        "at once, not after the visibility timeout"
+    );
+}
