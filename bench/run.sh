@@ -5,19 +5,21 @@
 #   bench/run.sh            every scenario, each target RUNS times (interleaved),
 #                           medians and ratios as a markdown table
 #   bench/run.sh --quick    CI smoke (same as SMOKE=1): micromsg only, scenario 1 for
-#                           3 s and a fan-out to 50 subscribers for 2 s, once each;
-#                           fails if anything was lost, duplicated or misrouted.
-#                           Needs no nginx.
+#                           3 s, a fan-out to 50 subscribers for 2 s and S=100 P=4
+#                           over WebSocket for 2 s, once each; fails if anything was
+#                           lost, duplicated or misrouted. Needs no nginx.
 #
 # Environment:
 #   DURATION   seconds per run (default 15; 3 in --quick)
 #   RUNS       runs per scenario and target (default 3)
-#   SCENARIOS  which scenarios, in order (default "1 2 3 4 5 6 7"; 6 and 7 are
-#              micromsg only)
+#   SCENARIOS  which scenarios, in order (default "1 2 3 4 5 6 7 8"; 6, 7 and 8
+#              are micromsg only)
 #   TARGETS    which servers (default "micromsg nchan hello"; scenario 3 skips hello;
 #              nginx is installed and started only when nchan is among them)
 #   IDLE       parked long-polls in scenario 3 (default 10000)
 #   FANOUT     subscribers of the channel in scenario 7 (default 10000)
+#   TRANSPORTS how the subscribers of scenario 8 receive, side by side (default
+#              "poll ws sse": x0 long-poll, WebSocket in fast flow, SSE)
 #   ATTEMPTS   tries per measurement while runs come out disturbed (default 3)
 #   RESULTS    file for the raw JSON lines (default target/bench/results-<time>.jsonl;
 #              the markdown table goes next to it as .md)
@@ -53,7 +55,8 @@ runs=${RUNS:-3}
 idle_polls=${IDLE:-10000}
 fanout=${FANOUT:-10000}
 attempts=${ATTEMPTS:-3}
-scenarios=${SCENARIOS:-1 2 3 4 5 6 7}
+scenarios=${SCENARIOS:-1 2 3 4 5 6 7 8}
+transports=${TRANSPORTS:-poll ws sse}
 targets=${TARGETS:-micromsg nchan hello}
 has_target() { [[ " $targets " == *" $1 "* ]]; }
 [ "$quick" = 1 ] && duration=${DURATION:-3}
@@ -325,6 +328,10 @@ if [ "$quick" = 1 ]; then
     smoke smoke --subscribers 100 --publishers 4 --duration "$duration"
     log "smoke: micromsg, fan-out of a channel to 50 subscribers, 2s"
     smoke smoke-fanout --fanout 50 --duration 2
+    log "smoke: micromsg, S=100 P=4 over WebSocket (fast flow), 2s"
+    stop_micromsg
+    start_micromsg
+    smoke smoke-ws --subscribers 100 --publishers 4 --duration 2 --transport ws
     [ "$rc" = 0 ] && log "smoke passed: nothing lost, duplicated or misrouted" ||
         log "smoke FAILED; see $results"
     exit "$rc"
@@ -344,6 +351,7 @@ label_of() {
         5) echo "5: backlog, S=100 P=4, subscribers pause 20 ms between polls" ;;
         6) echo "6: durable, ack delivery, S=100 P=32" ;;
         7) echo "7: fan-out of one channel message to $fanout subscribers" ;;
+        8) echo "8: S=100 P=4 over WebSocket and over SSE" ;;
     esac
 }
 flags_of() {
@@ -355,6 +363,7 @@ flags_of() {
         5) echo "--subscribers 100 --publishers 4 --poll-pause-ms 20" ;;
         6) echo "--subscribers 100 --publishers 32" ;;
         7) echo "--fanout $fanout" ;;
+        8) echo "--subscribers 100 --publishers 4" ;;
     esac
 }
 
@@ -399,6 +408,24 @@ run_fanout() {
     done
 }
 
+# Scenario 8: micromsg only. Scenario 1's load with the subscribers on each
+# transport in turn, interleaved: x0 long-poll, one WebSocket per session in fast
+# flow (no acks: a message counts as acknowledged once written), one event stream
+# per session; the publishers send with x0 POST /set throughout. Every attempt on a
+# freshly started micromsg: an event stream gives its last batch back to the core
+# when it closes (docs/TRANSPORTS.md), and the next run's sessions, which have the
+# same names, would be given it again.
+run_transports() {
+    local label=$1 rep transport
+    shift
+    for rep in $(seq "$runs"); do
+        for transport in $transports; do
+            log "scenario $label: micromsg over $transport, run $rep/$runs"
+            fresh_micromsg=1 run_one micromsg "$label" "$@" --transport "$transport"
+        done
+    done
+}
+
 started_at=$SECONDS
 for scenario in $scenarios; do
     label=$(label_of "$scenario")
@@ -409,6 +436,10 @@ for scenario in $scenarios; do
     fi
     if [ "$scenario" = 7 ]; then
         has_target micromsg && run_fanout "$label" "${flags[@]}"
+        continue
+    fi
+    if [ "$scenario" = 8 ]; then
+        has_target micromsg && run_transports "$label" "${flags[@]}"
         continue
     fi
     # Each scenario starts from freshly started servers.

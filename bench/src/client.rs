@@ -1,7 +1,7 @@
 //! One persistent HTTP/1.1 keep-alive connection, reopened when the server closes it.
 //!
 //! Deliberately no pool: each task of the generator owns exactly one connection, as a
-//! browser tab's long-poll loop does.
+//! browser tab's long-poll loop (or its EventSource) does.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -9,9 +9,10 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper::header::{HeaderMap, HeaderValue};
-use hyper::{Request, StatusCode};
+use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
@@ -57,18 +58,7 @@ impl Connection {
     }
 
     async fn send_unbounded(&mut self, request: Request<Full<Bytes>>) -> Result<Reply> {
-        let usable = match &mut self.sender {
-            Some(sender) => sender.ready().await.is_ok(),
-            None => false,
-        };
-        if !usable {
-            self.sender = None;
-            let mut sender = handshake(self.addr).await?;
-            sender.ready().await.context("new connection not ready")?;
-            self.sender = Some(sender);
-            self.reconnects += 1;
-        }
-        let sender = self.sender.as_mut().expect("connected above");
+        let sender = self.ready().await?;
         let result = async {
             let response = sender.send_request(request).await?;
             let (parts, body) = response.into_parts();
@@ -84,6 +74,50 @@ impl Connection {
             self.sender = None;
         }
         Ok(result?)
+    }
+
+    /// Sends one request and returns as soon as the head of the reply arrived within
+    /// `limit`, its body still to be read: for a reply that does not end by itself,
+    /// an event stream. The connection serves nothing else until that body ended or
+    /// was dropped (dropped early, the next request opens a new connection).
+    pub async fn open_stream(
+        &mut self,
+        request: Request<Full<Bytes>>,
+        limit: Duration,
+    ) -> Result<Response<Incoming>> {
+        let opened = tokio::time::timeout(limit, async {
+            let sender = self.ready().await?;
+            Ok::<_, anyhow::Error>(sender.send_request(request).await?)
+        })
+        .await;
+        match opened {
+            Ok(Ok(response)) => Ok(response),
+            Ok(Err(error)) => {
+                self.sender = None;
+                Err(error)
+            }
+            Err(_) => {
+                self.sender = None;
+                anyhow::bail!("no answer within {} s", limit.as_secs_f64())
+            }
+        }
+    }
+
+    /// The sender, ready for a request: a connection the server closed between
+    /// requests (keep-alive limit, idle timeout) is opened again first.
+    async fn ready(&mut self) -> Result<&mut SendRequest<Full<Bytes>>> {
+        let usable = match &mut self.sender {
+            Some(sender) => sender.ready().await.is_ok(),
+            None => false,
+        };
+        if !usable {
+            self.sender = None;
+            let mut sender = handshake(self.addr).await?;
+            sender.ready().await.context("new connection not ready")?;
+            self.sender = Some(sender);
+            self.reconnects += 1;
+        }
+        Ok(self.sender.as_mut().expect("connected above"))
     }
 }
 

@@ -6,9 +6,11 @@
 //! * `msgbench` is the load generator. It drives micromsg over the x0 long-poll
 //!   protocol, nginx+nchan over nchan's long-poll protocol, or the `hello` baseline
 //!   server, with P closed-loop publishers and S long-polling subscriber sessions
-//!   (one persistent HTTP/1.1 connection each). Every message carries its publisher,
-//!   a sequence number, its destination and a send timestamp, so each delivery is
-//!   checked (misrouted, duplicated) and timed, and what was acknowledged but never
+//!   (one persistent HTTP/1.1 connection each). For micromsg the subscribers can
+//!   instead hold one WebSocket ([`websocket`]) or one event stream ([`sse`]) each,
+//!   fed by the same x0 publishers. Every message carries its publisher, a sequence
+//!   number, its destination and a send timestamp, so each delivery is checked
+//!   (misrouted, duplicated) and timed, and what was acknowledged but never
 //!   delivered is counted as lost. It reads the CPU time and memory of the server
 //!   processes from `/proc`, so servers are compared by **server CPU per delivered
 //!   message**, and marks a run disturbed when something else used the CPU. It can
@@ -25,6 +27,8 @@ pub mod client;
 pub mod fanout;
 pub mod procfs;
 pub mod report;
+pub mod sse;
+pub mod websocket;
 
 use std::time::{SystemTime, UNIX_EPOCH};
 

@@ -1,7 +1,8 @@
 //! Turns msgbench's JSON result lines into markdown: per scenario (the `label`), the
-//! median of each figure per target, and the ratios micromsg/nchan and micromsg/hello.
-//! A scenario's rows follow its kind: load, idle parked polls (`idle`) or fan-out
-//! (`fanout`).
+//! median of each figure per target and transport (a column each: `micromsg` for
+//! long-polling, `micromsg ws`, `micromsg sse`), and the ratios micromsg/nchan,
+//! micromsg/hello, ws/poll and sse/poll. A scenario's rows follow its kind: load,
+//! idle parked polls (`idle`) or fan-out (`fanout`).
 
 use std::fmt::Write;
 use std::path::Path;
@@ -26,6 +27,40 @@ pub fn markdown_from_file(path: &Path) -> Result<String> {
 }
 
 const TARGETS: [&str; 3] = ["micromsg", "nchan", "hello"];
+const TRANSPORTS: [&str; 3] = ["poll", "ws", "sse"];
+
+/// A column of a scenario's table: the runs of one target over one transport.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct Series {
+    /// Where it goes: targets, then transports, in the order of the constants.
+    rank: (usize, usize),
+    /// The transport and, for a WebSocket in window flow, its window: `poll`, `ws`,
+    /// `ws window=32`, `sse`. Runs from before transports existed are `poll`.
+    transport: String,
+    /// The column's header: the target, then the transport unless it is `poll`.
+    name: String,
+}
+
+impl Series {
+    fn of(run: &Value) -> Series {
+        let target = run["target"].as_str().unwrap_or("");
+        let kind = run["transport"].as_str().unwrap_or("poll");
+        let transport = match run["ws_window"].as_u64() {
+            Some(n) if kind == "ws" => format!("ws window={n}"),
+            _ => kind.to_owned(),
+        };
+        let rank = |list: &[&str], x: &str| list.iter().position(|t| *t == x).unwrap_or(list.len());
+        Series {
+            rank: (rank(&TARGETS, target), rank(&TRANSPORTS, kind)),
+            name: if transport == "poll" {
+                target.to_owned()
+            } else {
+                format!("{target} {transport}")
+            },
+            transport,
+        }
+    }
+}
 
 pub fn median(mut values: Vec<f64>) -> Option<f64> {
     if values.is_empty() {
@@ -365,12 +400,20 @@ pub fn markdown(runs: &[Value]) -> String {
             .filter(|r| r["label"].as_str().unwrap_or("") == label)
             .collect();
         let kind = |key: &str| of_label.iter().any(|r| r[key].as_u64().unwrap_or(0) > 0);
-        let targets: Vec<&str> = TARGETS
+        let mut series: Vec<Series> = of_label
             .iter()
-            .copied()
-            .filter(|t| of_label.iter().any(|r| r["target"] == *t))
+            .map(|r| Series::of(r))
+            .filter(|s| s.rank.0 < TARGETS.len())
             .collect();
-        let count = |t: &str| of_label.iter().filter(|r| r["target"] == t).count();
+        series.sort();
+        series.dedup();
+        let runs_of = |name: &str| -> Vec<&Value> {
+            of_label
+                .iter()
+                .filter(|r| Series::of(r).name == name)
+                .copied()
+                .collect()
+        };
         let _ = writeln!(
             out,
             "### {}\n",
@@ -380,24 +423,47 @@ pub fn markdown(runs: &[Value]) -> String {
                 label
             }
         );
-        let runs_note: Vec<String> = targets
+        let runs_note: Vec<String> = series
             .iter()
-            .map(|t| format!("{t} ×{}", count(t)))
+            .map(|s| format!("{} ×{}", s.name, runs_of(&s.name).len()))
             .collect();
         let _ = writeln!(out, "Runs: {} (medians).\n", runs_note.join(", "));
+        let pushed: Vec<&Series> = series
+            .iter()
+            .filter(|s| s.name.starts_with("micromsg ") && s.transport != "poll")
+            .collect();
+        if !pushed.is_empty() {
+            let _ = writeln!(
+                out,
+                "Over WebSocket and SSE a \"poll\" is one read of the socket or stream, and the \
+                 HTTP requests are the publishers' alone.\n"
+            );
+        }
+        // Ratio columns: (header, numerator, denominator), by series name.
+        let has = |name: &str| series.iter().any(|s| s.name == name);
+        let mut ratios: Vec<(String, String, String)> = Vec::new();
+        for other in ["nchan", "hello"] {
+            if has("micromsg") && has(other) {
+                ratios.push((format!("micromsg/{other}"), "micromsg".into(), other.into()));
+            }
+        }
+        if has("micromsg") {
+            for s in &pushed {
+                ratios.push((
+                    format!("{}/poll", s.transport),
+                    s.name.clone(),
+                    "micromsg".into(),
+                ));
+            }
+        }
         let mut header = String::from("| figure |");
         let mut rule = String::from("| --- |");
-        for t in &targets {
-            let _ = write!(header, " {t} |");
-            rule.push_str(" ---: |");
-        }
-        let has = |t: &str| targets.contains(&t);
-        if has("micromsg") && has("nchan") {
-            header.push_str(" micromsg/nchan |");
-            rule.push_str(" ---: |");
-        }
-        if has("micromsg") && has("hello") {
-            header.push_str(" micromsg/hello |");
+        for title in series
+            .iter()
+            .map(|s| &s.name)
+            .chain(ratios.iter().map(|r| &r.0))
+        {
+            let _ = write!(header, " {title} |");
             rule.push_str(" ---: |");
         }
         let _ = writeln!(out, "{header}\n{rule}");
@@ -409,13 +475,12 @@ pub fn markdown(runs: &[Value]) -> String {
             load_rows()
         };
         for row in rows {
-            let figure = |t: &str| -> Option<f64> {
-                if row.skip_hello && t == "hello" {
+            let figure = |name: &str| -> Option<f64> {
+                if row.skip_hello && name == "hello" {
                     return None;
                 }
-                let values: Vec<f64> = of_label
-                    .iter()
-                    .filter(|r| r["target"] == t)
+                let values: Vec<f64> = runs_of(name)
+                    .into_iter()
                     .filter_map(|r| (row.read)(r))
                     .collect();
                 if row.sum {
@@ -428,7 +493,7 @@ pub fn markdown(runs: &[Value]) -> String {
                     median(values)
                 }
             };
-            let cells: Vec<Option<f64>> = targets.iter().map(|t| figure(t)).collect();
+            let cells: Vec<Option<f64>> = series.iter().map(|s| figure(&s.name)).collect();
             if cells.iter().all(Option::is_none) {
                 continue;
             }
@@ -441,19 +506,13 @@ pub fn markdown(runs: &[Value]) -> String {
                     None => line.push_str(" – |"),
                 }
             }
-            let ratio = |other: &str| -> String {
-                let m = figure("micromsg");
-                let o = figure(other);
-                match (row.ratio, m, o) {
-                    (true, Some(m), Some(o)) if o != 0.0 => format!(" {:.2}× |", m / o),
-                    _ => " – |".to_string(),
+            for (_, numerator, denominator) in &ratios {
+                match (row.ratio, figure(numerator), figure(denominator)) {
+                    (true, Some(n), Some(d)) if d != 0.0 => {
+                        let _ = write!(line, " {:.2}× |", n / d);
+                    }
+                    _ => line.push_str(" – |"),
                 }
-            };
-            if has("micromsg") && has("nchan") {
-                line.push_str(&ratio("nchan"));
-            }
-            if has("micromsg") && has("hello") {
-                line.push_str(&ratio("hello"));
             }
             let _ = writeln!(out, "{line}");
         }
@@ -517,6 +576,56 @@ mod tests {
         );
         assert!(text.contains("| lost copies (sum of runs) | 2 |"), "{text}");
         assert!(!text.contains("latency p90 ms"), "{text}");
+    }
+
+    #[test]
+    fn transports_get_a_column_each_and_ratios_to_long_polling() {
+        let run = |transport: Option<&str>, window: Option<u64>, rate: f64, p99: f64| {
+            let mut run = json!({"label": "8: S=100 P=4 over WebSocket and over SSE",
+                   "target": "micromsg", "idle": 0, "rate_per_s": rate,
+                   "latency_ms": {"p99": p99}, "lost": 0, "disturbed": false});
+            if let Some(transport) = transport {
+                run["transport"] = json!(transport);
+                run["ws_window"] = json!(window);
+            }
+            run
+        };
+        let runs = vec![
+            // A line from before transports existed reads as long-polling.
+            run(None, None, 20000.0, 0.4),
+            run(Some("poll"), None, 22000.0, 0.6),
+            run(Some("ws"), None, 44000.0, 0.2),
+            run(Some("sse"), None, 33000.0, 0.3),
+            run(Some("ws"), Some(32), 30000.0, 0.5),
+        ];
+        let text = markdown(&runs);
+        assert!(
+            text.contains(
+                "| figure | micromsg | micromsg ws | micromsg ws window=32 | micromsg sse \
+                 | ws/poll | ws window=32/poll | sse/poll |"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "Runs: micromsg ×2, micromsg ws ×1, micromsg ws window=32 ×1, micromsg sse ×1"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "| delivered msg/s (hello: requests/s) | 21,000 | 44,000 | 30,000 | 33,000 \
+                 | 2.10× | 1.43× | 1.57× |"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "| latency p99 ms | 0.500 | 0.200 | 0.500 | 0.300 | 0.40× | 1.00× | 0.60× |"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("publishers' alone"), "{text}");
     }
 
     #[test]

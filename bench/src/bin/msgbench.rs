@@ -4,6 +4,7 @@
 #![recursion_limit = "256"]
 
 use std::borrow::Cow;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -14,18 +15,23 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use bytes::Bytes;
 use clap::{Parser, ValueEnum};
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use hdrhistogram::Histogram;
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, StatusCode, Uri};
 use msgbench::client::{Connection, Reply};
 use msgbench::fanout::{self, Inbox, Ledger};
 use msgbench::procfs::{self, CpuDelta, Memory, Watched};
+use msgbench::sse::{Event, EventParser};
+use msgbench::websocket::{self, Flow, ServerFrame, Socket};
 use msgbench::{raise_fd_limit, report, unix_micros};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
+use tokio_tungstenite::tungstenite::Message as WsMessage;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Target {
@@ -44,6 +50,30 @@ impl Target {
             Target::Micromsg => "micromsg",
             Target::Nchan => "nchan",
             Target::Hello => "hello",
+        }
+    }
+}
+
+/// How the subscriber sessions of the load scenario receive their messages. The
+/// publishers send with x0 `POST /set` whichever it is, so every delivery carries the
+/// same payload and is checked the same way.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Transport {
+    /// Long-polling: x0 `POST /python/MsgHandler.py` for micromsg (nchan and hello:
+    /// their own long-poll), one keep-alive connection per session.
+    Poll,
+    /// One WebSocket per session, `GET /v1/ws?session=sub<j>` (micromsg only).
+    Ws,
+    /// One event stream per session, `GET /v1/events?session=sub<j>` (micromsg only).
+    Sse,
+}
+
+impl Transport {
+    fn name(self) -> &'static str {
+        match self {
+            Transport::Poll => "poll",
+            Transport::Ws => "ws",
+            Transport::Sse => "sse",
         }
     }
 }
@@ -81,6 +111,17 @@ struct Args {
     /// Subscribers wait this long between polls (backlog scenario).
     #[arg(long, default_value_t = 0)]
     poll_pause_ms: u64,
+    /// How the load scenario's subscribers receive (micromsg only for ws and sse):
+    /// x0 long-poll; one WebSocket per session in fast flow (the server pushes every
+    /// message as it comes and counts it acknowledged once written: no acks); or one
+    /// event stream per session. Publishers send with x0 POST /set either way.
+    #[arg(long, value_enum, default_value = "poll")]
+    transport: Transport,
+    /// With --transport ws: window flow instead of fast, at most N messages given
+    /// and not acknowledged; the subscriber acks ({"op":"ack","ids":[...]}) what
+    /// each read of the socket brought.
+    #[arg(long, value_name = "N")]
+    ws_window: Option<u32>,
     /// Idle scenario: hold this many parked long-polls (distinct sessions) for
     /// --duration and report memory per poll; no publishers.
     #[arg(long, default_value_t = 0)]
@@ -114,6 +155,11 @@ impl Args {
     fn publishers(&self) -> usize {
         self.publishers
             .unwrap_or(if self.fanout > 0 { 1 } else { 4 })
+    }
+
+    /// The WebSocket subscribers' flow control.
+    fn ws_flow(&self) -> Flow {
+        self.ws_window.map_or(Flow::Fast, Flow::Window)
     }
 
     /// Subscriber connections the run opens.
@@ -180,6 +226,11 @@ const ORIGIN: &str = "http://localhost:8000";
 const REQUEST_LIMIT: Duration = Duration::from_secs(10);
 /// Longest wait for a long-poll reply (the servers hold a poll for 10 s).
 const POLL_LIMIT: Duration = Duration::from_secs(30);
+/// Longest wait for a WebSocket's welcome or an event stream's head, connecting
+/// included.
+const OPEN_LIMIT: Duration = Duration::from_secs(10);
+/// The largest window msghandler allows (`ws_max_window`'s default).
+const MAX_WS_WINDOW: u32 = 1024;
 const JSON_UTF8: &str = "application/json; charset=UTF-8";
 /// What the x0 client's preflight asks for.
 const PREFLIGHT_HEADERS: &str = "cache-control,content-type,upgrade-insecure-requests";
@@ -189,6 +240,9 @@ const NCHAN_PREFLIGHT_HEADERS: &str = "if-modified-since,if-none-match";
 /// Everything the tasks share.
 struct Ctx {
     target: Target,
+    /// How subscribers receive (load scenario), and a WebSocket's flow control.
+    transport: Transport,
+    ws_flow: Flow,
     preflight: bool,
     payload_bytes: usize,
     publishers: usize,
@@ -224,6 +278,26 @@ async fn run(args: Args) -> Result<bool> {
     if args.fanout > 0 && args.target != Target::Micromsg {
         bail!("--fanout needs --target micromsg (channels are a micromsg /v1 feature)");
     }
+    if args.transport != Transport::Poll {
+        let transport = args.transport.name();
+        if args.target != Target::Micromsg {
+            bail!("--transport {transport} needs --target micromsg");
+        }
+        if args.idle > 0 || args.fanout > 0 {
+            bail!("--transport {transport} is for the load scenario, not --idle or --fanout");
+        }
+        if args.preflight || args.poll_pause_ms > 0 {
+            bail!("--preflight and --poll-pause-ms are for long-polling subscribers");
+        }
+    }
+    if let Some(n) = args.ws_window {
+        if args.transport != Transport::Ws {
+            bail!("--ws-window needs --transport ws");
+        }
+        if !(1..=MAX_WS_WINDOW).contains(&n) {
+            bail!("--ws-window must be 1 to {MAX_WS_WINDOW}");
+        }
+    }
     let addr = resolve(&args.url).await?;
     let fd_limit = raise_fd_limit().unwrap_or(0);
     let needed = (args.subscriber_connections() + args.publishers() + 64) as u64;
@@ -240,6 +314,8 @@ async fn run(args: Args) -> Result<bool> {
     }
     let ctx = Arc::new(Ctx {
         target: args.target,
+        transport: args.transport,
+        ws_flow: args.ws_flow(),
         preflight: args.preflight,
         payload_bytes: args.payload_bytes,
         publishers: args.publishers(),
@@ -281,20 +357,32 @@ async fn resolve(url: &str) -> Result<SocketAddr> {
         .with_context(|| format!("cannot resolve {authority}"))
 }
 
-/// Opens `n` connections, at most 100 handshakes at a time: listen backlogs can be
-/// as small as 128, and a dropped SYN costs a one-second retransmission.
+/// Opens `n` HTTP connections (see [`open_many`]).
 async fn connect_many(addr: SocketAddr, n: usize) -> Result<Vec<Connection>> {
+    open_many(n, move |_| Connection::open(addr)).await
+}
+
+/// Opens `n` connections of any kind, the `index`-th with `open(index)`, at most 100
+/// handshakes at a time: listen backlogs can be as small as 128, and a dropped SYN
+/// costs a one-second retransmission.
+async fn open_many<T, F, Fut>(n: usize, open: F) -> Result<Vec<T>>
+where
+    T: Send + 'static,
+    F: Fn(usize) -> Fut,
+    Fut: Future<Output = Result<T>> + Send + 'static,
+{
     let gate = Arc::new(Semaphore::new(100));
     let mut set = JoinSet::new();
     for index in 0..n {
         let permit = gate.clone().acquire_owned().await?;
+        let opening = open(index);
         set.spawn(async move {
-            let connection = Connection::open(addr).await;
+            let connection = opening.await;
             drop(permit);
             (index, connection)
         });
     }
-    let mut slots: Vec<Option<Connection>> = (0..n).map(|_| None).collect();
+    let mut slots: Vec<Option<T>> = (0..n).map(|_| None).collect();
     while let Some(joined) = set.join_next().await {
         let (index, connection) = joined?;
         slots[index] = Some(connection?);
@@ -580,9 +668,12 @@ struct SubStats {
     /// Requests (polls and preflights) answered inside the window.
     requests_in_window: u64,
     polls_in_window: u64,
-    /// Polls that brought at least one message, and how many messages they brought.
+    /// Polls (WebSocket: reads of the socket; SSE: chunks of the stream) that
+    /// brought at least one message, and how many messages they brought.
     polls_with_messages: u64,
     messages_in_polls: u64,
+    /// Ack frames sent (WebSocket in window flow).
+    acks: u64,
     cors_missing: u64,
     reconnects: u64,
     first_error: Option<String>,
@@ -679,12 +770,7 @@ async fn subscriber(
                 }
                 let before = stats.deliveries.len();
                 handle_poll_reply(&ctx, &session, &reply, now_us, &mut cursor, &mut stats);
-                let got = (stats.deliveries.len() - before) as u64;
-                if got > 0 {
-                    stats.polls_with_messages += 1;
-                    stats.messages_in_polls += got;
-                    ctx.delivered_total.fetch_add(got, Ordering::Relaxed);
-                }
+                count_batch(&ctx, &mut stats, before);
             }
             Err(error) => {
                 stats.errors += 1;
@@ -760,6 +846,19 @@ fn handle_poll_reply(
     }
 }
 
+/// The deliveries recorded since there were `before` came in one batch: one poll
+/// reply, one read of a WebSocket, one chunk of an event stream.
+fn count_batch(ctx: &Ctx, stats: &mut SubStats, before: usize) {
+    let got = (stats.deliveries.len() - before) as u64;
+    if got > 0 {
+        stats.polls_with_messages += 1;
+        stats.messages_in_polls += got;
+        ctx.delivered_total.fetch_add(got, Ordering::Relaxed);
+    }
+}
+
+/// Checks one delivered payload (`dst`, and the `session_src` msghandler adds when
+/// `expect_sender`) and keeps its (publisher, seq) and latency for the summary.
 fn record(
     ctx: &Ctx,
     session: &str,
@@ -789,6 +888,269 @@ fn record(
     });
 }
 
+/// Session `session`'s WebSocket subscriber: reads `message` frames until stopped.
+/// In window flow it acknowledges, after each read of the socket, the messages that
+/// read brought (the first frame and every frame already there behind it); in fast
+/// flow it sends nothing. Nothing ends a connection during a run: if one ends
+/// anyway, that is an error and the session connects again.
+async fn ws_subscriber(
+    ctx: Arc<Ctx>,
+    addr: SocketAddr,
+    session: String,
+    mut socket: Socket,
+    mut stop: watch::Receiver<bool>,
+) -> SubStats {
+    let mut stats = SubStats::default();
+    ctx.first_polls.fetch_add(1, Ordering::Relaxed);
+    let windowed = ctx.ws_flow.window().is_some();
+    let mut acks = Vec::new();
+    'run: loop {
+        let first = tokio::select! {
+            biased;
+            _ = stop.wait_for(|s| *s) => break,
+            next = socket.next() => next,
+        };
+        let before = stats.deliveries.len();
+        let mut next = Some(first);
+        let mut ended = None;
+        while let Some(item) = next.take() {
+            let text = match item {
+                Some(Ok(WsMessage::Text(text))) => Bytes::from(text),
+                // docs/TRANSPORTS.md: binary frames carry the same JSON.
+                Some(Ok(WsMessage::Binary(bytes))) => bytes,
+                Some(Ok(WsMessage::Close(frame))) => {
+                    ended = Some(format!("closed by the server: {frame:?}"));
+                    break;
+                }
+                // Pings are answered by tungstenite itself.
+                Some(Ok(_)) => Bytes::new(),
+                Some(Err(error)) => {
+                    ended = Some(error.to_string());
+                    break;
+                }
+                None => {
+                    ended = Some("the connection ended".to_owned());
+                    break;
+                }
+            };
+            if !text.is_empty()
+                && let Some(id) = handle_ws_frame(&ctx, &session, &text, unix_micros(), &mut stats)
+                && windowed
+            {
+                acks.push(id);
+            }
+            // What already arrived behind it is part of the same read.
+            next = socket.next().now_or_never();
+        }
+        count_batch(&ctx, &mut stats, before);
+        if !acks.is_empty() && ended.is_none() {
+            stats.acks += 1;
+            let frame = WsMessage::text(websocket::ack_frame(&acks));
+            acks.clear();
+            if let Err(error) = socket.send(frame).await {
+                ended = Some(format!("sending an ack: {error}"));
+            }
+        }
+        let Some(why) = ended else { continue };
+        // Given and not acknowledged goes back to the core with the connection, and
+        // comes again on the next: counted as duplicated if it had arrived.
+        acks.clear();
+        stats.errors += 1;
+        note(&mut stats.first_error, || format!("websocket: {why}"));
+        loop {
+            tokio::select! {
+                biased;
+                _ = stop.wait_for(|s| *s) => break 'run,
+                _ = tokio::time::sleep(Duration::from_millis(10)) => {}
+            }
+            match websocket::connect(addr, &session, ctx.ws_flow, OPEN_LIMIT).await {
+                Ok(reopened) => {
+                    socket = reopened;
+                    stats.reconnects += 1;
+                    break;
+                }
+                Err(error) => {
+                    stats.errors += 1;
+                    note(&mut stats.first_error, || format!("websocket: {error:#}"));
+                }
+            }
+        }
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(1), socket.close(None)).await;
+    stats
+}
+
+/// One frame from a subscriber's WebSocket: a message is checked and recorded as a
+/// poll's would be, an `error` frame counts as an error, other answers are ignored.
+/// Returns the id of a message, for the ack.
+fn handle_ws_frame(
+    ctx: &Ctx,
+    session: &str,
+    text: &[u8],
+    now_us: u64,
+    stats: &mut SubStats,
+) -> Option<u64> {
+    let describe = || String::from_utf8_lossy(&text[..text.len().min(200)]).into_owned();
+    match serde_json::from_slice::<ServerFrame<Delivered>>(text) {
+        Ok(frame) if frame.op == "message" => match (frame.id, frame.message) {
+            (Some(id), Some(message)) => {
+                record(ctx, session, &message, now_us, true, stats);
+                Some(id)
+            }
+            _ => {
+                stats.errors += 1;
+                note(&mut stats.first_error, || {
+                    format!("a message frame without id or message: {}", describe())
+                });
+                None
+            }
+        },
+        Ok(frame) if frame.op == "error" => {
+            stats.errors += 1;
+            note(&mut stats.first_error, || {
+                format!(
+                    "websocket error frame: {} {}",
+                    frame.exception_id.as_deref().unwrap_or(""),
+                    frame.exception.as_deref().unwrap_or("")
+                )
+            });
+            None
+        }
+        Ok(_) => None,
+        Err(_) => {
+            stats.errors += 1;
+            note(&mut stats.first_error, || {
+                format!("unreadable websocket frame: {}", describe())
+            });
+            None
+        }
+    }
+}
+
+/// Opens session `session`'s event stream on `connection`, resuming after
+/// `last_event_id` when there is one (as EventSource does on reconnect); returns its
+/// body once the head said 200 `text/event-stream`.
+async fn open_events(
+    connection: &mut Connection,
+    session: &str,
+    last_event_id: Option<&str>,
+) -> Result<Incoming> {
+    let mut builder = Request::builder()
+        .method(Method::GET)
+        .uri(format!("/v1/events?session={session}"))
+        .header(header::HOST, connection.host.clone())
+        .header(header::ACCEPT, "text/event-stream");
+    if let Some(id) = last_event_id {
+        builder = builder.header("last-event-id", id);
+    }
+    let request = builder.body(Full::new(Bytes::new()))?;
+    let response = connection.open_stream(request, OPEN_LIMIT).await?;
+    let is_stream = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+    if response.status() == StatusCode::OK && is_stream {
+        return Ok(response.into_body());
+    }
+    let status = response.status();
+    let body = tokio::time::timeout(REQUEST_LIMIT, response.into_body().collect())
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .map(|body| body.to_bytes())
+        .unwrap_or_default();
+    bail!(
+        "GET /v1/events?session={session} answered {status}: {}",
+        String::from_utf8_lossy(&body[..body.len().min(200)])
+    )
+}
+
+/// Session `session`'s SSE subscriber: reads the event stream until stopped, each
+/// chunk as it comes. Nothing ends a stream during a run: if one ends anyway, that
+/// is an error and the session opens it again with `Last-Event-ID`, as EventSource
+/// would.
+async fn sse_subscriber(
+    ctx: Arc<Ctx>,
+    session: String,
+    mut connection: Connection,
+    mut body: Incoming,
+    mut stop: watch::Receiver<bool>,
+) -> SubStats {
+    let mut stats = SubStats::default();
+    ctx.first_polls.fetch_add(1, Ordering::Relaxed);
+    let mut parser = EventParser::default();
+    let mut events = Vec::new();
+    'run: loop {
+        let frame = tokio::select! {
+            biased;
+            _ = stop.wait_for(|s| *s) => break,
+            frame = body.frame() => frame,
+        };
+        let why = match frame {
+            Some(Ok(frame)) => {
+                if let Some(chunk) = frame.data_ref() {
+                    let now_us = unix_micros();
+                    parser.feed(chunk, &mut events);
+                    let before = stats.deliveries.len();
+                    for event in events.drain(..) {
+                        handle_event(&ctx, &session, &event, now_us, &mut stats);
+                    }
+                    count_batch(&ctx, &mut stats, before);
+                }
+                continue;
+            }
+            Some(Err(error)) => format!("event stream: {error}"),
+            None => "the event stream ended".to_owned(),
+        };
+        stats.errors += 1;
+        note(&mut stats.first_error, || why);
+        parser.restart();
+        loop {
+            tokio::select! {
+                biased;
+                _ = stop.wait_for(|s| *s) => break 'run,
+                _ = tokio::time::sleep(Duration::from_millis(10)) => {}
+            }
+            match open_events(&mut connection, &session, parser.last_event_id()).await {
+                Ok(reopened) => {
+                    body = reopened;
+                    stats.reconnects += 1;
+                    break;
+                }
+                Err(error) => {
+                    stats.errors += 1;
+                    note(&mut stats.first_error, || format!("{error:#}"));
+                }
+            }
+        }
+    }
+    stats
+}
+
+/// One event of a subscriber's stream: a `message` is checked and recorded as a
+/// poll's would be; an `error` event (the last of a stream the server refused)
+/// counts as an error.
+fn handle_event(ctx: &Ctx, session: &str, event: &Event, now_us: u64, stats: &mut SubStats) {
+    match event.kind.as_str() {
+        "message" => match serde_json::from_str::<Delivered>(&event.data) {
+            Ok(message) => record(ctx, session, &message, now_us, true, stats),
+            Err(_) => {
+                stats.errors += 1;
+                note(&mut stats.first_error, || {
+                    format!("unreadable event (id {:?}): {:.200}", event.id, event.data)
+                });
+            }
+        },
+        "error" => {
+            stats.errors += 1;
+            note(&mut stats.first_error, || {
+                format!("the event stream ended with an error: {:.200}", event.data)
+            });
+        }
+        _ => {}
+    }
+}
+
 // ---------------------------------------------------------------------------------
 // The load scenario
 
@@ -800,19 +1162,10 @@ async fn run_load(
 ) -> Result<(Value, bool)> {
     let s = args.subscribers;
     let p = args.publishers();
-    let sub_connections = connect_many(addr, s).await?;
+    let connections = SubscriberConnections::open(ctx, addr, s).await?;
     let pub_connections = connect_many(addr, p).await?;
     let (stop_tx, stop_rx) = watch::channel(false);
-
-    let mut subscribers = JoinSet::new();
-    for (j, connection) in sub_connections.into_iter().enumerate() {
-        subscribers.spawn(subscriber(
-            ctx.clone(),
-            format!("sub{j}"),
-            connection,
-            stop_rx.clone(),
-        ));
-    }
+    let subscribers = connections.spawn(ctx, addr, &stop_rx);
     // Every subscriber's first poll parked before the window starts.
     await_first_polls(ctx, s, Duration::from_secs(10)).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -853,6 +1206,86 @@ async fn run_load(
         pub_stats,
         sub_stats,
     ))
+}
+
+/// The subscribers' connections of the load scenario, opened (and for a WebSocket
+/// welcomed, for an event stream answered) before any publisher connects.
+enum SubscriberConnections {
+    Poll(Vec<Connection>),
+    Ws(Vec<Socket>),
+    Sse(Vec<(Connection, Incoming)>),
+}
+
+impl SubscriberConnections {
+    /// One per session `sub<j>`, j < `n`, for `ctx`'s transport.
+    async fn open(ctx: &Ctx, addr: SocketAddr, n: usize) -> Result<Self> {
+        Ok(match ctx.transport {
+            Transport::Poll => SubscriberConnections::Poll(connect_many(addr, n).await?),
+            Transport::Ws => {
+                let flow = ctx.ws_flow;
+                SubscriberConnections::Ws(
+                    open_many(n, move |j| async move {
+                        websocket::connect(addr, &format!("sub{j}"), flow, OPEN_LIMIT).await
+                    })
+                    .await?,
+                )
+            }
+            Transport::Sse => SubscriberConnections::Sse(
+                open_many(n, move |j| async move {
+                    let mut connection = Connection::open(addr).await?;
+                    let body = open_events(&mut connection, &format!("sub{j}"), None).await?;
+                    Ok((connection, body))
+                })
+                .await?,
+            ),
+        })
+    }
+
+    /// Starts a subscriber task on each.
+    fn spawn(
+        self,
+        ctx: &Arc<Ctx>,
+        addr: SocketAddr,
+        stop: &watch::Receiver<bool>,
+    ) -> JoinSet<SubStats> {
+        let mut set = JoinSet::new();
+        let session = |j: usize| format!("sub{j}");
+        match self {
+            SubscriberConnections::Poll(connections) => {
+                for (j, connection) in connections.into_iter().enumerate() {
+                    set.spawn(subscriber(
+                        ctx.clone(),
+                        session(j),
+                        connection,
+                        stop.clone(),
+                    ));
+                }
+            }
+            SubscriberConnections::Ws(sockets) => {
+                for (j, socket) in sockets.into_iter().enumerate() {
+                    set.spawn(ws_subscriber(
+                        ctx.clone(),
+                        addr,
+                        session(j),
+                        socket,
+                        stop.clone(),
+                    ));
+                }
+            }
+            SubscriberConnections::Sse(streams) => {
+                for (j, (connection, body)) in streams.into_iter().enumerate() {
+                    set.spawn(sse_subscriber(
+                        ctx.clone(),
+                        session(j),
+                        connection,
+                        body,
+                        stop.clone(),
+                    ));
+                }
+            }
+        }
+        set
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -939,9 +1372,13 @@ fn summarize_load(
     let latency = quantiles_ms(&histogram);
     let ok = lost == 0 && duplicated == 0 && misrouted == 0 && wrong_sender == 0;
     let ok = ok && (is_hello || unique > 0);
+    let ws = ctx.transport == Transport::Ws;
     let mut result = json!({
         "label": args.label,
         "target": ctx.target.name(),
+        "transport": ctx.transport.name(),
+        "ws_flow": if ws { Some(ctx.ws_flow.name()) } else { None },
+        "ws_window": if ws { ctx.ws_flow.window() } else { None },
         "url": args.url,
         "subscribers": args.subscribers,
         "publishers": args.publishers(),
@@ -959,6 +1396,7 @@ fn summarize_load(
         "requests_per_s": round(requests_per_s, 1),
         "rate_per_s": round(if is_hello { requests_per_s } else { delivered_per_s }, 1),
         "polls_in_window": polls,
+        "acks_sent": sum(|s| s.acks),
         "messages_per_nonempty_poll": round(if polls_with > 0 { msgs_in_polls as f64 / polls_with as f64 } else { 0.0 }, 3),
         "latency_ms": latency,
         "lost": lost,
@@ -1714,9 +2152,15 @@ fn table(args: &Args, r: &Value) -> String {
         );
         usage_lines(&mut out, r);
     } else {
+        let transport = match (args.transport, args.ws_flow()) {
+            (Transport::Ws, Flow::Window(n)) => format!(", over ws (window {n}, acked)"),
+            (Transport::Ws, Flow::Fast) => ", over ws (fast flow, no acks)".to_owned(),
+            (Transport::Sse, _) => ", over sse".to_owned(),
+            (Transport::Poll, _) => String::new(),
+        };
         let _ = writeln!(
             out,
-            "  load              S={} P={} payload {} B{}{}, window {:.2} s, drain {:.2} s",
+            "  load              S={} P={} payload {} B{transport}{}{}, window {:.2} s, drain {:.2} s",
             args.subscribers,
             args.publishers(),
             args.payload_bytes,
@@ -1743,10 +2187,20 @@ fn table(args: &Args, r: &Value) -> String {
         );
         let _ = writeln!(
             out,
-            "  requests          {:>10}  {:>10.0}/s  ({:.2} messages per non-empty poll)",
+            "  requests          {:>10}  {:>10.0}/s  ({:.2} messages per non-empty {}){}",
             u("requests_in_window"),
             f("requests_per_s"),
-            f("messages_per_nonempty_poll")
+            f("messages_per_nonempty_poll"),
+            if args.transport == Transport::Poll {
+                "poll"
+            } else {
+                "read"
+            },
+            if u("acks_sent") > 0 {
+                format!(", {} ack frames", u("acks_sent"))
+            } else {
+                String::new()
+            }
         );
         if let Some(l) = r["latency_ms"].as_object() {
             let g = |k: &str| l.get(k).and_then(Value::as_f64).unwrap_or(0.0);
@@ -1833,6 +2287,8 @@ mod tests {
     fn ctx(target: Target) -> Ctx {
         Ctx {
             target,
+            transport: Transport::Poll,
+            ws_flow: Flow::Fast,
             preflight: false,
             payload_bytes: 100,
             publishers: 4,
@@ -1991,6 +2447,64 @@ mod tests {
             &mut stats,
         );
         assert_eq!((stats.errors, stats.deliveries.len()), (1, 2));
+    }
+
+    #[test]
+    fn websocket_frames_are_checked_as_poll_replies_are() {
+        let c = ctx(Target::Micromsg);
+        let mut stats = SubStats::default();
+        let frame = |id: u64, dst: &str, src: &str| {
+            format!(
+                r#"{{"op":"message","id":{id},"message":{{"seq":{id},"pub":1,"dst":"{dst}","ts":10,"pad":"x","session_src":"{src}"}}}}"#
+            )
+        };
+        let mut handle =
+            |text: &str| handle_ws_frame(&c, "sub5", text.as_bytes(), 1010, &mut stats);
+        assert_eq!(handle(&frame(17, "sub5", "pub1")), Some(17));
+        // Misrouted and wrong sender: still acknowledged, so that the window moves.
+        assert_eq!(handle(&frame(18, "sub6", "pub1")), Some(18));
+        assert_eq!(handle(&frame(19, "sub5", "pub2")), Some(19));
+        assert_eq!(handle(r#"{"op":"acked","ref":1,"count":2}"#), None);
+        assert_eq!(
+            handle(r#"{"op":"error","exception_id":"MailboxFull","exception":"x"}"#),
+            None
+        );
+        assert_eq!(handle(r#"{"op":"message","message":{"seq":1}}"#), None);
+        assert_eq!(handle("not json"), None);
+        assert_eq!(stats.deliveries.len(), 2);
+        assert_eq!(stats.deliveries[0].latency_us, 1000);
+        assert_eq!(
+            (stats.misrouted, stats.wrong_sender, stats.errors),
+            (1, 1, 3)
+        );
+        assert!(stats.first_error.unwrap().contains("sub6"));
+    }
+
+    #[test]
+    fn events_are_checked_as_poll_replies_are() {
+        let c = ctx(Target::Micromsg);
+        let mut stats = SubStats::default();
+        let mut parser = EventParser::default();
+        let mut events = Vec::new();
+        parser.feed(
+            b"retry: 2000\n\nid: 4\nevent: message\ndata: {\"seq\":3,\"pub\":0,\"dst\":\"sub2\",\"ts\":5,\"session_src\":\"pub0\"}\n\n\
+              : heartbeat\n\nid: 5\nevent: message\ndata: {\"seq\":4}\n\n\
+              event: error\ndata: {\"error\":true,\"exception_id\":\"Kicked\"}\n\n",
+            &mut events,
+        );
+        let before = stats.deliveries.len();
+        for event in &events {
+            handle_event(&c, "sub2", event, 25, &mut stats);
+        }
+        count_batch(&c, &mut stats, before);
+        assert_eq!(stats.deliveries.len(), 1);
+        assert_eq!(
+            (stats.deliveries[0].seq, stats.deliveries[0].latency_us),
+            (3, 20)
+        );
+        assert_eq!(stats.errors, 2);
+        assert_eq!((stats.polls_with_messages, stats.messages_in_polls), (1, 1));
+        assert_eq!(c.delivered_total.load(Ordering::Relaxed), 1);
     }
 
     #[test]
