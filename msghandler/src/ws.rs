@@ -349,6 +349,9 @@ async fn serve(app: Arc<App>, upgraded: Upgraded, asked: Result<Asked, X0Error>)
     let streams = &app.streams;
     let limit = usize::try_from(app.max_body_bytes).unwrap_or(usize::MAX);
     let config = WebSocketConfig::default()
+        // Browsers send small frames (acks, the odd publish); tungstenite's default
+        // 128 KiB read buffer, allocated up front, was most of a WebSocket's memory.
+        .read_buffer_size(4 * 1024)
         .max_message_size(Some(limit))
         .max_frame_size(Some(limit))
         // Frames are coalesced up to this before a write, well below the bound, so
