@@ -723,17 +723,7 @@ async fn carry_out(app: Arc<App>, operation: v1::Operation, reference: Option<St
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn streams() -> Streams {
-        Streams {
-            ping_interval: Duration::from_secs(20),
-            send_timeout: Duration::from_secs(10),
-            max_buffer: 1 << 20,
-            heartbeat: Duration::from_secs(15),
-            default_window: 32,
-            max_window: 1024,
-        }
-    }
+    use crate::harness::streams;
 
     fn upgrade_headers() -> HeaderMap {
         let mut headers = HeaderMap::new();
