@@ -130,7 +130,7 @@ impl ClockAnchor {
 
     fn unix_ms_at(&self, at: Instant) -> u64 {
         match at.checked_duration_since(self.instant) {
-            Some(after) => self.unix_ms + after.as_millis() as u64,
+            Some(after) => self.unix_ms.saturating_add(after.as_millis() as u64),
             None => self
                 .unix_ms
                 .saturating_sub(self.instant.duration_since(at).as_millis() as u64),
@@ -177,6 +177,11 @@ struct Stored {
     expires_at: Option<Instant>,
     /// Times it was handed out without being acknowledged (ack mode).
     deliveries: u32,
+    /// The client may hold it from an earlier delivery (a visibility timeout or a
+    /// restart put it back in line): only then may a cursor acknowledge it while it
+    /// waits. Never given, or given back unread, a cursor past it (priorities,
+    /// resumed history) must not make it vanish.
+    given_before: bool,
     /// The publisher's key, kept so that a snapshot can write it back.
     key: Option<String>,
 }
@@ -194,6 +199,16 @@ struct InFlight {
     /// The connection it went out on: if that handler dies, nobody will pass it on.
     conn: ConnId,
 }
+
+/// What an accepted message leaves behind besides its copies.
+struct Memo {
+    history: Option<(String, HistoryEntry, ChannelSettings)>,
+    reply_route: Option<(String, Instant)>,
+    key: Option<String>,
+}
+
+/// Longest time-to-live a message may ask for: about ten years.
+const MAX_TTL_MS: u64 = 10 * 365 * 24 * 3600 * 1000;
 
 /// A poll as the broker takes it.
 struct Poll {
@@ -407,6 +422,7 @@ impl Broker {
                 priority,
                 expires_at,
                 deliveries: 0,
+                given_before: true,
                 key: message.key,
             };
             if dead {
@@ -684,6 +700,7 @@ impl Broker {
                 // Given back unread, as with Return: no delivery attempt counted.
                 for stored in &mut back {
                     stored.deliveries = stored.deliveries.saturating_sub(1);
+                    stored.given_before = false;
                 }
                 let count = back.len() as u64;
                 self.requeue(now, &session, back, out);
@@ -850,31 +867,35 @@ impl Broker {
             .as_deref()
             .and_then(|c| self.config.channels.iter().find(|s| s.pattern.matches(c)))
             .cloned();
-        if let (Some(name), Some(settings)) = (&channel, &settings)
-            && settings.history_len > 0
-        {
-            let entry = HistoryEntry {
-                id,
-                at: now,
-                subject: send.subject.clone(),
-                body: body.clone(),
-            };
-            self.histories
-                .entry(name.clone())
-                .or_default()
-                .push(entry, settings, now);
-        }
-        if let (Some(ms), Some(src)) = (send.expect_reply_ms, &send.src) {
-            let ttl = Duration::from_millis(ms).min(self.config.max_reply_ttl);
-            self.reply_routes.insert(id, (src.clone(), now + ttl));
-        }
-        if let Some(key) = &key {
-            self.dedup
-                .insert(key.clone(), (id, now + self.config.dedup_window));
-        }
+        // Remembered only once the message is accepted: a refused one must not be
+        // resumed from history, answered, or taken for a duplicate when retried.
+        let memo = Memo {
+            history: match (&channel, &settings) {
+                (Some(name), Some(settings)) if settings.history_len > 0 => Some((
+                    name.clone(),
+                    HistoryEntry {
+                        id,
+                        at: now,
+                        subject: send.subject.clone(),
+                        body: body.clone(),
+                    },
+                    settings.clone(),
+                )),
+                _ => None,
+            },
+            reply_route: match (send.expect_reply_ms, &send.src) {
+                (Some(ms), Some(src)) => {
+                    let ttl = Duration::from_millis(ms).min(self.config.max_reply_ttl);
+                    Some((src.clone(), now + ttl))
+                }
+                _ => None,
+            },
+            key: key.clone(),
+        };
+        // Capped so that no expiry overflows (a decade is "never" for a mailbox).
         let ttl = send
             .ttl_ms
-            .map(Duration::from_millis)
+            .map(|ms| Duration::from_millis(ms.min(MAX_TTL_MS)))
             .or(self.config.message_ttl);
         let expires_at = ttl.map(|ttl| now + ttl);
         let channel: Option<Arc<str>> = channel.map(Arc::from);
@@ -889,18 +910,23 @@ impl Broker {
                 priority,
                 expires_at,
                 deliveries: 0,
+                given_before: false,
                 key,
             };
             return match self.enqueue(now, &recipients[0], stored, max_pending, out) {
-                Ok(dropped) => Response::Sent {
-                    id,
-                    recipients: 1,
-                    dropped,
-                    duplicate: false,
-                },
+                Ok(dropped) => {
+                    self.remember(now, id, memo);
+                    Response::Sent {
+                        id,
+                        recipients: 1,
+                        dropped,
+                        duplicate: false,
+                    }
+                }
                 Err(refusal) => refusal,
             };
         }
+        self.remember(now, id, memo);
         let mut queued = 0;
         let mut dropped = 0;
         for (i, session) in recipients.iter().enumerate() {
@@ -915,6 +941,7 @@ impl Broker {
                 priority,
                 expires_at,
                 deliveries: 0,
+                given_before: false,
                 key: key.clone(),
             };
             match self.enqueue(now, session, stored, max_pending, out) {
@@ -934,6 +961,21 @@ impl Broker {
         }
     }
 
+    fn remember(&mut self, now: Instant, id: MessageId, memo: Memo) {
+        if let Some((name, entry, settings)) = memo.history {
+            self.histories
+                .entry(name)
+                .or_default()
+                .push(entry, &settings, now);
+        }
+        if let Some(route) = memo.reply_route {
+            self.reply_routes.insert(id, route);
+        }
+        if let Some(key) = memo.key {
+            self.dedup.insert(key, (id, now + self.config.dedup_window));
+        }
+    }
+
     /// Queues one copy for `session`, making room as the limits say; returns how
     /// many older messages were dropped, or the refusal under the reject policy.
     fn enqueue(
@@ -948,7 +990,8 @@ impl Broker {
         mailbox.last_active = now;
         drop_expired(mailbox, now, &mut self.journal);
         let mut dropped = Vec::new();
-        if max_pending > 0 && stored.channel.is_some() {
+        // Counting is a scan, so only when the mailbox holds enough to be over.
+        if max_pending > 0 && stored.channel.is_some() && mailbox.ready.len() >= max_pending {
             let same = |s: &Stored| s.channel == stored.channel;
             if mailbox.ready.iter().filter(|s| same(s)).count() >= max_pending
                 && let Some(oldest) = mailbox.ready.iter().position(same)
@@ -1105,6 +1148,7 @@ impl Broker {
                 priority,
                 expires_at,
                 deliveries: 0,
+                given_before: false,
                 key: None,
             };
             let clock = self.clock;
@@ -1360,6 +1404,7 @@ impl Broker {
             priority: 0,
             expires_at,
             deliveries: 0,
+            given_before: false,
             key,
         });
         self.deliver_if_waiting(now, &dst, out);
@@ -1458,8 +1503,9 @@ impl Broker {
             .map(|s| s.seq)
             .collect();
         if !matches!(which, AckSelector::All) {
+            let by_cursor = matches!(which, AckSelector::UpTo(_));
             mailbox.ready.retain(|s| {
-                let hit = covers(s.message.id);
+                let hit = covers(s.message.id) && (s.given_before || !by_cursor);
                 if hit {
                     seqs.push(s.seq);
                 }
@@ -1510,6 +1556,7 @@ impl Broker {
                 let mut back = take_in_flight(mailbox, &mut self.timers, &ids);
                 for stored in &mut back {
                     stored.deliveries = stored.deliveries.saturating_sub(1);
+                    stored.given_before = false;
                 }
                 self.requeue(now, &session, back, out);
             }
@@ -1529,6 +1576,7 @@ impl Broker {
                         priority: 0,
                         expires_at,
                         deliveries: 0,
+                        given_before: false,
                         key: None,
                     };
                     self.journal.push(|| copy_record(clock, &session, &stored));
@@ -1857,6 +1905,7 @@ impl Broker {
                 let mailbox = self.mailboxes.get_mut(session).expect("caller checked");
                 for mut stored in taken {
                     stored.deliveries += 1;
+                    stored.given_before = true;
                     mailbox.in_flight.insert(
                         stored.message.id,
                         InFlight {
@@ -3533,6 +3582,73 @@ mod tests {
                 got[1].ends_with(r#""data":2}"#) && got[2].ends_with(r#""data":3}"#),
                 "{got:?}"
             );
+        }
+
+        #[test]
+        fn a_send_refused_for_a_full_mailbox_is_not_taken_for_a_duplicate_when_retried() {
+            let mut h = Harness::new(BrokerConfig {
+                mailbox_max_len: 1,
+                overflow: OverflowPolicy::Reject,
+                ..BrokerConfig::default()
+            });
+            let keyed = |key: &str| {
+                let mut m = message(Some("a"), Some(Target::Session("b".into())), "1");
+                m.key = Some(key.into());
+                m
+            };
+            sent_id(&send(&mut h, 0, keyed("k1")));
+            let refused = send(&mut h, 1, keyed("k2"));
+            assert_eq!(refusal(&refused), Some(ErrorKind::MailboxFull));
+            assert_eq!(data(&mut h, 2, "b").len(), 1);
+            let retried = send(&mut h, 3, keyed("k2"));
+            assert!(
+                matches!(
+                    retried,
+                    Response::Sent {
+                        recipients: 1,
+                        duplicate: false,
+                        ..
+                    }
+                ),
+                "{retried:?}"
+            );
+            assert_eq!(data(&mut h, 4, "b").len(), 1, "delivered this time");
+        }
+
+        #[test]
+        fn a_cursor_past_a_message_never_given_does_not_acknowledge_it() {
+            let mut h = Harness::new(BrokerConfig {
+                delivery: DeliveryMode::Ack,
+                ..prioritised()
+            });
+            subscribe(&mut h, 0, "s", sub("chatter", None, None), None);
+            subscribe(&mut h, 0, "s", sub("alerts", None, None), None);
+            let low = sent_id(&to_channel(&mut h, 1, "chatter", None, "1"));
+            let high = sent_id(&to_channel(&mut h, 1, "alerts", None, "2"));
+            let (to, out) = h.send(
+                2,
+                Request::Poll {
+                    session: "s".into(),
+                    timeout_ms: 0,
+                    ack_previous: false,
+                    max: 1,
+                },
+            );
+            assert_eq!(ids(&reply_for(&out, to).unwrap()), [high], "priority first");
+            let acked = ask(
+                &mut h,
+                3,
+                Request::Ack {
+                    session: "s".into(),
+                    which: AckSelector::UpTo(high),
+                },
+            );
+            assert_eq!(
+                acked,
+                Response::Acked { count: 1 },
+                "not the one never given"
+            );
+            assert_eq!(poll_explicit(&mut h, 4, "s"), [low]);
         }
 
         #[test]

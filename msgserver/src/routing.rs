@@ -178,6 +178,17 @@ impl Subscriptions {
             return Change::Nothing;
         }
         if !entry.members.is_empty() {
+            // A group nobody is in any more has no turn to keep.
+            if let Some(group) = &subscription.group {
+                let key = (subscription.subject.clone(), group.clone());
+                let still_used = entry.members.iter().any(|m| {
+                    m.subscription.group.as_ref() == Some(group)
+                        && m.subscription.subject == subscription.subject
+                });
+                if !still_used {
+                    entry.turns.remove(&key);
+                }
+            }
             return Change::Changed;
         }
         self.by_pattern.remove(&subscription.channel);

@@ -201,12 +201,14 @@ impl Recovered {
                 if let Some(state) = self.sessions.get_mut(&session) {
                     state.subscriptions.remove(&subscription);
                 }
+                self.forget_if_empty(&session);
             }
             Record::Bound { session, user } => {
                 self.sessions.entry(session).or_default().user = Some(user);
             }
             Record::Paused { session, paused } => {
-                self.sessions.entry(session).or_default().paused = paused;
+                self.sessions.entry(session.clone()).or_default().paused = paused;
+                self.forget_if_empty(&session);
             }
             Record::Left { session } => {
                 self.sessions.remove(&session);
@@ -215,6 +217,20 @@ impl Recovered {
                 self.sessions.remove(&session);
                 self.kicked.insert(session, until_ms);
             }
+        }
+    }
+}
+
+impl Recovered {
+    /// A session with nothing left to remember is not one to bring back: a broker
+    /// writes no `Left` for a session whose state it had already cleared.
+    fn forget_if_empty(&mut self, session: &str) {
+        if self
+            .sessions
+            .get(session)
+            .is_some_and(|state| *state == SessionState::default())
+        {
+            self.sessions.remove(session);
         }
     }
 }
