@@ -236,17 +236,20 @@ impl CorePool {
                 Err(CoreError::ConnectionLost) => continue,
                 Err(e) => return Err(e.into()),
             };
+            let Call { id, reply, _permit } = call;
             let mut guard = CancelOnDrop {
                 conn: &conn,
-                poll: call.id,
+                poll: id,
+                session,
+                reply,
                 armed: true,
             };
             // A core that does not answer in time (hung, or its answer stuck behind
             // a full socket) must not hold the browser past the poll's own timeout;
             // the margin lets a punctual core's empty answer win the race, so that
             // an ordinary timeout costs no CancelPoll.
-            let Ok(reply) = tokio::time::timeout_at(deadline + POLL_MARGIN, call.wait()).await
-            else {
+            let waited = tokio::time::timeout_at(deadline + POLL_MARGIN, &mut guard.reply).await;
+            let Ok(reply) = waited.map(|r| r.map_err(|_| CoreError::ConnectionLost)) else {
                 debug!(
                     session,
                     "the core did not answer a poll in time; withdrawing it"
@@ -398,14 +401,29 @@ impl Call {
 struct CancelOnDrop<'a> {
     conn: &'a CoreConnection,
     poll: RequestId,
+    session: &'a str,
+    reply: oneshot::Receiver<Response>,
     armed: bool,
 }
 
 impl Drop for CancelOnDrop<'_> {
     fn drop(&mut self) {
         if self.armed {
-            self.conn
-                .send_unanswered(Request::CancelPoll { poll: self.poll });
+            // Closed first: an answer not yet here is then refused and handed back
+            // by dispatch; one already here is handed back now.
+            self.reply.close();
+            match self.reply.try_recv() {
+                Ok(Response::Messages(messages)) if !messages.is_empty() => {
+                    self.conn.send_unanswered(Request::Return {
+                        session: self.session.to_owned(),
+                        messages,
+                    });
+                }
+                Ok(_) => {}
+                Err(_) => self
+                    .conn
+                    .send_unanswered(Request::CancelPoll { poll: self.poll }),
+            }
         }
     }
 }

@@ -48,6 +48,21 @@ impl Drop for SocketFile {
 
 /// A durable core that answers as `script` says.
 pub fn fake_core(script: Script) -> (SocketFile, Asked) {
+    fake_core_answering(move |request| script(request).map(|response| (0, response)))
+}
+
+/// A core whose answers come after a delay (ms), for races between an answer and
+/// what the handler does meanwhile.
+pub type DelayedScript = fn(&CoreRequest) -> Option<(u64, CoreResponse)>;
+
+pub fn fake_core_delayed(script: DelayedScript) -> (SocketFile, Asked) {
+    fake_core_answering(script)
+}
+
+fn fake_core_answering(
+    answer: impl Fn(&CoreRequest) -> Option<(u64, CoreResponse)> + Send + Sync + 'static,
+) -> (SocketFile, Asked) {
+    let answer = std::sync::Arc::new(answer);
     let path = socket_path();
     let _ = std::fs::remove_file(&path);
     let listener = UnixListener::bind(&path).unwrap();
@@ -56,6 +71,7 @@ pub fn fake_core(script: Script) -> (SocketFile, Asked) {
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
             let log = log.clone();
+            let answer = answer.clone();
             tokio::spawn(async move {
                 let (r, w) = stream.into_split();
                 let mut reader = FramedRead::new(r, FrameCodec::<Hello, Welcome>::new());
@@ -68,22 +84,38 @@ pub fn fake_core(script: Script) -> (SocketFile, Asked) {
                 writer.send(accepted).await.unwrap();
                 let mut reader = reader.map_decoder(FrameCodec::retype::<ClientFrame, ServerFrame>);
                 let mut writer = writer.map_encoder(FrameCodec::retype::<ClientFrame, ServerFrame>);
-                while let Some(Ok(frame)) = reader.next().await {
-                    let response = match &frame.request {
-                        CoreRequest::Ping => Some(CoreResponse::Pong),
-                        other => {
-                            log.lock().unwrap().push(other.clone());
-                            script(other)
-                        }
-                    };
-                    if let Some(response) = response {
-                        let reply = ServerFrame {
-                            id: frame.id,
-                            response,
-                        };
-                        if writer.send(reply).await.is_err() {
+                // One writer, so that answers without a delay keep their order.
+                let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<ServerFrame>();
+                tokio::spawn(async move {
+                    while let Some(frame) = rx.recv().await {
+                        if writer.send(frame).await.is_err() {
                             return;
                         }
+                    }
+                });
+                while let Some(Ok(frame)) = reader.next().await {
+                    let reply = match &frame.request {
+                        CoreRequest::Ping => Some((0, CoreResponse::Pong)),
+                        other => {
+                            log.lock().unwrap().push(other.clone());
+                            answer(other)
+                        }
+                    };
+                    let Some((ms, response)) = reply else {
+                        continue;
+                    };
+                    let reply = ServerFrame {
+                        id: frame.id,
+                        response,
+                    };
+                    if ms == 0 {
+                        let _ = tx.send(reply);
+                    } else {
+                        let tx = tx.clone();
+                        tokio::spawn(async move {
+                            tokio::time::sleep(Duration::from_millis(ms)).await;
+                            let _ = tx.send(reply);
+                        });
                     }
                 }
             });

@@ -60,6 +60,17 @@ pub struct Streams {
 /// the core's default `max_poll_timeout` (120 s), which would cut it short.
 pub const STREAM_POLL: Duration = Duration::from_secs(25);
 
+/// A stream's poll that came back empty long before [`STREAM_POLL`] was superseded:
+/// another poll for the same session took its place at the core (a second tab on
+/// the session, a reconnect while the old connection lingers). Polling again at once
+/// would supersede that one in turn, and the two would spin; each waits this long.
+pub const SUPERSEDED_PAUSE: Duration = Duration::from_secs(1);
+
+/// Whether an empty answer after `waited` means the poll was superseded.
+pub fn superseded(waited: Duration) -> bool {
+    waited < STREAM_POLL / 2
+}
+
 /// At most this many messages per poll of a stream: a batch is one write (one SSE
 /// chunk), and a mailbox with thousands waiting should not become one huge write.
 pub const STREAM_BATCH: u32 = 256;

@@ -226,6 +226,7 @@ impl EventStream {
         let period = app.streams.heartbeat;
         let mut heartbeat = tokio::time::interval_at(Instant::now() + period, period);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut next_pause = None;
         loop {
             if *shutdown.borrow_and_update() {
                 return;
@@ -233,9 +234,16 @@ impl EventStream {
             // Never ack_previous: what was given before is acknowledged by id, as
             // `unconfirmed` says, and what earlier connections were given only by
             // the Last-Event-ID.
-            let poll = app
-                .core
-                .poll_for_stream(&session, STREAM_POLL, false, STREAM_BATCH);
+            let started = Instant::now();
+            let pause: Option<std::time::Duration> = next_pause.take();
+            let core = app.core.clone();
+            let poll = async {
+                if let Some(pause) = pause {
+                    tokio::time::sleep(pause).await;
+                }
+                core.poll_for_stream(&session, STREAM_POLL, false, STREAM_BATCH)
+                    .await
+            };
             tokio::pin!(poll);
             // Dropping the poll (the client left, the handler stops) withdraws it;
             // an answer already on its way is handed back by the pool.
@@ -259,7 +267,12 @@ impl EventStream {
                 }
             };
             let batch = match polled {
-                Ok(batch) if batch.is_empty() => continue,
+                Ok(batch) if batch.is_empty() => {
+                    if http::superseded(started.elapsed()) {
+                        next_pause = Some(http::SUPERSEDED_PAUSE);
+                    }
+                    continue;
+                }
                 Ok(batch) => batch,
                 Err(e) => {
                     say_last(&app, chunks, &http::poll_error(e)).await;

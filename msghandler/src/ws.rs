@@ -244,20 +244,28 @@ impl Given {
         ids
     }
 
-    /// The client acknowledged these.
-    fn acked(&mut self, which: &AckSelector) {
+    /// The client acknowledged these. "Everything" and "up to a cursor" mean what
+    /// this connection gave: they come back as exact ids, since the core would also
+    /// count messages it handed over that are not written yet (a poll answered
+    /// meanwhile, ids out of order by priority), and those would then be lost.
+    fn acked(&mut self, which: &AckSelector) -> AckSelector {
         match which {
-            AckSelector::All => self.outstanding.clear(),
+            AckSelector::All => {
+                AckSelector::Ids(std::mem::take(&mut self.outstanding).into_keys().collect())
+            }
             AckSelector::Ids(ids) => {
                 for id in ids {
                     self.outstanding.remove(id);
                 }
+                which.clone()
             }
             AckSelector::UpTo(cursor) => {
-                self.outstanding = match cursor.checked_add(1) {
+                let above = match cursor.checked_add(1) {
                     Some(above) => self.outstanding.split_off(&above),
                     None => BTreeMap::new(),
                 };
+                let covered = std::mem::replace(&mut self.outstanding, above);
+                AckSelector::Ids(covered.into_keys().collect())
             }
         }
     }
@@ -338,6 +346,10 @@ struct Connection {
     /// The long-poll at the core, while there is room in the window. Dropping it
     /// withdraws it; an answer already on its way is handed back by the pool.
     poll: Pending<Result<Vec<Message>, PollError>>,
+    /// When the poll was asked for, to tell a superseded poll from a timed-out one.
+    poll_started: Instant,
+    /// Set after a superseded poll: the next one waits this long first.
+    poll_pause: Option<Duration>,
     /// The client's request at the core. One at a time, in the order sent: reading
     /// stops until it is answered, which pushes back on a client that floods.
     in_core: Pending<Answered>,
@@ -380,6 +392,8 @@ async fn serve(app: Arc<App>, upgraded: Upgraded, asked: Result<Asked, X0Error>)
         session,
         given: Given::new(flow),
         poll: None,
+        poll_started: Instant::now(),
+        poll_pause: None,
         in_core: None,
         heard: Instant::now(),
     };
@@ -436,7 +450,12 @@ impl Connection {
         // Never ack_previous: what this connection was given is acknowledged by the
         // client's acks (or, in fast flow, by its having been written), not by asking
         // for more.
+        let pause = self.poll_pause.take();
+        self.poll_started = Instant::now();
         self.poll = Some(Box::pin(async move {
+            if let Some(pause) = pause {
+                tokio::time::sleep(pause).await;
+            }
             core.poll_for_stream(&session, STREAM_POLL, false, room)
                 .await
         }));
@@ -498,11 +517,11 @@ impl Connection {
                 let ok = frame::done("ok", reference.as_deref());
                 self.write(vec![WsMessage::text(ok)]).await
             }
-            frame::Op::Core(operation) => {
-                if let v1::Operation::Request(ipc::Request::Ack { which, .. }, _) = &operation {
+            frame::Op::Core(mut operation) => {
+                if let v1::Operation::Request(ipc::Request::Ack { which, .. }, _) = &mut operation {
                     // Settled here at once: the client has handled them, whatever the
                     // core's answer, and their room in the window is free again.
-                    self.given.acked(which);
+                    *which = self.given.acked(which);
                 }
                 self.in_core = Some(Box::pin(carry_out(self.app.clone(), operation, reference)));
                 Ok(())
@@ -549,6 +568,9 @@ impl Connection {
             }
         };
         if batch.is_empty() {
+            if http::superseded(self.poll_started.elapsed()) {
+                self.poll_pause = Some(http::SUPERSEDED_PAUSE);
+            }
             return Ok(());
         }
         let frames = batch
@@ -876,6 +898,25 @@ mod tests {
         assert_eq!(given.room(), 2);
         assert_eq!(given.take_outstanding(), vec![message(3)]);
         assert_eq!(given.last, Some(message(3)));
+    }
+
+    #[test]
+    fn everything_and_a_cursor_acknowledge_only_what_this_connection_gave() {
+        let mut given = Given::new(Flow::Window(8));
+        given.give(vec![message(1), message(4), message(7)]);
+        // The core may hold 5 and 6 for this session too (a poll answered, not yet
+        // written): they must not be acknowledged by a cursor or "everything".
+        assert_eq!(
+            given.acked(&AckSelector::UpTo(6)),
+            AckSelector::Ids(vec![1, 4])
+        );
+        assert_eq!(given.acked(&AckSelector::All), AckSelector::Ids(vec![7]));
+        assert_eq!(given.room(), 8);
+        // Exact ids are the client's to name, earlier connections' included.
+        assert_eq!(
+            given.acked(&AckSelector::Ids(vec![2])),
+            AckSelector::Ids(vec![2])
+        );
     }
 
     #[test]
@@ -1301,5 +1342,106 @@ mod socket_tests {
         let post = h.call("POST", "/v1/ws?session=S", &[], "").await;
         assert_eq!(post.refusal(), (405, "MethodNotAllowed"));
         assert!(post.head.contains("allow: get, options"), "{}", post.head);
+    }
+}
+
+#[cfg(test)]
+mod poll_answer_tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use ipc::{Request as CoreRequest, Response as CoreResponse};
+    use tokio::net::TcpSocket;
+
+    use super::*;
+    use crate::harness::{asked_for, fake_core_delayed, handler_with, streams};
+
+    fn message(id: MessageId) -> Message {
+        Message {
+            id,
+            body: format!(r#"{{"id":{id}}}"#),
+        }
+    }
+
+    fn returned(asked: &crate::harness::Asked) -> Vec<MessageId> {
+        asked
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|r| match r {
+                CoreRequest::Return { messages, .. } => {
+                    Some(messages.iter().map(|m| m.id).collect::<Vec<_>>())
+                }
+                _ => None,
+            })
+            .flatten()
+            .collect()
+    }
+
+    /// A poll the core answered while the connection was stuck writing to a slow
+    /// client is dropped with the connection: its messages must go back, not vanish.
+    #[tokio::test]
+    async fn a_poll_answered_while_a_write_blocks_is_given_back_when_the_connection_ends() {
+        let (socket, asked) = fake_core_delayed(|request| match request {
+            CoreRequest::Poll { .. } => {
+                static POLLS: AtomicUsize = AtomicUsize::new(0);
+                match POLLS.fetch_add(1, Ordering::Relaxed) {
+                    0 => Some((
+                        0,
+                        CoreResponse::Messages(vec![Message {
+                            id: 1,
+                            body: format!(r#"{{"pad":"{}"}}"#, "x".repeat(900 * 1024)),
+                        }]),
+                    )),
+                    1 => Some((300, CoreResponse::Messages(vec![message(2)]))),
+                    _ => None,
+                }
+            }
+            CoreRequest::Return { .. } => Some((0, CoreResponse::Done)),
+            CoreRequest::Ack { .. } => Some((0, CoreResponse::Acked { count: 0 })),
+            _ => None,
+        });
+        let streams = Streams {
+            send_timeout: Duration::from_secs(2),
+            ..streams()
+        };
+        let h = handler_with(socket.0.clone(), None, streams).await;
+        let tcp = TcpSocket::new_v4().unwrap();
+        tcp.set_recv_buffer_size(4096).unwrap();
+        let tcp = tcp.connect(h.addr).await.unwrap();
+        let url = format!("ws://{}/v1/ws?session=S", h.addr);
+        let (mut client, _) = tokio_tungstenite::client_async(url, tcp).await.unwrap();
+        // welcome, then message 1 (read in full)
+        for _ in 0..2 {
+            client.next().await.unwrap().unwrap();
+        }
+        // The second poll is parked at the core (answered 300 ms later).
+        for _ in 0..500 {
+            if asked
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|r| matches!(r, CoreRequest::Poll { .. }))
+                .count()
+                >= 2
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // Now stop reading and ask for the large last message again and again:
+        // the server's write blocks until send_timeout.
+        for _ in 0..20 {
+            client
+                .send(WsMessage::text(r#"{"op":"get"}"#))
+                .await
+                .unwrap();
+        }
+        asked_for(&asked, |r| matches!(r, CoreRequest::Return { .. })).await;
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let back = returned(&asked);
+        assert!(
+            back.contains(&2),
+            "message 2 was handed over by the core, never written, never given back: returned {back:?}"
+        );
     }
 }

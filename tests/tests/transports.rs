@@ -1418,3 +1418,37 @@ async fn release_gives_back_at_once_what_a_dead_page_was_handed_by_a_long_poll()
         "at once, not after the visibility timeout"
     );
 }
+
+/// utime + stime of a process, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("reading /proc");
+    // After the command name in parentheses: field 14 and 15 of the whole line.
+    let rest = &stat[stat.rfind(')').expect("comm") + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_streams_on_one_session_do_not_supersede_each_other_in_a_loop() {
+    // A second tab on the session, or a reconnect while the old stream lingers:
+    // each stream's poll supersedes the other's at the core. Both must back off
+    // instead of re-polling at once, which kept a core busy before.
+    let (core, h) = start_default();
+    let b = session("b");
+    let query = format!("session={b}");
+    let mut one = h.events(&query, &[]).await;
+    let mut two = h.events(&query, &[]).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (handler_before, core_before) = (cpu_ticks(h.pid()), cpu_ticks(core.pid()));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let spent = cpu_ticks(h.pid()) - handler_before + cpu_ticks(core.pid()) - core_before;
+    println!("two streams on one session for 2 s: {spent} ticks of CPU in both processes");
+    assert!(spent < 20, "{spent} clock ticks in 2 s: the polls spin");
+    // And messages still get through, to one of them.
+    let id = publish(&h, &b, json!("m")).await;
+    let got = tokio::select! {
+        e = one.event(DUE) => e.id(),
+        e = two.event(DUE) => e.id(),
+    };
+    assert_eq!(got, id);
+}
