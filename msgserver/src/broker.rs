@@ -177,10 +177,10 @@ struct Stored {
     expires_at: Option<Instant>,
     /// Times it was handed out without being acknowledged (ack mode).
     deliveries: u32,
-    /// The client may hold it from an earlier delivery (a visibility timeout or a
-    /// restart put it back in line): only then may a cursor acknowledge it while it
-    /// waits. Never given, or given back unread, a cursor past it (priorities,
-    /// resumed history) must not make it vanish.
+    /// The client may hold it from an earlier delivery (a visibility timeout, a
+    /// restart, or a handler giving back what it wrote but saw no ack for put it
+    /// back in line): only then may a cursor acknowledge it while it waits. Never
+    /// given, a cursor past it (priorities, resumed history) must not make it vanish.
     given_before: bool,
     /// The publisher's key, kept so that a snapshot can write it back.
     key: Option<String>,
@@ -700,7 +700,6 @@ impl Broker {
                 // Given back unread, as with Return: no delivery attempt counted.
                 for stored in &mut back {
                     stored.deliveries = stored.deliveries.saturating_sub(1);
-                    stored.given_before = false;
                 }
                 let count = back.len() as u64;
                 self.requeue(now, &session, back, out);
@@ -1556,7 +1555,6 @@ impl Broker {
                 let mut back = take_in_flight(mailbox, &mut self.timers, &ids);
                 for stored in &mut back {
                     stored.deliveries = stored.deliveries.saturating_sub(1);
-                    stored.given_before = false;
                 }
                 self.requeue(now, &session, back, out);
             }
