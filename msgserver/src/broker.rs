@@ -348,13 +348,17 @@ pub struct Broker {
     /// The highest id trimmed from a history that was since forgotten for being
     /// empty: resuming from before it cannot be known complete.
     forgotten_history: MessageId,
+    /// From the configuration, once: whether `$sys` keeps history (events are then
+    /// published with nobody subscribed) and whether any channel has a priority
+    /// (batches are then sorted).
+    system_history: bool,
+    prioritised: bool,
 }
 
 impl Broker {
     /// A memory-only broker.
     pub fn new(config: BrokerConfig, clock: ClockAnchor) -> Self {
         Broker {
-            config,
             clock,
             mailboxes: HashMap::new(),
             parked: HashMap::new(),
@@ -375,6 +379,12 @@ impl Broker {
             reply_routes: HashMap::new(),
             histories: HashMap::new(),
             forgotten_history: 0,
+            system_history: config
+                .channels
+                .iter()
+                .any(|s| s.history_len > 0 && s.pattern.matches(SYSTEM_CHANNEL)),
+            prioritised: config.channels.iter().any(|s| s.priority != 0),
+            config,
         }
         .with_history_from_now()
     }
@@ -696,14 +706,7 @@ impl Broker {
                 self.touch(now, &session, out);
                 let mailbox = self.mailboxes.get_mut(&session).expect("touched");
                 let ids: Vec<MessageId> = mailbox.in_flight.keys().copied().collect();
-                let mut back = take_in_flight(mailbox, &mut self.timers, &ids);
-                // Given back unread, as with Return: no delivery attempt counted.
-                for stored in &mut back {
-                    stored.deliveries = stored.deliveries.saturating_sub(1);
-                }
-                let count = back.len() as u64;
-                self.requeue(now, &session, back, out);
-                Response::Count(count)
+                Response::Count(self.give_back(now, &session, &ids, out) as u64)
             }
         };
         out.push(Reply { to: from, response });
@@ -728,23 +731,26 @@ impl Broker {
         mailbox.last_seen = now;
         if !mailbox.joined {
             mailbox.joined = true;
-            let data = session_event(session, mailbox.user.as_deref(), None);
+            let user = mailbox.user.clone();
+            let data = || session_event(session, user.as_deref(), None);
             self.emit(now, "session.joined", data, out);
         }
     }
 
     /// A system event on the reserved channel, for whoever subscribed to it.
-    fn emit(&mut self, now: Instant, subject: &str, data: String, out: &mut Vec<Reply>) {
+    fn emit(
+        &mut self,
+        now: Instant,
+        subject: &str,
+        data: impl FnOnce() -> String,
+        out: &mut Vec<Reply>,
+    ) {
         // The usual case: nobody listens and nothing keeps history, so no id, no
-        // envelope.
-        let keeps_history = self
-            .config
-            .channels
-            .iter()
-            .any(|s| s.history_len > 0 && s.pattern.matches(SYSTEM_CHANNEL));
-        if !keeps_history && !self.subscriptions.reaches(SYSTEM_CHANNEL) {
+        // envelope, not even the event's JSON.
+        if !self.system_history && !self.subscriptions.reaches(SYSTEM_CHANNEL) {
             return;
         }
+        let data = data();
         let send = Send {
             src: None,
             target: Some(Target::Channel(SYSTEM_CHANNEL.to_owned())),
@@ -1065,7 +1071,7 @@ impl Broker {
             self.emit(
                 now,
                 "channel.created",
-                object("channel", &subscription.channel),
+                || object("channel", &subscription.channel),
                 out,
             );
         }
@@ -1185,7 +1191,7 @@ impl Broker {
             self.emit(
                 now,
                 "channel.removed",
-                object("channel", &subscription.channel),
+                || object("channel", &subscription.channel),
                 out,
             );
         }
@@ -1275,7 +1281,7 @@ impl Broker {
             session: session.to_owned(),
             until_ms: clock.unix_ms_at(until),
         });
-        let data = session_event(session, user.as_deref(), Some(reason));
+        let data = || session_event(session, user.as_deref(), Some(reason));
         self.emit(now, "session.kicked", data, out);
     }
 
@@ -1306,13 +1312,13 @@ impl Broker {
                 self.emit(
                     now,
                     "channel.removed",
-                    object("channel", &subscription.channel),
+                    || object("channel", &subscription.channel),
                     out,
                 );
             }
         }
         if was_joined && announce {
-            let data = session_event(session, user.as_deref(), None);
+            let data = || session_event(session, user.as_deref(), None);
             self.emit(now, "session.left", data, out);
         }
     }
@@ -1382,21 +1388,11 @@ impl Broker {
         let id = self.next_message_id;
         self.next_message_id += 1;
         let expires_at = self.config.message_ttl.map(|ttl| now + ttl);
-        let clock = self.clock;
-        self.journal.push(|| {
-            Record::Put(StoredMessage {
-                id,
-                session: dst.clone(),
-                body: body.clone(),
-                expires_ms: expires_at.map(|at| clock.unix_ms_at(at)),
-                key: key.clone(),
-            })
-        });
         if let Some(key) = &key {
             self.dedup
                 .insert(key.clone(), (id, now + self.config.dedup_window));
         }
-        mailbox.ready.push_back(Stored {
+        let stored = Stored {
             message: Message { id, body },
             seq: id,
             channel: None,
@@ -1405,7 +1401,10 @@ impl Broker {
             deliveries: 0,
             given_before: false,
             key,
-        });
+        };
+        let clock = self.clock;
+        self.journal.push(|| record_of(clock, &dst, &stored));
+        mailbox.ready.push_back(stored);
         self.deliver_if_waiting(now, &dst, out);
         Response::Published {
             id,
@@ -1429,13 +1428,8 @@ impl Broker {
             ack_previous,
             max,
         } = poll;
-        let mailbox = mailbox_of(&mut self.mailboxes, &session, now);
-        mailbox.last_active = now;
-        mailbox.last_seen = now;
-        if !mailbox.joined {
-            self.touch(now, &session, out);
-        }
-        let mailbox = self.mailboxes.get_mut(&session).expect("created above");
+        self.touch(now, &session, out);
+        let mailbox = self.mailboxes.get_mut(&session).expect("touched");
         if ack_previous && !mailbox.in_flight.is_empty() {
             self.ack(now, &session, &AckSelector::All);
         }
@@ -1541,10 +1535,7 @@ impl Broker {
         if messages.is_empty() {
             return;
         }
-        let mailbox = self
-            .mailboxes
-            .entry(session.clone())
-            .or_insert_with(|| Mailbox::new(now));
+        mailbox_of(&mut self.mailboxes, &session, now);
         match self.config.delivery {
             DeliveryMode::Ack => {
                 // Still in flight here: ready again at once instead of after the
@@ -1552,11 +1543,7 @@ impl Broker {
                 // longer in flight and are left alone. The browser never saw them, so
                 // this was no delivery attempt.
                 let ids: Vec<MessageId> = messages.iter().map(|m| m.id).collect();
-                let mut back = take_in_flight(mailbox, &mut self.timers, &ids);
-                for stored in &mut back {
-                    stored.deliveries = stored.deliveries.saturating_sub(1);
-                }
-                self.requeue(now, &session, back, out);
+                self.give_back(now, &session, &ids, out);
             }
             DeliveryMode::X0 => {
                 // The stored copies are gone; the returned ones get a fresh TTL rather
@@ -1586,6 +1573,27 @@ impl Broker {
                 self.deliver_if_waiting(now, &session, out);
             }
         }
+    }
+
+    /// Messages in flight that the client may not have read are ready again at once;
+    /// no delivery attempt is counted. Returns how many there were.
+    fn give_back(
+        &mut self,
+        now: Instant,
+        session: &str,
+        ids: &[MessageId],
+        out: &mut Vec<Reply>,
+    ) -> usize {
+        let Some(mailbox) = self.mailboxes.get_mut(session) else {
+            return 0;
+        };
+        let mut back = take_in_flight(mailbox, &mut self.timers, ids);
+        for stored in &mut back {
+            stored.deliveries = stored.deliveries.saturating_sub(1);
+        }
+        let count = back.len();
+        self.requeue(now, session, back, out);
+        count
     }
 
     /// Puts messages that went out unacknowledged back in line, in id order, or into
@@ -1871,7 +1879,9 @@ impl Broker {
     ) -> Vec<Message> {
         let mailbox = self.mailboxes.get_mut(session).expect("caller checked");
         drop_all_expired(mailbox, now, &mut self.journal);
-        let prioritised = mailbox.ready.iter().any(|s| s.priority != 0);
+        // Only when some channel has a priority is there anything to sort: the x0
+        // poll does not scan its batch for one.
+        let prioritised = self.prioritised && mailbox.ready.iter().any(|s| s.priority != 0);
         let taken: Vec<Stored> = if !prioritised && (max == 0 || mailbox.ready.len() <= max) {
             std::mem::take(&mut mailbox.ready).into()
         } else {
