@@ -17,7 +17,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use ipc::{Message, Response as CoreResponse};
 use tokio::sync::watch;
 use tokio_util::task::TaskTracker;
-use tracing::debug;
+use tracing::{Instrument, debug};
 
 use crate::assets::{self, Asset};
 use crate::backend_key::{BackendKey, Denied};
@@ -456,6 +456,25 @@ async fn execute(app: &App, operation: Operation) -> Result<String, X0Error> {
     }
 }
 
+/// Acknowledges at the core without waiting for its answer: a stream's next batch
+/// need not wait for it, and a lost acknowledgement only means the messages come
+/// again (and are dropped by id). Tracked, so that a stopping handler sends it.
+pub fn acknowledge_detached(app: &App, session: &str, which: ipc::AckSelector) {
+    let core = app.core.clone();
+    let ack = ipc::Request::Ack {
+        session: session.to_owned(),
+        which,
+    };
+    app.tasks.spawn(
+        async move {
+            if let Err(e) = core.request(ack).await {
+                debug!(error = %e, "an acknowledgement did not reach the core");
+            }
+        }
+        .in_current_span(),
+    );
+}
+
 /// Sleeps until `deadline`, or until the handler starts stopping.
 async fn hold_until(app: &App, deadline: tokio::time::Instant) {
     let mut shutdown = app.shutdown.clone();
@@ -492,13 +511,13 @@ async fn long_poll(
 pub fn poll_error(e: PollError) -> X0Error {
     match e {
         PollError::Core(e) => core_error(e),
-        PollError::Refused(e) => X0Error::new(e.kind.name(), e.message),
+        PollError::Refused(e) => e.into(),
     }
 }
 
 fn unexpected(reply: Result<CoreResponse, CoreError>) -> X0Error {
     match reply {
-        Ok(CoreResponse::Error(e)) => X0Error::new(e.kind.name(), e.message),
+        Ok(CoreResponse::Error(e)) => e.into(),
         Ok(other) => X0Error::new(
             "InternalError",
             format!("unexpected reply from the core: {other:?}"),

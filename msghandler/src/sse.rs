@@ -306,20 +306,8 @@ impl EventStream {
         if self.unconfirmed.is_empty() {
             return;
         }
-        let ack = ipc::Request::Ack {
-            session: self.session.clone(),
-            which: AckSelector::Ids(self.unconfirmed.drain(..).map(|m| m.id).collect()),
-        };
-        let core = self.app.core.clone();
-        // Not waited for: the next batch need not wait for the core's answer.
-        self.app.tasks.spawn(
-            async move {
-                if let Err(e) = core.request(ack).await {
-                    debug!(error = %e, "an acknowledgement did not reach the core");
-                }
-            }
-            .in_current_span(),
-        );
+        let which = AckSelector::Ids(self.unconfirmed.drain(..).map(|m| m.id).collect());
+        http::acknowledge_detached(&self.app, &self.session, which);
     }
 }
 
@@ -331,7 +319,7 @@ async fn acknowledge_up_to(app: &App, session: &str, id: MessageId) -> Result<()
     };
     match app.core.request(ack).await {
         Ok(ipc::Response::Acked { .. }) => Ok(()),
-        Ok(ipc::Response::Error(e)) => Err(X0Error::new(e.kind.name(), e.message)),
+        Ok(ipc::Response::Error(e)) => Err(e.into()),
         Ok(other) => Err(X0Error::new(
             "InternalError",
             format!("unexpected reply from the core: {other:?}"),

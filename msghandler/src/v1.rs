@@ -554,7 +554,7 @@ impl Answer {
     /// The reply body for the core's answer, or the refusal to show instead.
     pub fn render(self, response: Response) -> Result<String, X0Error> {
         match (self, response) {
-            (_, Response::Error(e)) => Err(X0Error::new(e.kind.name(), e.message)),
+            (_, Response::Error(e)) => Err(e.into()),
             (
                 Answer::Sent,
                 Response::Sent {

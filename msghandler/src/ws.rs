@@ -548,7 +548,7 @@ impl Connection {
             Ok(batch) => batch,
             Err(PollError::Refused(e)) => {
                 let kicked = e.kind == ErrorKind::Kicked;
-                let error = X0Error::new(e.kind.name(), e.message);
+                let error = X0Error::from(e);
                 return Err(End::Close {
                     last_words: Some(frame::error(None, &error)),
                     code: if kicked { 4403 } else { 1011 },
@@ -609,19 +609,7 @@ impl Connection {
     }
 
     fn acknowledge_in_background(&self, which: AckSelector) {
-        let core = self.app.core.clone();
-        let ack = ipc::Request::Ack {
-            session: self.session.clone(),
-            which,
-        };
-        self.app.tasks.spawn(
-            async move {
-                if let Err(e) = core.request(ack).await {
-                    debug!(error = %e, "an acknowledgement did not reach the core");
-                }
-            }
-            .in_current_span(),
-        );
+        http::acknowledge_detached(&self.app, &self.session, which);
     }
 
     /// Writes and flushes `messages`. A client that does not take them within the

@@ -17,6 +17,13 @@ pub struct X0Error {
     pub message: String,
 }
 
+/// A core's refusal keeps its name (`exception_id`) and its words.
+impl From<ipc::Error> for X0Error {
+    fn from(error: ipc::Error) -> Self {
+        X0Error::new(error.kind.name(), error.message)
+    }
+}
+
 impl X0Error {
     pub fn new(kind: &'static str, message: impl Into<String>) -> Self {
         X0Error {

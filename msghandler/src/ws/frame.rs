@@ -264,7 +264,7 @@ pub fn answer(reference: Option<&str>, answer: &Answer, response: Response) -> O
     let mut digits = itoa::Buffer::new();
     let out = match (answer, response) {
         (_, Response::Error(e)) => {
-            return Some(error(reference, &X0Error::new(e.kind.name(), e.message)));
+            return Some(error(reference, &e.into()));
         }
         (
             Answer::Sent,
