@@ -145,7 +145,6 @@ class MicroMsg {
     this.state = "connecting"; // "connecting" | "open" | "closed"
     this.transport = null; // the transport in use while open
     this._seen = new MicroMsgSeen(this.session);
-    this.lastId = this._seen.last; // highest id handed to callbacks
 
     this._handlers = { message: [], state: [], error: [] };
     this._subs = new Map(); // subscriptions to restore on reconnect, by their keys
@@ -156,8 +155,6 @@ class MicroMsg {
     this._failures = 0; // consecutive failures: the backoff exponent
     this._failedKinds = new Set(); // transports that failed to open since the last open
     this._workedKinds = new Set(); // transports that opened at least once
-    this._everOpened = false;
-    this._retryTimer = null;
     this._promoteDelay = 0; // last delay before trying the preferred transport again
     this._closed = false;
     this._emitted = null; // last state told to "state" callbacks
@@ -167,6 +164,11 @@ class MicroMsg {
     // Connect on the next tick, so that handlers registered right after `new` see
     // the first "connecting".
     this._retryTimer = setTimeout(() => this._connect(), 0);
+  }
+
+  /** The highest id handed to callbacks: where a reconnect resumes. */
+  get lastId() {
+    return this._seen.last;
   }
 
   /** Registers a callback for "message" (message, id), "state" (state) or "error" (error). */
@@ -246,8 +248,7 @@ class MicroMsg {
     conn.openedAt = Date.now();
     clearTimeout(conn.openTimer);
     this.transport = conn.kind;
-    const resume = this._everOpened;
-    this._everOpened = true;
+    const resume = this._workedKinds.size > 0; // opened before: this is a reconnect
     this._setState("open");
     // Subscriptions live in the core, but a session that was away longer than the
     // core's session_timeout, or a memory-only core that restarted, has lost them:
@@ -563,7 +564,6 @@ class MicroMsg {
     if (Number.isSafeInteger(id) && id > 0) {
       if (this._seen.has(id)) return;
       this._seen.add(id);
-      if (id > this.lastId) this.lastId = id;
     }
     for (const callback of this._handlers.message) {
       try {
