@@ -1058,6 +1058,7 @@ async fn resume_wakes_the_parked_poll_of_a_paused_session() {
     for n in 0..2 {
         publish(&h, &sender, json!({"session": tab}), json!({"n": n})).await;
     }
+    let poll_started = Instant::now();
     let poll = async {
         let got = h.v1_poll(&tab, 5.0).await;
         (got, Instant::now())
@@ -1072,6 +1073,10 @@ async fn resume_wakes_the_parked_poll_of_a_paused_session() {
     let latency = polled_at.saturating_duration_since(resumed_at);
     println!("parked poll answered {latency:?} after the resume");
     assert_eq!(numbers(&got, "n"), [0, 1]);
+    assert!(
+        polled_at - poll_started >= Duration::from_millis(250),
+        "answered before the resume: the poll never parked, so nothing was woken"
+    );
     assert!(
         latency < Duration::from_millis(500),
         "the parked poll was answered only {latency:?} after the resume"
