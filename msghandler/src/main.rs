@@ -7,18 +7,6 @@
 //! the versioned `/v1` API (docs/API.md), and its WebSocket and Server-Sent Events
 //! transports with the browser client that uses them (docs/TRANSPORTS.md).
 
-mod assets;
-mod backend_key;
-mod config;
-mod core_link;
-#[cfg(test)]
-mod harness;
-mod http;
-mod sse;
-mod v1;
-mod ws;
-mod x0;
-
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -32,10 +20,10 @@ use tokio::net::TcpListener;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
-use crate::backend_key::BackendKey;
-use crate::config::{HandlerConfig, seconds};
-use crate::core_link::{CorePool, PoolConfig};
-use crate::http::{App, Cors, Streams};
+use msghandler::backend_key::BackendKey;
+use msghandler::config::{HandlerConfig, seconds};
+use msghandler::core_link::{CorePool, PoolConfig};
+use msghandler::http::{self, App, Cors, Streams};
 
 #[derive(Debug, Parser)]
 #[command(
