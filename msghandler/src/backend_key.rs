@@ -3,11 +3,10 @@
 
 use std::path::Path;
 
-use anyhow::Context;
 use hyper::header::HeaderValue;
 use subtle::ConstantTimeEq;
 
-use crate::config::Secret;
+use crate::config::{Secret, secret_text};
 
 /// The configured key. Its `Debug` shows nothing, so that it cannot reach a log.
 pub struct BackendKey(Box<[u8]>);
@@ -32,20 +31,9 @@ impl BackendKey {
     /// `None` when neither is set (the backend API is then disabled). Both at once,
     /// or an empty key, is a mistake the operator should hear about at start.
     pub fn from_config(key: Option<&Secret>, file: Option<&Path>) -> anyhow::Result<Option<Self>> {
-        let text = match (key, file) {
-            (None, None) => return Ok(None),
-            (Some(_), Some(_)) => {
-                anyhow::bail!("set backend_key or backend_key_file, not both")
-            }
-            (Some(Secret(key)), None) => key.trim().to_owned(),
-            (None, Some(file)) => std::fs::read_to_string(file)
-                .with_context(|| format!("reading backend_key_file {}", file.display()))?
-                .trim()
-                .to_owned(),
+        let Some(text) = secret_text("backend_key", key, file)? else {
+            return Ok(None);
         };
-        if text.is_empty() {
-            anyhow::bail!("the backend key is empty; set a long random string or leave it unset");
-        }
         Ok(Some(BackendKey(text.into_bytes().into_boxed_slice())))
     }
 
@@ -65,7 +53,7 @@ impl BackendKey {
 }
 
 /// The token of `Bearer <token>`; the scheme's case does not matter (RFC 9110 11.1).
-fn bearer_token(value: &[u8]) -> Option<&[u8]> {
+pub(crate) fn bearer_token(value: &[u8]) -> Option<&[u8]> {
     const SCHEME: &[u8] = b"bearer ";
     if value.len() < SCHEME.len() || !value[..SCHEME.len()].eq_ignore_ascii_case(SCHEME) {
         return None;

@@ -9,6 +9,7 @@ use anyhow::Context;
 use serde::Deserialize;
 
 const BACKEND_KEY_ENV: &str = "MICROMSG_BACKEND_KEY";
+const TOKEN_SECRET_ENV: &str = "MICROMSG_TOKEN_SECRET";
 
 /// Every key of `etc/msghandler.toml`. Durations are seconds (fractions allowed).
 #[derive(Debug, Clone, Deserialize)]
@@ -58,6 +59,19 @@ pub struct HandlerConfig {
     pub ws_default_window: u32,
     /// The largest window a WebSocket client may ask for.
     pub ws_max_window: u32,
+    /// `"none"` (x0: anyone may act for any session) or `"token"` (a signed JWT per
+    /// session; see [`crate::auth`]).
+    pub auth: String,
+    /// `HS256` (shared secret), `EdDSA` or `RS256` (the backend's public key).
+    pub token_algorithm: String,
+    pub token_secret: Option<Secret>,
+    pub token_secret_file: Option<PathBuf>,
+    pub token_public_key_file: Option<PathBuf>,
+    /// When set, tokens must carry this `iss` / `aud`.
+    pub token_issuer: Option<String>,
+    pub token_audience: Option<String>,
+    /// Seconds of clock difference forgiven on `exp` and `nbf`.
+    pub token_leeway: u64,
     pub log: String,
 }
 
@@ -95,6 +109,14 @@ impl Default for HandlerConfig {
             sse_heartbeat: 15.0,
             ws_default_window: 32,
             ws_max_window: 1024,
+            auth: "none".into(),
+            token_algorithm: "HS256".into(),
+            token_secret: None,
+            token_secret_file: None,
+            token_public_key_file: None,
+            token_issuer: None,
+            token_audience: None,
+            token_leeway: 5,
             log: "info".into(),
         }
     }
@@ -124,8 +146,38 @@ impl HandlerConfig {
                 .map_err(|_| anyhow::anyhow!("{BACKEND_KEY_ENV} is not UTF-8"))?;
             config.backend_key = Some(Secret(raw));
         }
+        if let Some(raw) = std::env::var_os(TOKEN_SECRET_ENV) {
+            let raw = raw
+                .into_string()
+                .map_err(|_| anyhow::anyhow!("{TOKEN_SECRET_ENV} is not UTF-8"))?;
+            config.token_secret = Some(Secret(raw));
+        }
         Ok(config)
     }
+}
+
+/// A secret given inline (`key`) or as a file's trimmed contents (`key_file`);
+/// `None` when neither is set. Both at once, or an empty secret, is a mistake the
+/// operator should hear about at start.
+pub fn secret_text(
+    key: &str,
+    inline: Option<&Secret>,
+    file: Option<&std::path::Path>,
+) -> anyhow::Result<Option<String>> {
+    let text = match (inline, file) {
+        (None, None) => return Ok(None),
+        (Some(_), Some(_)) => anyhow::bail!("set {key} or {key}_file, not both"),
+        (Some(Secret(text)), None) => text.trim().to_owned(),
+        (None, Some(file)) => std::fs::read_to_string(file)
+            .with_context(|| format!("reading {key}_file {}", file.display()))?
+            .trim()
+            .to_owned(),
+    };
+    anyhow::ensure!(
+        !text.is_empty(),
+        "{key} is empty; set a long random string or leave it unset"
+    );
+    Ok(Some(text))
 }
 
 pub fn seconds(key: &str, secs: f64) -> anyhow::Result<Duration> {

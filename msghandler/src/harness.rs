@@ -171,6 +171,7 @@ pub async fn handler_with(socket: PathBuf, backend_key: Option<&str>, streams: S
         backend_key: BackendKey::from_config(key.as_ref(), None)
             .unwrap()
             .map(Arc::new),
+        tokens: None,
         shutdown,
         streams,
         tasks: tasks.clone(),

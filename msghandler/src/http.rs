@@ -20,6 +20,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug};
 
 use crate::assets::{self, Asset};
+use crate::auth::{Grant, Tokens};
 use crate::backend_key::{BackendKey, Denied};
 use crate::core_link::{CoreError, CorePool, PollError};
 use crate::sse::{self, EventBody};
@@ -34,6 +35,9 @@ pub struct App {
     pub cors: Cors,
     /// `None` disables the backend API.
     pub backend_key: Option<Arc<BackendKey>>,
+    /// `auth = "token"`: every client request needs a token. `None` is `auth =
+    /// "none"`, the x0 behaviour.
+    pub tokens: Option<Arc<Tokens>>,
     /// Turns true on SIGTERM: parked polls answer at once, streams end.
     pub shutdown: watch::Receiver<bool>,
     pub streams: Streams,
@@ -157,11 +161,15 @@ pub async fn handle(app: Arc<App>, request: Request<Incoming>) -> Result<Reply, 
     let mut reply = if request.method() == Method::OPTIONS {
         preflight(request.headers())
     } else {
+        let grant = grant(&app, &api, &request);
         match api {
-            Api::X0(endpoint) => x0_reply(x0_request(&app, endpoint, request).await),
-            Api::V1(route) => v1_reply(route, v1_request(&app, route, request).await),
-            Api::WebSocket => ws::upgrade(&app, request),
-            Api::Events if request.method() == Method::GET => sse::open(&app, &request),
+            Api::X0(endpoint) => x0_reply(x0_request(&app, endpoint, request, grant).await),
+            Api::V1(route) => v1_reply(route, v1_request(&app, route, request, grant).await),
+            Api::WebSocket => ws::upgrade(&app, request, grant),
+            Api::Events if request.method() == Method::GET => match grant {
+                Ok(grant) => sse::open(&app, &request, grant),
+                Err(error) => refusal(error, "GET, OPTIONS"),
+            },
             Api::Events => refusal(
                 X0Error::new(
                     "MethodNotAllowed",
@@ -174,6 +182,22 @@ pub async fn handle(app: Arc<App>, request: Request<Incoming>) -> Result<Reply, 
     };
     app.cors.allow(origin.as_ref(), reply.headers_mut());
     Ok(reply)
+}
+
+/// What the request's token allows, when tokens are required: `Ok(None)` when they
+/// are not (`auth = "none"`), and for the backend API and the served files, which
+/// have their own key or need none.
+fn grant(app: &App, api: &Api, request: &Request<Incoming>) -> Result<Option<Grant>, X0Error> {
+    let Some(tokens) = &app.tokens else {
+        return Ok(None);
+    };
+    match api {
+        Api::Asset(_) => Ok(None),
+        Api::V1(route) if route.is_backend() => Ok(None),
+        _ => tokens
+            .grant(request.headers(), request.uri().query())
+            .map(Some),
+    }
 }
 
 fn x0_reply(result: Result<String, Refusal>) -> Reply {
@@ -252,7 +276,9 @@ async fn x0_request(
     app: &App,
     endpoint: Endpoint,
     request: Request<Incoming>,
+    grant: Result<Option<Grant>, X0Error>,
 ) -> Result<String, Refusal> {
+    let started = tokio::time::Instant::now();
     let operation = match *request.method() {
         Method::GET if endpoint == Endpoint::Get => query_get(request.uri().query())?,
         Method::POST => {
@@ -268,6 +294,15 @@ async fn x0_request(
             .into());
         }
     };
+    // Judged on the parsed request, so that a refused poll can be told from the rest.
+    if let Err(error) = grant.and_then(|g| g.map_or(Ok(()), |g| g.permits_x0(&operation))) {
+        if matches!(operation, Operation::Get { .. }) {
+            // As for a kicked session: an x0 tab polls again at once after any
+            // answer, so a refusal given at once would make it spin.
+            hold_until(app, started + app.poll_timeout).await;
+        }
+        return Err(error.into());
+    }
     Ok(execute(app, operation).await?)
 }
 
@@ -275,7 +310,10 @@ async fn v1_request(
     app: &App,
     route: Route,
     request: Request<Incoming>,
+    grant: Result<Option<Grant>, X0Error>,
 ) -> Result<String, Refusal> {
+    // Before the body is read: a caller without a valid token gets nothing for it.
+    let grant = grant?;
     let operation = match *request.method() {
         Method::GET if route.takes_get() => v1::parse_query(route, request.uri().query())?,
         Method::POST => {
@@ -298,6 +336,9 @@ async fn v1_request(
             .into());
         }
     };
+    if let Some(grant) = &grant {
+        grant.permits(&operation)?;
+    }
     Ok(v1_execute(app, operation).await?)
 }
 

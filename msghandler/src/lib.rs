@@ -3,6 +3,7 @@
 //! parsers and the routes. Nothing here is a stable API for other crates.
 
 pub mod assets;
+pub mod auth;
 pub mod backend_key;
 pub mod config;
 pub mod core_link;

@@ -20,6 +20,7 @@ use tokio::net::TcpListener;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
+use msghandler::auth::{TokenConfig, Tokens};
 use msghandler::backend_key::BackendKey;
 use msghandler::config::{HandlerConfig, seconds};
 use msghandler::core_link::{CorePool, PoolConfig};
@@ -94,8 +95,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         socket = %config.socket.display(),
         threads,
         backend_api = if settings.backend_key.is_some() { "enabled" } else { "disabled (no backend_key)" },
+        auth = %config.auth,
         "msghandler listening"
     );
+    if settings.tokens.is_none() {
+        warn!(
+            "auth = \"none\": any client may read and send as any session (the x0 behaviour). \
+             For development only; set auth = \"token\" in production"
+        );
+    }
 
     // Thread per core: each worker has its own single-threaded runtime, its own IPC
     // connections and accepts on its own handle of the one listening socket. A
@@ -156,6 +164,7 @@ struct Settings {
     max_body_bytes: u64,
     cors_allowed_origins: Vec<String>,
     backend_key: Option<Arc<BackendKey>>,
+    tokens: Option<Arc<Tokens>>,
     grace: std::time::Duration,
     streams: Streams,
 }
@@ -180,6 +189,11 @@ impl Settings {
                 config.backend_key_file.as_deref(),
             )?
             .map(Arc::new),
+            tokens: match config.auth.as_str() {
+                "none" => None,
+                "token" => Some(Arc::new(Tokens::new(&TokenConfig::of(config))?)),
+                other => anyhow::bail!("auth = {other:?}: expected \"none\" or \"token\""),
+            },
             grace: seconds("shutdown_grace", config.shutdown_grace)?,
             streams: streams(config)?,
         })
@@ -239,6 +253,7 @@ async fn serve(
         max_body_bytes: settings.max_body_bytes,
         cors: Cors::new(&settings.cors_allowed_origins)?,
         backend_key: settings.backend_key.clone(),
+        tokens: settings.tokens.clone(),
         shutdown: stopped.clone(),
         streams: settings.streams.clone(),
         tasks: tasks.clone(),

@@ -23,6 +23,7 @@ use tokio::sync::mpsc::error::TrySendError;
 use tokio::time::Instant;
 use tracing::{Instrument, debug};
 
+use crate::auth::{self, Grant};
 use crate::http::{self, App, Reply, STREAM_BATCH, STREAM_POLL};
 use crate::v1;
 use crate::x0::{X0Error, checked_session};
@@ -55,17 +56,34 @@ impl hyper::body::Body for EventBody {
 /// Answers `GET /v1/events`: the stream, or a 400 before it starts (EventSource
 /// gives up for good on anything but a 200 event stream, which is right for a
 /// request that can never work).
-pub fn open(app: &Arc<App>, request: &Request<Incoming>) -> Reply {
+pub fn open(app: &Arc<App>, request: &Request<Incoming>, grant: Option<Grant>) -> Reply {
     let query = request.uri().query().unwrap_or("");
     let header = request.headers().get("last-event-id");
     let (session, last_event_id, client_acks) = match parse(query, header) {
         Ok(parsed) => parsed,
         Err(error) => return http::refusal(error, "GET, OPTIONS"),
     };
+    if let Some(Err(error)) = grant.as_ref().map(|g| g.own(&session)) {
+        return http::refusal(error, "GET, OPTIONS");
+    }
+    // The stream ends when the token does; EventSource then reconnects, and the
+    // client comes back with a fresh token.
+    let expires = grant.map(|g| Instant::now() + g.remaining());
     let (chunks, body) = mpsc::channel(1);
     let span = tracing::info_span!("sse", session = %session);
-    app.tasks
-        .spawn(stream(app.clone(), session, last_event_id, client_acks, chunks).instrument(span));
+    app.tasks.spawn(
+        stream(
+            app.clone(),
+            Opened {
+                session,
+                last_event_id,
+                client_acks,
+                expires,
+            },
+            chunks,
+        )
+        .instrument(span),
+    );
     let mut reply = Response::new(http::Body::Right(EventBody { chunks: body }));
     *reply.status_mut() = StatusCode::OK;
     let headers = reply.headers_mut();
@@ -160,13 +178,22 @@ fn push_data(out: &mut String, text: &str) {
     }
 }
 
-async fn stream(
-    app: Arc<App>,
+/// What a stream was opened for.
+struct Opened {
     session: String,
     last_event_id: Option<MessageId>,
     client_acks: bool,
-    chunks: mpsc::Sender<Bytes>,
-) {
+    /// When its token runs out.
+    expires: Option<Instant>,
+}
+
+async fn stream(app: Arc<App>, opened: Opened, chunks: mpsc::Sender<Bytes>) {
+    let Opened {
+        session,
+        last_event_id,
+        client_acks,
+        expires,
+    } = opened;
     debug!(?last_event_id, "event stream open");
     if chunks
         .send(Bytes::from_static(PREAMBLE.as_bytes()))
@@ -186,6 +213,7 @@ async fn stream(
         session,
         unconfirmed: Vec::new(),
         client_acks,
+        expires,
     };
     stream.run(&chunks).await;
     // Whatever was written last and not yet confirmed goes back: the next
@@ -216,6 +244,7 @@ struct EventStream {
     /// the stream acknowledges nothing: written is not read, and a page that dies
     /// with several batches unread would otherwise lose all but the last.
     client_acks: bool,
+    expires: Option<Instant>,
 }
 
 impl EventStream {
@@ -261,6 +290,10 @@ impl EventStream {
                     }
                     () = chunks.closed() => {
                         debug!("the client went away");
+                        return;
+                    }
+                    () = auth::until(self.expires) => {
+                        say_last(&app, chunks, &auth::expired()).await;
                         return;
                     }
                     _ = shutdown.changed() => return,

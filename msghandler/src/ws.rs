@@ -32,6 +32,7 @@ use tracing::{Instrument, debug, warn};
 
 pub use frame::Flow;
 
+use crate::auth::{self, Grant, until};
 use crate::core_link::PollError;
 use crate::http::{self, App, Reply, STREAM_BATCH, STREAM_POLL, Streams};
 use crate::v1::{self, Answer};
@@ -52,16 +53,21 @@ struct Upgrade {
     asked: Result<Asked, X0Error>,
 }
 
-/// The session and flow of a connection, from its URL.
+/// The session and flow of a connection, from its URL, and its token's grant.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Asked {
     session: String,
     flow: Flow,
+    grant: Option<Grant>,
 }
 
 /// Answers `GET /v1/ws`: the 101 that switches protocols and a task for the
 /// connection, or the JSON error of why not.
-pub fn upgrade(app: &Arc<App>, mut request: Request<Incoming>) -> Reply {
+pub fn upgrade(
+    app: &Arc<App>,
+    mut request: Request<Incoming>,
+    grant: Result<Option<Grant>, X0Error>,
+) -> Reply {
     let origin = request.headers().get(header::ORIGIN);
     if !app.cors.admits(origin) {
         // Browsers do not apply CORS to WebSockets: the server has to.
@@ -92,6 +98,15 @@ pub fn upgrade(app: &Arc<App>, mut request: Request<Incoming>) -> Reply {
     };
     let on_upgrade = hyper::upgrade::on(&mut request);
     let Upgrade { accept, asked } = upgrade;
+    // Token refusals, like a bad URL, come after the upgrade: a page cannot read
+    // why a handshake failed, but it can read a close code and an error frame.
+    let asked = asked.and_then(|mut asked| {
+        asked.grant = grant?;
+        if let Some(grant) = &asked.grant {
+            grant.own(&asked.session)?;
+        }
+        Ok(asked)
+    });
     let session = asked.as_ref().map_or("", |a| a.session.as_str());
     let span = tracing::info_span!("ws", session = %session);
     let task_app = app.clone();
@@ -164,6 +179,7 @@ fn asked(query: &str, streams: &Streams) -> Result<Asked, X0Error> {
             streams.default_window,
             streams.max_window,
         )?,
+        grant: None,
     })
 }
 
@@ -342,6 +358,11 @@ struct Connection {
     app: Arc<App>,
     socket: Socket,
     session: String,
+    /// What the token allows (`auth = "token"`), checked on every frame.
+    grant: Option<Grant>,
+    /// When the token runs out: the connection closes (4401) and the client comes
+    /// back with a fresh one.
+    expires: Option<Instant>,
     given: Given,
     /// The long-poll at the core, while there is room in the window. Dropping it
     /// withdraws it; an answer already on its way is handed back by the pool.
@@ -372,14 +393,23 @@ async fn serve(app: Arc<App>, upgraded: Upgraded, asked: Result<Asked, X0Error>)
         .max_write_buffer_size(streams.max_buffer);
     let mut socket =
         WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config)).await;
-    let Asked { session, flow } = match asked {
+    let Asked {
+        session,
+        flow,
+        grant,
+    } = match asked {
         Ok(asked) => asked,
         Err(error) => {
             debug!(kind = error.kind, message = %error.message, "WebSocket refused");
+            let (code, reason) = match error.kind {
+                "Unauthorized" | "InvalidToken" | "TokenExpired" => (4401, "no valid token"),
+                "Forbidden" => (4403, "the token is for another session"),
+                _ => (1008, "bad session, flow or window in the URL"),
+            };
             let end = End::Close {
                 last_words: Some(frame::error(None, &error)),
-                code: 1008,
-                reason: "bad session, flow or window in the URL",
+                code,
+                reason,
             };
             say_goodbye(&mut socket, end).await;
             return;
@@ -390,6 +420,8 @@ async fn serve(app: Arc<App>, upgraded: Upgraded, asked: Result<Asked, X0Error>)
         app,
         socket,
         session,
+        expires: grant.as_ref().map(|g| Instant::now() + g.remaining()),
+        grant,
         given: Given::new(flow),
         poll: None,
         poll_started: Instant::now(),
@@ -432,6 +464,11 @@ impl Connection {
                     self.polled(polled).await
                 }
                 _ = ping.tick() => self.ping().await,
+                () = until(self.expires) => Err(End::Close {
+                    last_words: Some(frame::error(None, &auth::expired())),
+                    code: 4401,
+                    reason: "the token expired",
+                }),
                 _ = shutdown.changed() => Err(End::close(1000, "the server is stopping")),
             };
             if let Err(end) = step {
@@ -518,6 +555,10 @@ impl Connection {
                 self.write(vec![WsMessage::text(ok)]).await
             }
             frame::Op::Core(mut operation) => {
+                if let Some(Err(error)) = self.grant.as_ref().map(|g| g.permits(&operation)) {
+                    let refused = frame::error(reference.as_deref(), &error);
+                    return self.write(vec![WsMessage::text(refused)]).await;
+                }
                 if let v1::Operation::Request(ipc::Request::Ack { which, .. }, _) = &mut operation {
                     // Settled here at once: the client has handled them, whatever the
                     // core's answer, and their room in the window is free again.
@@ -775,7 +816,8 @@ mod tests {
             upgrade.asked,
             Ok(Asked {
                 session: "a b".into(),
-                flow: Flow::Window(5)
+                flow: Flow::Window(5),
+                grant: None,
             })
         );
         let flow = |query| asked(query, &streams()).unwrap().flow;
