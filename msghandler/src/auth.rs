@@ -306,53 +306,39 @@ impl Grant {
         }
     }
 
-    /// Whether the token allows a `/v1` operation (over HTTP or a WebSocket frame).
+    /// Whether the token allows a `/v1` operation (over HTTP or a WebSocket frame):
+    /// it must act for the token's session (presence names none), and reach only
+    /// what the token lists.
     pub fn permits(&self, operation: &v1::Operation) -> Result<(), X0Error> {
-        match operation {
-            v1::Operation::Send(send) => {
-                match &send.src {
-                    Some(src) => self.own(src)?,
-                    None => return Err(X0Error::new("Forbidden", "a client names its session")),
-                }
-                self.may_target(send.target.as_ref())
-            }
-            v1::Operation::Poll(poll) => self.own(&poll.session),
-            v1::Operation::Request(request, _) => self.permits_request(request),
-        }
-    }
-
-    fn permits_request(&self, request: &ipc::Request) -> Result<(), X0Error> {
         use ipc::Request as R;
-        match request {
-            R::Subscribe {
-                session,
-                subscription,
-                ..
-            } => {
-                self.own(session)?;
+        match (operation, operation.caller()) {
+            (v1::Operation::Request(R::Presence { channel }, _), _) => {
+                // Who is in a channel is for those who may read it.
+                return self.may_subscribe(channel);
+            }
+            (_, Some(session)) => self.own(session)?,
+            (_, None) => {
+                return Err(X0Error::new("Forbidden", "this request is not for clients"));
+            }
+        }
+        match operation {
+            v1::Operation::Send(send) => self.may_target(send.target.as_ref()),
+            v1::Operation::Request(R::Subscribe { subscription, .. }, _) => {
                 self.may_subscribe(&subscription.channel)
             }
-            R::Ack { session, .. }
-            | R::Unsubscribe { session, .. }
-            | R::AwaitReply { session, .. }
-            | R::SetPaused { session, .. }
-            | R::Release { session } => self.own(session),
-            // Who is in a channel is for those who may read it.
-            R::Presence { channel } => self.may_subscribe(channel),
-            _ => Err(X0Error::new("Forbidden", "this request is not for clients")),
+            v1::Operation::Request(R::Bind { .. } | R::Kick { .. }, _) => {
+                Err(X0Error::new("Forbidden", "this request is for the backend"))
+            }
+            _ => Ok(()),
         }
     }
 
     /// Whether the token allows an x0 operation.
     pub fn permits_x0(&self, operation: &x0::Operation) -> Result<(), X0Error> {
+        self.own(operation.caller())?;
         match operation {
-            x0::Operation::Set { src, dst, .. } => {
-                self.own(src)?;
-                self.may_send_to(dst)
-            }
-            x0::Operation::Get { session, .. } | x0::Operation::Del { session, .. } => {
-                self.own(session)
-            }
+            x0::Operation::Set { dst, .. } => self.may_send_to(dst),
+            x0::Operation::Get { .. } | x0::Operation::Del { .. } => Ok(()),
         }
     }
 }

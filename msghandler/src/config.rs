@@ -72,6 +72,17 @@ pub struct HandlerConfig {
     pub token_audience: Option<String>,
     /// Seconds of clock difference forgiven on `exp` and `nbf`.
     pub token_leeway: u64,
+    /// Requests per second from one client address (sustained, and the burst
+    /// above it); 0 turns the limit off.
+    pub rate_limit_ip: u32,
+    pub rate_limit_ip_burst: u32,
+    /// Requests (and WebSocket frames) per second for one session.
+    pub rate_limit_session: u32,
+    pub rate_limit_session_burst: u32,
+    /// Open connections from one address; 0 turns the limit off.
+    pub max_connections_per_ip: usize,
+    /// Proxies (addresses or networks) whose `X-Forwarded-For` names the client.
+    pub trusted_proxies: Vec<String>,
     pub log: String,
 }
 
@@ -117,6 +128,12 @@ impl Default for HandlerConfig {
             token_issuer: None,
             token_audience: None,
             token_leeway: 5,
+            rate_limit_ip: 0,
+            rate_limit_ip_burst: 0,
+            rate_limit_session: 0,
+            rate_limit_session_burst: 0,
+            max_connections_per_ip: 0,
+            trusted_proxies: Vec::new(),
             log: "info".into(),
         }
     }
@@ -132,7 +149,8 @@ impl HandlerConfig {
             config::Environment::with_prefix("MICROMSG")
                 .try_parsing(true)
                 .list_separator(",")
-                .with_list_parse_key("cors_allowed_origins"),
+                .with_list_parse_key("cors_allowed_origins")
+                .with_list_parse_key("trusted_proxies"),
         );
         let loaded = builder.build().context("reading configuration")?;
         let mut config: HandlerConfig = loaded

@@ -172,6 +172,7 @@ pub async fn handler_with(socket: PathBuf, backend_key: Option<&str>, streams: S
             .unwrap()
             .map(Arc::new),
         tokens: None,
+        limits: Arc::new(crate::limits::Limits::new(&Default::default()).unwrap()),
         shutdown,
         streams,
         tasks: tasks.clone(),
@@ -179,9 +180,9 @@ pub async fn handler_with(socket: PathBuf, backend_key: Option<&str>, streams: S
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
+        while let Ok((stream, peer)) = listener.accept().await {
             let app = app.clone();
-            let service = service_fn(move |request| handle(app.clone(), request));
+            let service = service_fn(move |request| handle(app.clone(), peer.ip(), request));
             tokio::spawn(
                 http1::Builder::new()
                     .serve_connection(TokioIo::new(stream), service)

@@ -6,6 +6,7 @@
 //! routed here too.
 
 use std::convert::Infallible;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,6 +24,7 @@ use crate::assets::{self, Asset};
 use crate::auth::{Grant, Tokens};
 use crate::backend_key::{BackendKey, Denied};
 use crate::core_link::{CoreError, CorePool, PollError};
+use crate::limits::Limits;
 use crate::sse::{self, EventBody};
 use crate::v1::{self, Route};
 use crate::ws;
@@ -38,6 +40,8 @@ pub struct App {
     /// `auth = "token"`: every client request needs a token. `None` is `auth =
     /// "none"`, the x0 behaviour.
     pub tokens: Option<Arc<Tokens>>,
+    /// Shared by every worker: a client's connections may land on any of them.
+    pub limits: Arc<Limits>,
     /// Turns true on SIGTERM: parked polls answer at once, streams end.
     pub shutdown: watch::Receiver<bool>,
     pub streams: Streams,
@@ -137,7 +141,13 @@ enum Api {
     Asset(Asset),
 }
 
-pub async fn handle(app: Arc<App>, request: Request<Incoming>) -> Result<Reply, Infallible> {
+/// Answers one request from `peer` (the connection's address: a proxy's, when
+/// msghandler is behind one).
+pub async fn handle(
+    app: Arc<App>,
+    peer: IpAddr,
+    request: Request<Incoming>,
+) -> Result<Reply, Infallible> {
     // The x0 paths first: they carry nearly all the traffic.
     let api = match request.uri().path() {
         "/python/MsgHandler.py" => Api::X0(Endpoint::Any),
@@ -158,7 +168,19 @@ pub async fn handle(app: Arc<App>, request: Request<Incoming>) -> Result<Reply, 
     // Only this header is needed after the request is consumed (cloning a
     // HeaderValue shares its bytes).
     let origin = request.headers().get(header::ORIGIN).cloned();
-    let mut reply = if request.method() == Method::OPTIONS {
+    let client = app.limits.client_ip(peer, request.headers());
+    let mut reply = if let Err(limited) = app.limits.check_ip(client) {
+        match api {
+            Api::X0(_) => {
+                // An x0 tab asks again at once after any answer: held until the
+                // limiter would let it through, it slows to the limit.
+                let wait = limited.wait.min(app.poll_timeout);
+                hold_until(&app, tokio::time::Instant::now() + wait).await;
+                x0_reply(Err(limited.error().into()))
+            }
+            _ => refusal(limited.error(), "GET, POST, OPTIONS"),
+        }
+    } else if request.method() == Method::OPTIONS {
         preflight(request.headers())
     } else {
         let grant = grant(&app, &api, &request);
@@ -182,6 +204,22 @@ pub async fn handle(app: Arc<App>, request: Request<Incoming>) -> Result<Reply, 
     };
     app.cors.allow(origin.as_ref(), reply.headers_mut());
     Ok(reply)
+}
+
+/// The answer on a connection over `max_connections_per_ip`.
+pub fn too_many_connections<B>(request: &Request<B>) -> Reply {
+    let error = X0Error::new(
+        "TooManyConnections",
+        "this address has too many connections open; close some and retry",
+    );
+    let mut reply = match request.uri().path() {
+        "/python/MsgHandler.py" | "/get" | "/set" | "/del" => x0_reply(Err(error.into())),
+        _ => refusal(error, "GET, POST, OPTIONS"),
+    };
+    reply
+        .headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    reply
 }
 
 /// What the request's token allows, when tokens are required: `Ok(None)` when they
@@ -225,6 +263,9 @@ fn v1_reply(route: Route, result: Result<String, Refusal>) -> Reply {
         StatusCode::UNAUTHORIZED => {
             headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
+        StatusCode::TOO_MANY_REQUESTS => {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
         StatusCode::METHOD_NOT_ALLOWED => {
             headers.insert(
                 header::ALLOW,
@@ -242,10 +283,18 @@ pub fn refusal(error: X0Error, allow: &'static str) -> Reply {
     debug!(kind = error.kind, message = %error.message, "request refused");
     let status = v1::status(error.kind);
     let mut reply = json(status, error.to_json());
-    if status == StatusCode::METHOD_NOT_ALLOWED {
-        reply
-            .headers_mut()
-            .insert(header::ALLOW, HeaderValue::from_static(allow));
+    match status {
+        StatusCode::METHOD_NOT_ALLOWED => {
+            reply
+                .headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static(allow));
+        }
+        StatusCode::TOO_MANY_REQUESTS => {
+            reply
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        _ => {}
     }
     reply
 }
@@ -303,6 +352,10 @@ async fn x0_request(
         }
         return Err(error.into());
     }
+    if let Err(limited) = app.limits.check_session(operation.caller()) {
+        hold_until(app, started + limited.wait.min(app.poll_timeout)).await;
+        return Err(limited.error().into());
+    }
     Ok(execute(app, operation).await?)
 }
 
@@ -338,6 +391,11 @@ async fn v1_request(
     };
     if let Some(grant) = &grant {
         grant.permits(&operation)?;
+    }
+    if let Some(session) = operation.caller() {
+        app.limits
+            .check_session(session)
+            .map_err(|limited| limited.error())?;
     }
     Ok(v1_execute(app, operation).await?)
 }

@@ -10,6 +10,7 @@ pub mod core_link;
 #[cfg(test)]
 mod harness;
 pub mod http;
+pub mod limits;
 pub mod sse;
 pub mod v1;
 pub mod ws;

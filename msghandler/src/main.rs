@@ -25,6 +25,7 @@ use msghandler::backend_key::BackendKey;
 use msghandler::config::{HandlerConfig, seconds};
 use msghandler::core_link::{CorePool, PoolConfig};
 use msghandler::http::{self, App, Cors, Streams};
+use msghandler::limits::{LimitConfig, Limits};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -110,6 +111,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     // request, its IPC round trip and its reply never cross threads, so the hot path
     // has no cross-thread wake-ups, and one worker's frames coalesce into one write.
     let (stop, stopped) = tokio::sync::watch::channel(false);
+    {
+        // Rate-limit state of clients gone quiet is dropped, so that it is as large
+        // as the set of recent clients, not of all clients ever seen.
+        let limits = settings.limits.clone();
+        std::thread::Builder::new()
+            .name("limits".into())
+            .spawn(move || {
+                loop {
+                    std::thread::sleep(std::time::Duration::from_secs(30));
+                    limits.forget_idle();
+                }
+            })
+            .context("starting the limits thread")?;
+    }
     let workers = (0..threads)
         .map(|i| {
             let listener = listener
@@ -165,6 +180,7 @@ struct Settings {
     cors_allowed_origins: Vec<String>,
     backend_key: Option<Arc<BackendKey>>,
     tokens: Option<Arc<Tokens>>,
+    limits: Arc<Limits>,
     grace: std::time::Duration,
     streams: Streams,
 }
@@ -194,6 +210,7 @@ impl Settings {
                 "token" => Some(Arc::new(Tokens::new(&TokenConfig::of(config))?)),
                 other => anyhow::bail!("auth = {other:?}: expected \"none\" or \"token\""),
             },
+            limits: Arc::new(Limits::new(&LimitConfig::of(config))?),
             grace: seconds("shutdown_grace", config.shutdown_grace)?,
             streams: streams(config)?,
         })
@@ -254,13 +271,14 @@ async fn serve(
         cors: Cors::new(&settings.cors_allowed_origins)?,
         backend_key: settings.backend_key.clone(),
         tokens: settings.tokens.clone(),
+        limits: settings.limits.clone(),
         shutdown: stopped.clone(),
         streams: settings.streams.clone(),
         tasks: tasks.clone(),
     });
 
     loop {
-        let (stream, _) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
                 // Another worker took it (the socket is shared) or the connection
@@ -275,9 +293,25 @@ async fn serve(
             _ = stopped.wait_for(|stop| *stop) => break,
         };
         let _ = stream.set_nodelay(true);
+        let Some(slot) = settings.limits.connect(peer.ip()) else {
+            // Over max_connections_per_ip: the request still gets an answer in the
+            // shape its path needs (x0 clients stop on anything but a 200), then
+            // the connection closes.
+            let refused = http1::Builder::new().keep_alive(false).serve_connection(
+                TokioIo::new(stream),
+                service_fn(|request| async move {
+                    Ok::<_, std::convert::Infallible>(http::too_many_connections(&request))
+                }),
+            );
+            tasks.spawn(async move {
+                let _ = tokio::time::timeout(std::time::Duration::from_secs(10), refused).await;
+            });
+            continue;
+        };
         let service = {
             let app = app.clone();
-            service_fn(move |request| http::handle(app.clone(), request))
+            let peer = peer.ip();
+            service_fn(move |request| http::handle(app.clone(), peer, request))
         };
         // With upgrades: a WebSocket takes the connection over from hyper.
         let connection = http1::Builder::new()
@@ -286,6 +320,7 @@ async fn serve(
             .with_upgrades();
         let mut stopped = stopped.clone();
         tasks.spawn(async move {
+            let _slot = slot;
             tokio::pin!(connection);
             let ended = tokio::select! {
                 ended = connection.as_mut() => Some(ended),

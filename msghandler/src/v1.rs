@@ -84,6 +84,29 @@ pub enum Operation {
     Request(ipc::Request, Answer),
 }
 
+impl Operation {
+    /// The session the request acts for, when it names one: the key of per-session
+    /// limits, and what a token must be for.
+    pub fn caller(&self) -> Option<&str> {
+        use ipc::Request as R;
+        match self {
+            Operation::Send(send) => send.src.as_deref(),
+            Operation::Poll(poll) => Some(&poll.session),
+            Operation::Request(request, _) => match request {
+                R::Ack { session, .. }
+                | R::Subscribe { session, .. }
+                | R::Unsubscribe { session, .. }
+                | R::AwaitReply { session, .. }
+                | R::SetPaused { session, .. }
+                | R::Release { session }
+                | R::Bind { session, .. }
+                | R::Kick { session, .. } => Some(session),
+                _ => None,
+            },
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Poll {
     pub session: String,
@@ -642,14 +665,16 @@ pub fn status(kind: &str) -> StatusCode {
         "InvalidJson" | "MissingField" | "InvalidField" | "InvalidRequest" | "BadRequest" => {
             StatusCode::BAD_REQUEST
         }
-        "Unauthorized" => StatusCode::UNAUTHORIZED,
+        "Unauthorized" | "InvalidToken" | "TokenExpired" => StatusCode::UNAUTHORIZED,
         "Forbidden" | "Kicked" => StatusCode::FORBIDDEN,
         "NotFound" | "NoRoute" => StatusCode::NOT_FOUND,
         "MethodNotAllowed" => StatusCode::METHOD_NOT_ALLOWED,
         "BodyTooLarge" | "PayloadTooLarge" => StatusCode::PAYLOAD_TOO_LARGE,
         "UnsupportedContentType" => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-        "MailboxFull" => StatusCode::TOO_MANY_REQUESTS,
-        "CoreUnavailable" | "ShuttingDown" => StatusCode::SERVICE_UNAVAILABLE,
+        "MailboxFull" | "RateLimited" => StatusCode::TOO_MANY_REQUESTS,
+        "CoreUnavailable" | "ShuttingDown" | "TooManyConnections" => {
+            StatusCode::SERVICE_UNAVAILABLE
+        }
         _ => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }

@@ -555,7 +555,17 @@ impl Connection {
                 self.write(vec![WsMessage::text(ok)]).await
             }
             frame::Op::Core(mut operation) => {
-                if let Some(Err(error)) = self.grant.as_ref().map(|g| g.permits(&operation)) {
+                let allowed = match &self.grant {
+                    Some(grant) => grant.permits(&operation),
+                    None => Ok(()),
+                }
+                .and_then(|()| {
+                    self.app
+                        .limits
+                        .check_session(&self.session)
+                        .map_err(|limited| limited.error())
+                });
+                if let Err(error) = allowed {
                     let refused = frame::error(reference.as_deref(), &error);
                     return self.write(vec![WsMessage::text(refused)]).await;
                 }

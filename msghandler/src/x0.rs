@@ -82,6 +82,16 @@ pub enum Operation {
     },
 }
 
+impl Operation {
+    /// The session the request acts for.
+    pub fn caller(&self) -> &str {
+        match self {
+            Operation::Set { src, .. } => src,
+            Operation::Get { session, .. } | Operation::Del { session, .. } => session,
+        }
+    }
+}
+
 /// Every key the x0 client may send; unknown keys are ignored.
 #[derive(Debug, Default, Deserialize)]
 #[serde(default)]

@@ -1,0 +1,307 @@
+//! Per-client limits: requests per second per IP and per session, and open
+//! connections per IP, with the client's IP taken from `X-Forwarded-For` only when
+//! the connection comes from a trusted proxy.
+//!
+//! One [`Limits`] is shared by every worker thread: a client's connections may land
+//! on any of them. governor's keyed limiters are lock-free per key (GCRA over a
+//! concurrent map), and the connection count takes a short `std` mutex only when a
+//! connection opens or closes.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::num::NonZeroU32;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use governor::clock::{Clock, DefaultClock};
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use hyper::header::HeaderMap;
+use ipnet::IpNet;
+
+use crate::x0::X0Error;
+
+/// The `rate_limit_*`, `max_connections_per_ip` and `trusted_proxies` keys.
+#[derive(Debug, Clone, Default)]
+pub struct LimitConfig {
+    /// Requests per second, sustained; 0 turns the limit off.
+    pub ip_rate: u32,
+    pub ip_burst: u32,
+    pub session_rate: u32,
+    pub session_burst: u32,
+    /// 0 turns the limit off.
+    pub connections_per_ip: usize,
+    /// Addresses or networks (`10.0.0.0/8`) of proxies whose `X-Forwarded-For`
+    /// names the client.
+    pub trusted_proxies: Vec<String>,
+}
+
+pub struct Limits {
+    trusted: Vec<IpNet>,
+    per_ip: Option<DefaultKeyedRateLimiter<IpAddr>>,
+    per_session: Option<DefaultKeyedRateLimiter<String>>,
+    connections_per_ip: usize,
+    /// Open connections by peer address. Only addresses with a connection are in
+    /// it, so it is as large as the number of clients connected now.
+    connections: Mutex<HashMap<IpAddr, usize>>,
+    clock: DefaultClock,
+}
+
+/// A request over its rate: when the limiter would let it through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limited {
+    pub wait: Duration,
+    what: &'static str,
+}
+
+impl Limited {
+    pub fn error(&self) -> X0Error {
+        X0Error::new(
+            "RateLimited",
+            format!(
+                "too many requests from this {}: retry in {} ms",
+                self.what,
+                self.wait.as_millis().max(1)
+            ),
+        )
+    }
+}
+
+fn quota(rate: u32, burst: u32) -> Option<Quota> {
+    let rate = NonZeroU32::new(rate)?;
+    let burst = NonZeroU32::new(burst).unwrap_or(rate);
+    Some(Quota::per_second(rate).allow_burst(burst))
+}
+
+impl LimitConfig {
+    pub fn of(config: &crate::config::HandlerConfig) -> Self {
+        LimitConfig {
+            ip_rate: config.rate_limit_ip,
+            ip_burst: config.rate_limit_ip_burst,
+            session_rate: config.rate_limit_session,
+            session_burst: config.rate_limit_session_burst,
+            connections_per_ip: config.max_connections_per_ip,
+            trusted_proxies: config.trusted_proxies.clone(),
+        }
+    }
+}
+
+impl Limits {
+    pub fn new(config: &LimitConfig) -> anyhow::Result<Self> {
+        let trusted = config
+            .trusted_proxies
+            .iter()
+            .map(|entry| {
+                entry
+                    .parse::<IpNet>()
+                    .or_else(|_| entry.parse::<IpAddr>().map(IpNet::from))
+                    .map_err(|_| {
+                        anyhow::anyhow!(
+                            "trusted_proxies: {entry:?} is not an IP address or network"
+                        )
+                    })
+            })
+            .collect::<anyhow::Result<_>>()?;
+        Ok(Limits {
+            trusted,
+            per_ip: quota(config.ip_rate, config.ip_burst).map(RateLimiter::keyed),
+            per_session: quota(config.session_rate, config.session_burst).map(RateLimiter::keyed),
+            connections_per_ip: config.connections_per_ip,
+            connections: Mutex::new(HashMap::new()),
+            clock: DefaultClock::default(),
+        })
+    }
+
+    fn is_trusted(&self, ip: IpAddr) -> bool {
+        self.trusted.iter().any(|net| net.contains(&ip))
+    }
+
+    /// The client's address: the peer's, or, when the peer is a trusted proxy, the
+    /// last address in `X-Forwarded-For` that is not one of our proxies. Entries left
+    /// of that one were written by the client itself and prove nothing.
+    pub fn client_ip(&self, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
+        if !self.is_trusted(peer) {
+            return peer;
+        }
+        let mut forwarded = headers
+            .get_all("x-forwarded-for")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .collect::<Vec<_>>();
+        while let Some(hop) = forwarded.pop() {
+            match hop.parse::<IpAddr>() {
+                Ok(ip) if self.is_trusted(ip) => continue,
+                Ok(ip) => return ip,
+                // Garbage where an address should be: the hops before it cannot be
+                // trusted either, so the request counts as the proxy's own.
+                Err(_) => return peer,
+            }
+        }
+        peer
+    }
+
+    pub fn check_ip(&self, ip: IpAddr) -> Result<(), Limited> {
+        self.check(self.per_ip.as_ref(), &ip, "address")
+    }
+
+    pub fn check_session(&self, session: &str) -> Result<(), Limited> {
+        let Some(limiter) = &self.per_session else {
+            return Ok(());
+        };
+        // Keyed by an owned String: one small allocation per request, only when the
+        // limit is on.
+        self.check(Some(limiter), &session.to_owned(), "session")
+    }
+
+    fn check<K: std::hash::Hash + Eq + Clone>(
+        &self,
+        limiter: Option<&DefaultKeyedRateLimiter<K>>,
+        key: &K,
+        what: &'static str,
+    ) -> Result<(), Limited> {
+        match limiter.map(|l| l.check_key(key)) {
+            None | Some(Ok(())) => Ok(()),
+            Some(Err(not_until)) => Err(Limited {
+                wait: not_until.wait_time_from(self.clock.now()),
+                what,
+            }),
+        }
+    }
+
+    /// Counts a new connection from `peer`; `None` when that address already has
+    /// `max_connections_per_ip`. Trusted proxies carry many clients and are not
+    /// counted.
+    pub fn connect(self: &Arc<Self>, peer: IpAddr) -> Option<ConnectionSlot> {
+        if self.connections_per_ip == 0 || self.is_trusted(peer) {
+            return Some(ConnectionSlot(None));
+        }
+        let mut connections = self.connections.lock().expect("not poisoned");
+        let open = connections.entry(peer).or_insert(0);
+        if *open >= self.connections_per_ip {
+            return None;
+        }
+        *open += 1;
+        Some(ConnectionSlot(Some((self.clone(), peer))))
+    }
+
+    /// Forgets rate-limit state that has run back to full: without it the limiters
+    /// would hold every address and session ever seen.
+    pub fn forget_idle(&self) {
+        if let Some(l) = &self.per_ip {
+            l.retain_recent();
+            l.shrink_to_fit();
+        }
+        if let Some(l) = &self.per_session {
+            l.retain_recent();
+            l.shrink_to_fit();
+        }
+    }
+}
+
+/// One open connection of an address, given back when dropped.
+pub struct ConnectionSlot(Option<(Arc<Limits>, IpAddr)>);
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        if let Some((limits, peer)) = self.0.take() {
+            let mut connections = limits.connections.lock().expect("not poisoned");
+            if let Some(open) = connections.get_mut(&peer) {
+                *open -= 1;
+                if *open == 0 {
+                    connections.remove(&peer);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits(config: LimitConfig) -> Arc<Limits> {
+        Arc::new(Limits::new(&config).unwrap())
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn forwarded(value: &str) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert("x-forwarded-for", value.parse().unwrap());
+        headers
+    }
+
+    #[test]
+    fn forwarded_for_counts_only_from_a_trusted_proxy() {
+        let l = limits(LimitConfig {
+            trusted_proxies: vec!["127.0.0.1".into(), "10.0.0.0/8".into()],
+            ..Default::default()
+        });
+        let h = forwarded("6.6.6.6, 203.0.113.7, 10.1.2.3");
+        // From the proxy: the last hop that is not ours; the client-written 6.6.6.6
+        // is ignored.
+        assert_eq!(l.client_ip(ip("127.0.0.1"), &h), ip("203.0.113.7"));
+        // Straight from a client: its header means nothing.
+        assert_eq!(l.client_ip(ip("198.51.100.1"), &h), ip("198.51.100.1"));
+        assert_eq!(
+            l.client_ip(ip("127.0.0.1"), &HeaderMap::new()),
+            ip("127.0.0.1")
+        );
+        assert_eq!(
+            l.client_ip(ip("127.0.0.1"), &forwarded("junk")),
+            ip("127.0.0.1")
+        );
+        assert!(
+            Limits::new(&LimitConfig {
+                trusted_proxies: vec!["nginx".into()],
+                ..Default::default()
+            })
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn a_rate_limit_trips_after_the_burst_and_recovers() {
+        let l = limits(LimitConfig {
+            session_rate: 20,
+            session_burst: 5,
+            ..Default::default()
+        });
+        for _ in 0..5 {
+            assert!(l.check_session("A").is_ok());
+        }
+        let limited = l.check_session("A").unwrap_err();
+        assert!(limited.wait > Duration::ZERO && limited.wait <= Duration::from_millis(50));
+        assert_eq!(limited.error().kind, "RateLimited");
+        // Other sessions are not affected.
+        assert!(l.check_session("B").is_ok());
+        std::thread::sleep(Duration::from_millis(60));
+        assert!(l.check_session("A").is_ok());
+        // Off when the rate is 0.
+        assert!(l.check_ip(ip("127.0.0.1")).is_ok());
+    }
+
+    #[test]
+    fn connections_per_ip_are_counted_and_given_back() {
+        let l = limits(LimitConfig {
+            connections_per_ip: 2,
+            trusted_proxies: vec!["127.0.0.1".into()],
+            ..Default::default()
+        });
+        let a = l.connect(ip("192.0.2.1")).unwrap();
+        let _b = l.connect(ip("192.0.2.1")).unwrap();
+        assert!(l.connect(ip("192.0.2.1")).is_none());
+        assert!(l.connect(ip("192.0.2.2")).is_some());
+        drop(a);
+        assert!(l.connect(ip("192.0.2.1")).is_some());
+        // A trusted proxy is never refused.
+        let proxied: Vec<_> = (0..5).map(|_| l.connect(ip("127.0.0.1"))).collect();
+        assert!(proxied.iter().all(Option::is_some));
+        drop(proxied);
+        drop(_b);
+        assert!(l.connections.lock().unwrap().is_empty());
+    }
+}
