@@ -16,7 +16,9 @@
 //! rest); `send` lists the sessions the client may message directly (`"*"` any).
 //! Replies to a message the client was given are always allowed.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
@@ -340,6 +342,43 @@ impl Grant {
             x0::Operation::Set { dst, .. } => self.may_send_to(dst),
             x0::Operation::Get { .. } | x0::Operation::Del { .. } => Ok(()),
         }
+    }
+}
+
+/// The sessions this worker recently bound to their token's user (`sub`), so that
+/// the binding costs the core one request per session every [`Bindings::FRESH`],
+/// not one per request. A binding lost at the core meanwhile (a restart without
+/// durable storage) comes back within that time.
+#[derive(Debug, Default)]
+pub struct Bindings {
+    // A std mutex: held for one map operation, never across an await.
+    recent: Mutex<HashMap<String, (String, tokio::time::Instant)>>,
+}
+
+impl Bindings {
+    const FRESH: Duration = Duration::from_secs(30);
+    /// More sessions than this and stale entries are dropped; the map never holds
+    /// more than the sessions of the last [`Bindings::FRESH`].
+    const MAX: usize = 100_000;
+
+    /// Whether `session` should be bound to `user` now.
+    pub fn due(&self, session: &str, user: &str) -> bool {
+        let recent = self.recent.lock().expect("not poisoned");
+        !matches!(recent.get(session), Some((u, at)) if u == user && at.elapsed() < Self::FRESH)
+    }
+
+    pub fn bound(&self, session: &str, user: &str) {
+        let mut recent = self.recent.lock().expect("not poisoned");
+        if recent.len() >= Self::MAX {
+            recent.retain(|_, (_, at)| at.elapsed() < Self::FRESH);
+            if recent.len() >= Self::MAX {
+                recent.clear();
+            }
+        }
+        recent.insert(
+            session.to_owned(),
+            (user.to_owned(), tokio::time::Instant::now()),
+        );
     }
 }
 

@@ -173,6 +173,7 @@ pub async fn handler_with(socket: PathBuf, backend_key: Option<&str>, streams: S
             .map(Arc::new),
         tokens: None,
         limits: Arc::new(crate::limits::Limits::new(&Default::default()).unwrap()),
+        bindings: Default::default(),
         shutdown,
         streams,
         tasks: tasks.clone(),

@@ -21,7 +21,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug};
 
 use crate::assets::{self, Asset};
-use crate::auth::{Grant, Tokens};
+use crate::auth::{Bindings, Grant, Tokens};
 use crate::backend_key::{BackendKey, Denied};
 use crate::core_link::{CoreError, CorePool, PollError};
 use crate::limits::Limits;
@@ -42,6 +42,8 @@ pub struct App {
     pub tokens: Option<Arc<Tokens>>,
     /// Shared by every worker: a client's connections may land on any of them.
     pub limits: Arc<Limits>,
+    /// Sessions this worker bound to their token's user lately.
+    pub bindings: Bindings,
     /// Turns true on SIGTERM: parked polls answer at once, streams end.
     pub shutdown: watch::Receiver<bool>,
     pub streams: Streams,
@@ -206,6 +208,30 @@ pub async fn handle(
     Ok(reply)
 }
 
+/// Binds the token's session to the token's user (`sub`) at the core, so that
+/// messages to that user reach it without the backend binding every session
+/// itself. Once per session and worker every half minute (see [`Bindings`]).
+pub async fn bind_user(app: &App, grant: Option<&Grant>) -> Result<(), X0Error> {
+    let Some((grant, user)) = grant.and_then(|g| Some((g, g.user.as_deref()?))) else {
+        return Ok(());
+    };
+    if !app.bindings.due(&grant.session, user) {
+        return Ok(());
+    }
+    let bind = ipc::Request::Bind {
+        session: grant.session.clone(),
+        user: user.to_owned(),
+        exclusive: false,
+    };
+    match app.core.request(bind).await {
+        Ok(CoreResponse::Count(_)) => {
+            app.bindings.bound(&grant.session, user);
+            Ok(())
+        }
+        other => Err(unexpected(other)),
+    }
+}
+
 /// The answer on a connection over `max_connections_per_ip`.
 pub fn too_many_connections<B>(request: &Request<B>) -> Reply {
     let error = X0Error::new(
@@ -344,18 +370,24 @@ async fn x0_request(
         }
     };
     // Judged on the parsed request, so that a refused poll can be told from the rest.
-    if let Err(error) = grant.and_then(|g| g.map_or(Ok(()), |g| g.permits_x0(&operation))) {
+    let grant = grant.and_then(|g| match g {
+        Some(g) => g.permits_x0(&operation).map(|()| Some(g)),
+        None => Ok(None),
+    });
+    if let Err(error) = &grant {
         if matches!(operation, Operation::Get { .. }) {
             // As for a kicked session: an x0 tab polls again at once after any
             // answer, so a refusal given at once would make it spin.
             hold_until(app, started + app.poll_timeout).await;
         }
-        return Err(error.into());
+        return Err(error.clone().into());
     }
+    let grant = grant.expect("checked above");
     if let Err(limited) = app.limits.check_session(operation.caller()) {
         hold_until(app, started + limited.wait.min(app.poll_timeout)).await;
         return Err(limited.error().into());
     }
+    bind_user(app, grant.as_ref()).await?;
     Ok(execute(app, operation).await?)
 }
 
@@ -397,6 +429,7 @@ async fn v1_request(
             .check_session(session)
             .map_err(|limited| limited.error())?;
     }
+    bind_user(app, grant.as_ref()).await?;
     Ok(v1_execute(app, operation).await?)
 }
 

@@ -272,6 +272,7 @@ async fn serve(
         backend_key: settings.backend_key.clone(),
         tokens: settings.tokens.clone(),
         limits: settings.limits.clone(),
+        bindings: Default::default(),
         shutdown: stopped.clone(),
         streams: settings.streams.clone(),
         tasks: tasks.clone(),

@@ -66,9 +66,6 @@ pub fn open(app: &Arc<App>, request: &Request<Incoming>, grant: Option<Grant>) -
     if let Some(Err(error)) = grant.as_ref().map(|g| g.own(&session)) {
         return http::refusal(error, "GET, OPTIONS");
     }
-    // The stream ends when the token does; EventSource then reconnects, and the
-    // client comes back with a fresh token.
-    let expires = grant.map(|g| Instant::now() + g.remaining());
     let (chunks, body) = mpsc::channel(1);
     let span = tracing::info_span!("sse", session = %session);
     app.tasks.spawn(
@@ -78,7 +75,7 @@ pub fn open(app: &Arc<App>, request: &Request<Incoming>, grant: Option<Grant>) -
                 session,
                 last_event_id,
                 client_acks,
-                expires,
+                grant,
             },
             chunks,
         )
@@ -183,8 +180,8 @@ struct Opened {
     session: String,
     last_event_id: Option<MessageId>,
     client_acks: bool,
-    /// When its token runs out.
-    expires: Option<Instant>,
+    /// What its token allows, when tokens are required.
+    grant: Option<Grant>,
 }
 
 async fn stream(app: Arc<App>, opened: Opened, chunks: mpsc::Sender<Bytes>) {
@@ -192,14 +189,21 @@ async fn stream(app: Arc<App>, opened: Opened, chunks: mpsc::Sender<Bytes>) {
         session,
         last_event_id,
         client_acks,
-        expires,
+        grant,
     } = opened;
+    // The stream ends when the token does; EventSource then reconnects, and the
+    // client comes back with a fresh token.
+    let expires = grant.as_ref().map(|g| Instant::now() + g.remaining());
     debug!(?last_event_id, "event stream open");
     if chunks
         .send(Bytes::from_static(PREAMBLE.as_bytes()))
         .await
         .is_err()
     {
+        return;
+    }
+    if let Err(error) = http::bind_user(&app, grant.as_ref()).await {
+        say_last(&app, &chunks, &error).await;
         return;
     }
     if let Some(id) = last_event_id

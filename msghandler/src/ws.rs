@@ -415,6 +415,15 @@ async fn serve(app: Arc<App>, upgraded: Upgraded, asked: Result<Asked, X0Error>)
             return;
         }
     };
+    if let Err(error) = http::bind_user(&app, grant.as_ref()).await {
+        let end = End::Close {
+            last_words: Some(frame::error(None, &error)),
+            code: 1011,
+            reason: "the core did not take the session's user",
+        };
+        say_goodbye(&mut socket, end).await;
+        return;
+    }
     debug!(?flow, "WebSocket open");
     let mut connection = Connection {
         app,

@@ -1211,19 +1211,23 @@ impl Broker {
             .entry(session.clone())
             .or_insert_with(|| Mailbox::new(now));
         let previous = mailbox.user.replace(user.clone());
-        if let Some(previous) = previous
-            && previous != user
+        if let Some(previous) = &previous
+            && *previous != user
         {
-            self.unbind_user(&previous, &session);
+            self.unbind_user(previous, &session);
         }
         self.users
             .entry(user.clone())
             .or_default()
             .insert(session.clone());
-        self.journal.push(|| Record::Bound {
-            session: session.clone(),
-            user: user.clone(),
-        });
+        // msghandler binds a token's session again every half minute: the same
+        // binding again is not worth a record.
+        if previous.as_ref() != Some(&user) {
+            self.journal.push(|| Record::Bound {
+                session: session.clone(),
+                user: user.clone(),
+            });
+        }
         self.touch(now, &session, out);
         let mut kicked = 0;
         if exclusive {

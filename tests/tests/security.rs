@@ -208,6 +208,38 @@ async fn a_token_publishes_subscribes_and_sends_only_where_it_allows() {
 }
 
 #[tokio::test]
+async fn a_tokens_user_claim_binds_its_session_so_user_messages_reach_every_tab() {
+    let (_core, h) = start(CoreOptions::default(), token_handler(""));
+    let user = session("user");
+    let tabs = [session("tab1"), session("tab2")];
+    let tokens: Vec<String> = tabs
+        .iter()
+        .map(|tab| token_for(tab, json!({"sub": user})))
+        .collect();
+    // Any request with the token binds the session; here, an empty poll.
+    for (tab, token) in tabs.iter().zip(&tokens) {
+        let (status, reply) =
+            v1_as(&h, token, "/v1/poll", json!({"session": tab, "timeout": 0})).await;
+        assert_eq!(status, StatusCode::OK, "{reply}");
+    }
+    let sent = h
+        .backend_ok(
+            "/v1/backend/publish",
+            json!({"target": {"user": user}, "data": {"hello": "user"}}),
+        )
+        .await;
+    assert_eq!(sent["recipients"], 2, "{sent}");
+    for (tab, token) in tabs.iter().zip(&tokens) {
+        let (_, reply) = v1_as(&h, token, "/v1/poll", json!({"session": tab, "timeout": 2})).await;
+        assert_eq!(
+            reply["messages"][0]["data"],
+            json!({"hello": "user"}),
+            "{reply}"
+        );
+    }
+}
+
+#[tokio::test]
 async fn missing_expired_and_tampered_tokens_are_refused_with_their_reason() {
     let (_core, h) = start(CoreOptions::default(), token_handler(""));
     let a = session("a");
