@@ -2,6 +2,8 @@
 // msghandler, one API for all three (docs/TRANSPORTS.md is the contract).
 //
 //   const mm = new MicroMsg({session: "tab-123"});
+//   // or, when msghandler has auth = "token", with a token the app's backend signed:
+//   const mm = new MicroMsg({session, token: () => fetch("/app/token").then((r) => r.text())});
 //   mm.on("message", (message, id) => ...);
 //   await mm.publish({target: {session: "tab-456"}, data: {...}});
 //
@@ -101,6 +103,9 @@ class MicroMsgSeen {
 // Refusals that mean "try again": reconnecting is the answer, not the app's business
 // (over WebSocket and SSE they come just before the server closes the connection).
 const MICROMSG_TRANSIENT = new Set(["CoreUnavailable", "ShuttingDown"]);
+// Refusals of the token itself (auth = "token"): with a token function, the client
+// fetches a new token and tries again instead of telling the app.
+const MICROMSG_TOKEN_ERRORS = new Set(["TokenExpired", "InvalidToken", "Unauthorized"]);
 
 function microMsgSupported(transport) {
   if (transport === "websocket") return typeof globalThis.WebSocket === "function";
@@ -128,9 +133,13 @@ function microMsgSubKey(sub) {
 
 class MicroMsg {
   /**
-   * @param {{url?: string, session: string, transports?: string[]}} options
+   * @param {{url?: string, session: string, transports?: string[],
+   *          token?: string | (() => string | Promise<string>)}} options
    *   url: base URL of msghandler ("" = same origin); session: this client's
-   *   session id; transports: order of preference among "websocket", "sse", "poll".
+   *   session id; transports: order of preference among "websocket", "sse", "poll";
+   *   token: the session's token when msghandler requires one, or a function that
+   *   fetches a fresh one (called before the first connection and whenever the
+   *   token in use is refused or expires).
    */
   constructor(options = {}) {
     if (!options.session) throw new TypeError("MicroMsg: options.session is required");
@@ -145,6 +154,9 @@ class MicroMsg {
     this.state = "connecting"; // "connecting" | "open" | "closed"
     this.transport = null; // the transport in use while open
     this._seen = new MicroMsgSeen(this.session);
+    this._tokenSource = options.token ?? null;
+    this._token = typeof this._tokenSource === "function" ? null : this._tokenSource;
+    this._tokenStale = false; // the token in use was refused: fetch another first
 
     this._handlers = { message: [], state: [], error: [] };
     this._subs = new Map(); // subscriptions to restore on reconnect, by their keys
@@ -225,8 +237,13 @@ class MicroMsg {
     // acknowledged (a poll answer or SSE events that reached a dying page) comes
     // back at once, instead of after the core's visibility timeout. Failing that
     // (msghandler away), the transport's own failure says so.
-    this._http("release", {}, undefined, 5000)
-      .catch(() => {})
+    this._tokenNow()
+      .then(() => this._http("release", {}, undefined, 5000).catch(() => {}))
+      .catch((e) => {
+        // The token function failed (the app's backend is away, the user logged out).
+        this._emitError(new MicroMsgError("TokenUnavailable", String(e?.message ?? e)));
+        if (conn === this._conn) this._lost(conn);
+      })
       .then(() => {
         if (conn !== this._conn || this._closed) return;
         try {
@@ -241,11 +258,36 @@ class MicroMsg {
       });
   }
 
+  // ---- tokens -------------------------------------------------------------------
+
+  // The token to send, fetching a fresh one first when there is none yet or the
+  // last one was refused.
+  async _tokenNow() {
+    if (typeof this._tokenSource !== "function") return this._token;
+    if (this._token === null || this._tokenStale) {
+      this._tokenStale = false;
+      this._token = String(await this._tokenSource());
+    }
+    return this._token;
+  }
+
+  // Whether a refusal is of the token, which a token function can fix: the next
+  // connection or request then fetches a new one. Refused again and again (fresh
+  // tokens included), it is the app's to hear about: its backend signs tokens that
+  // msghandler does not take.
+  _tokenRefused(exceptionId) {
+    if (typeof this._tokenSource !== "function" || !MICROMSG_TOKEN_ERRORS.has(exceptionId)) return false;
+    this._tokenStale = true;
+    this._tokenRefusals = (this._tokenRefusals ?? 0) + 1;
+    return this._tokenRefusals <= 2;
+  }
+
   // The transport works: it answered (WebSocket welcome, SSE stream, first poll).
   _opened(conn) {
     if (conn !== this._conn || conn.open) return;
     conn.open = true;
     conn.openedAt = Date.now();
+    this._tokenRefusals = 0;
     clearTimeout(conn.openTimer);
     this.transport = conn.kind;
     const resume = this._workedKinds.size > 0; // opened before: this is a reconnect
@@ -335,6 +377,8 @@ class MicroMsg {
     const url = new URL(`${this.url}/v1/ws`, globalThis.location?.href);
     url.protocol = url.protocol === "https:" ? "wss:" : "ws:";
     url.search = new URLSearchParams({ session: this.session, flow: "window", window: String(MICROMSG_WS_WINDOW) });
+    // A browser cannot set headers on a WebSocket: the token goes in the URL.
+    if (this._token) url.searchParams.set("token", this._token);
     const ws = new WebSocket(url.href);
     ws.binaryType = "arraybuffer";
     conn.close = () => {
@@ -344,7 +388,10 @@ class MicroMsg {
     conn.send = (frame) => ws.send(JSON.stringify(frame));
     conn.lastSeen = Date.now();
     ws.onerror = () => {}; // a close event always follows
-    ws.onclose = () => this._lost(conn);
+    ws.onclose = (event) => {
+      if (event.code === 4401 && typeof this._tokenSource === "function") this._tokenStale = true;
+      this._lost(conn);
+    };
     ws.onmessage = (event) => {
       if (conn !== this._conn) return;
       conn.lastSeen = Date.now();
@@ -381,7 +428,7 @@ class MicroMsg {
         if (frame.ref !== undefined && p) {
           this._pending.delete(frame.ref);
           p.reject(error);
-        } else if (!MICROMSG_TRANSIENT.has(error.exception_id)) {
+        } else if (!MICROMSG_TRANSIENT.has(error.exception_id) && !this._tokenRefused(error.exception_id)) {
           this._emitError(error); // e.g. Kicked, before the server closes with 4403
         }
         return;
@@ -416,6 +463,7 @@ class MicroMsg {
     // than letting the browser reconnect, so Last-Event-ID is never sent: the resume
     // point is always the query parameter, taken from the last id handled.
     if (this.lastId > 0) query.set("last_event_id", String(this.lastId));
+    if (this._token) query.set("token", this._token);
     const es = new EventSource(`${this.url}/v1/events?${query}`);
     conn.close = () => es.close();
     es.onopen = () => this._opened(conn);
@@ -445,9 +493,12 @@ class MicroMsg {
           // keep the empty body
         }
         const error = new MicroMsgError(body.exception_id ?? "Error", body.exception ?? event.data);
-        if (!MICROMSG_TRANSIENT.has(error.exception_id)) this._emitError(error);
+        if (!MICROMSG_TRANSIENT.has(error.exception_id) && !this._tokenRefused(error.exception_id)) this._emitError(error);
         return;
       }
+      // EventSource shows nothing of why a stream did not open: a refused token
+      // looks like any failure, so a stream that never opened gets a fresh one.
+      if (!conn.open && typeof this._tokenSource === "function") this._tokenStale = true;
       this._lost(conn);
     });
   }
@@ -485,7 +536,7 @@ class MicroMsg {
       // A refusal other than "try again" deserves a word; network errors and
       // transient refusals are what reconnecting is for.
       // (5xx: CoreUnavailable, ShuttingDown, or a proxy in front that lost msghandler.)
-      if (e instanceof MicroMsgError && e.status >= 400 && e.status < 500) this._emitError(e);
+      if (e instanceof MicroMsgError && e.status >= 400 && e.status < 500 && !this._tokenRefused(e.exception_id)) this._emitError(e);
       this._lost(conn);
     }
   }
@@ -526,7 +577,19 @@ class MicroMsg {
     });
   }
 
+  // POST /v1/<op>; a refusal of the token, with a token function, is retried once
+  // with a fresh token.
   async _http(op, body, signal, timeoutMs) {
+    try {
+      return await this._httpOnce(op, body, signal, timeoutMs);
+    } catch (e) {
+      if (!(e instanceof MicroMsgError) || e.status !== 401 || !this._tokenRefused(e.exception_id)) throw e;
+      await this._tokenNow();
+      return this._httpOnce(op, body, signal, timeoutMs);
+    }
+  }
+
+  async _httpOnce(op, body, signal, timeoutMs) {
     const controller = new AbortController();
     const cancel = () => controller.abort();
     signal?.addEventListener("abort", cancel);
@@ -534,7 +597,10 @@ class MicroMsg {
     try {
       const response = await fetch(`${this.url}/v1/${op}`, {
         method: "POST",
-        headers: { "Content-Type": "application/json" },
+        headers: Object.assign(
+          { "Content-Type": "application/json" },
+          this._token ? { Authorization: `Bearer ${this._token}` } : {},
+        ),
         body: JSON.stringify(Object.assign({}, body, { session: this.session })),
         cache: "no-store",
         signal: controller.signal,

@@ -13,6 +13,7 @@ import net from "node:net";
 import os from "node:os";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
+import { SignJWT } from "jose";
 import { chromium } from "playwright-core";
 
 const repo = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "../..");
@@ -20,6 +21,7 @@ const binDir = process.env.MICROMSG_BIN_DIR || path.join(repo, "target/debug");
 const chromiumPath = process.env.MICROMSG_CHROMIUM || "/usr/bin/chromium";
 const WAIT_MS = 10_000; // upper bound for anything the page should do by itself
 const BACKEND_KEY = "browser-test-backend-key"; // for /v1/backend/kick
+const TOKEN_SECRET = "browser-test-token-secret-0123456789abcdef"; // auth = "token"
 
 let dir; // temporary directory: socket, logs
 let children = [];
@@ -452,4 +454,91 @@ describe("demo page", { timeout: 60_000 }, () => {
       await closeAll(a, b);
     });
   }
+});
+
+// auth = "token": a second msghandler on the same core requires tokens, which the
+// test signs as an application's backend would (jose), with a short life so that
+// they run out while the page is connected.
+describe("tokens", { timeout: 60_000 }, () => {
+  let tokenBase;
+  before(async () => {
+    const tokenPort = await freePort();
+    tokenBase = `http://127.0.0.1:${tokenPort}`;
+    start("msghandler", ["--socket", socket, "--listen", `127.0.0.1:${tokenPort}`], {
+      MICROMSG_AUTH: "token",
+      MICROMSG_TOKEN_SECRET: TOKEN_SECRET,
+      MICROMSG_TOKEN_LEEWAY: "0",
+      MICROMSG_BACKEND_KEY: BACKEND_KEY,
+    });
+    await waitFor("the token msghandler's port", () => canConnect(tokenPort));
+  });
+
+  function sign(claims, seconds) {
+    return new SignJWT(claims)
+      .setProtectedHeader({ alg: "HS256" })
+      .setExpirationTime(Math.floor(Date.now() / 1000) + seconds)
+      .sign(new TextEncoder().encode(TOKEN_SECRET));
+  }
+
+  async function backendPublish(session, data) {
+    const reply = await fetch(`${tokenBase}/v1/backend/publish`, {
+      method: "POST",
+      headers: { "Content-Type": "application/json", Authorization: `Bearer ${BACKEND_KEY}` },
+      body: JSON.stringify({ target: { session }, data }),
+    });
+    assert.equal(reply.status, 200, await reply.clone().text());
+  }
+
+  // A page of the token msghandler's origin with the library and a client whose
+  // token function asks the test (standing in for the app's backend) for a token.
+  async function openClient(transport, session, claimsFor) {
+    const context = await browser.newContext();
+    const page = await context.newPage();
+    page.tokens = 0;
+    await page.exposeFunction("fetchToken", async () => {
+      page.tokens++;
+      return sign(claimsFor(session), 3);
+    });
+    await page.goto(`${tokenBase}/v1/micromsg.js`);
+    await page.addScriptTag({ url: "/v1/micromsg.js" });
+    await page.evaluate(
+      ([session, transport]) => {
+        window.got = [];
+        window.errors = [];
+        window.mm = new MicroMsg({ session, transports: [transport], token: () => window.fetchToken() });
+        window.mm.on("message", (m) => window.got.push(m.data));
+        window.mm.on("error", (e) => window.errors.push(e.exception_id));
+      },
+      [session, transport],
+    );
+    return page;
+  }
+
+  const got = (page) => page.evaluate(() => window.got);
+
+  for (const transport of ["websocket", "sse", "poll"]) {
+    test(`${transport}: messages keep coming across token expiry, with fresh tokens`, { timeout: 25_000 }, async () => {
+      const session = `tok-${transport}-${Date.now()}`;
+      const page = await openClient(transport, session, (sid) => ({ sid }));
+      await waitFor("the client to open", () => page.evaluate(() => window.mm.state === "open"));
+      await backendPublish(session, { n: 1 });
+      await waitFor("message 1", async () => (await got(page)).length === 1);
+      // The first token has run out: the WebSocket was closed with 4401, the event
+      // stream ended with TokenExpired, a poll was refused with 401.
+      await new Promise((r) => setTimeout(r, 4000));
+      await backendPublish(session, { n: 2 });
+      await waitFor("message 2", async () => (await got(page)).length === 2);
+      assert.deepEqual(await got(page), [{ n: 1 }, { n: 2 }]);
+      assert.ok(page.tokens >= 2, `fetched ${page.tokens} tokens`);
+      assert.deepEqual(await page.evaluate(() => window.errors), [], "the app heard of no error");
+      await page.context().close();
+    });
+  }
+
+  test("a token for another session is refused and the app hears why", { timeout: 20_000 }, async () => {
+    const page = await openClient("websocket", `tok-mine-${Date.now()}`, () => ({ sid: "someone-else" }));
+    await waitFor("the refusal", async () => (await page.evaluate(() => window.errors)).includes("Forbidden"));
+    assert.notEqual(await page.evaluate(() => window.mm.state), "open");
+    await page.context().close();
+  });
 });
