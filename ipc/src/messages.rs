@@ -9,8 +9,9 @@ pub type RequestId = u64;
 /// starts from the wall clock in microseconds (below 2^53, so exact in JavaScript).
 pub type MessageId = u64;
 
-/// What the connecting peer is: the HTTP front, or the operator CLI, which may also
-/// send the operator's requests ([`Request::DeadLetters`]).
+/// What the connecting peer is: the HTTP front, on the main socket, or the operator
+/// CLI, on the admin socket, which is the only place the operator's requests
+/// ([`Request::DeadLetters`]) are served. The core refuses a role on the wrong socket.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Role {
     Handler,
