@@ -325,6 +325,10 @@ pub enum ErrorKind {
     Kicked,
     /// A reply whose reference no session awaits (never asked for, or expired).
     NoRoute,
+    /// The core holds as many sessions or as many message bytes as it is configured
+    /// to (`max_sessions`, `max_queued_bytes`): nothing was stored. Retry later;
+    /// room comes back as messages are delivered and sessions go away.
+    Overloaded,
 }
 
 impl ErrorKind {
@@ -337,6 +341,7 @@ impl ErrorKind {
             ErrorKind::ShuttingDown => "ShuttingDown",
             ErrorKind::Kicked => "Kicked",
             ErrorKind::NoRoute => "NoRoute",
+            ErrorKind::Overloaded => "Overloaded",
         }
     }
 }

@@ -36,6 +36,8 @@ pub struct ServerConfig {
     /// Operators allowed on the admin socket besides root and the uid that started
     /// the core.
     pub admin_uids: Vec<u32>,
+    pub max_sessions: usize,
+    pub max_queued_bytes: u64,
     pub delivery: DeliveryMode,
     pub mailbox_max_len: usize,
     pub overflow: OverflowPolicy,
@@ -108,6 +110,8 @@ impl Default for ServerConfig {
             admin_socket_mode: "0750".into(),
             admin_group: None,
             admin_uids: Vec::new(),
+            max_sessions: broker.max_sessions,
+            max_queued_bytes: broker.max_queued_bytes,
             delivery: broker.delivery,
             mailbox_max_len: broker.mailbox_max_len,
             overflow: broker.overflow,
@@ -206,6 +210,8 @@ impl ServerConfig {
             session_timeout: seconds("session_timeout", self.session_timeout)?,
             kick_retention: seconds("kick_retention", self.kick_retention)?,
             max_reply_ttl: seconds("max_reply_ttl", self.max_reply_ttl)?,
+            max_sessions: self.max_sessions,
+            max_queued_bytes: self.max_queued_bytes,
             channels: self
                 .channels
                 .iter()
