@@ -649,7 +649,7 @@ pub fn status(kind: &str) -> StatusCode {
         "BodyTooLarge" | "PayloadTooLarge" => StatusCode::PAYLOAD_TOO_LARGE,
         "UnsupportedContentType" => StatusCode::UNSUPPORTED_MEDIA_TYPE,
         "MailboxFull" => StatusCode::TOO_MANY_REQUESTS,
-        "CoreUnavailable" | "ShuttingDown" => StatusCode::SERVICE_UNAVAILABLE,
+        "CoreUnavailable" | "ShuttingDown" | "Overloaded" => StatusCode::SERVICE_UNAVAILABLE,
         _ => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }
@@ -1134,6 +1134,7 @@ mod tests {
             (ErrorKind::ShuttingDown, StatusCode::SERVICE_UNAVAILABLE),
             (ErrorKind::Kicked, StatusCode::FORBIDDEN),
             (ErrorKind::NoRoute, StatusCode::NOT_FOUND),
+            (ErrorKind::Overloaded, StatusCode::SERVICE_UNAVAILABLE),
         ] {
             let error = Answer::Sent
                 .render(Response::error(kind, "why"))
