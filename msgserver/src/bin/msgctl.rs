@@ -173,13 +173,17 @@ async fn call(socket: &std::path::Path, request: Request) -> anyhow::Result<Resp
     let (read_half, write_half) = stream.into_split();
     let mut reader = FramedRead::new(read_half, FrameCodec::<Welcome, Hello>::new());
     let mut writer = FramedWrite::new(write_half, FrameCodec::<Welcome, Hello>::new());
-    writer.send(Hello::new(Role::Admin)).await?;
     let closed = || {
         format!(
             "msgserver closed the connection on {shown}: is this uid allowed on the admin \
              socket (root, the uid that started msgserver, admin_uids)?"
         )
     };
+    // A core that closes at once (an older one refusing the peer) fails the write.
+    writer
+        .send(Hello::new(Role::Admin))
+        .await
+        .with_context(closed)?;
     let welcome = tokio::time::timeout(Duration::from_secs(5), reader.next())
         .await
         .context("no answer from msgserver within 5 s")?
