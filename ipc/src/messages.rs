@@ -9,8 +9,9 @@ pub type RequestId = u64;
 /// starts from the wall clock in microseconds (below 2^53, so exact in JavaScript).
 pub type MessageId = u64;
 
-/// What the connecting peer is: the HTTP front, or the operator CLI, which may also
-/// send the operator's requests ([`Request::DeadLetters`]).
+/// What the connecting peer is: the HTTP front, on the main socket, or the operator
+/// CLI, on the admin socket, which is the only place the operator's requests
+/// ([`Request::DeadLetters`]) are served. The core refuses a role on the wrong socket.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Role {
     Handler,
@@ -324,6 +325,10 @@ pub enum ErrorKind {
     Kicked,
     /// A reply whose reference no session awaits (never asked for, or expired).
     NoRoute,
+    /// The core holds as many sessions or as many message bytes as it is configured
+    /// to (`max_sessions`, `max_queued_bytes`): nothing was stored. Retry later;
+    /// room comes back as messages are delivered and sessions go away.
+    Overloaded,
 }
 
 impl ErrorKind {
@@ -336,6 +341,7 @@ impl ErrorKind {
             ErrorKind::ShuttingDown => "ShuttingDown",
             ErrorKind::Kicked => "Kicked",
             ErrorKind::NoRoute => "NoRoute",
+            ErrorKind::Overloaded => "Overloaded",
         }
     }
 }

@@ -672,7 +672,7 @@ pub fn status(kind: &str) -> StatusCode {
         "BodyTooLarge" | "PayloadTooLarge" => StatusCode::PAYLOAD_TOO_LARGE,
         "UnsupportedContentType" => StatusCode::UNSUPPORTED_MEDIA_TYPE,
         "MailboxFull" | "RateLimited" => StatusCode::TOO_MANY_REQUESTS,
-        "CoreUnavailable" | "ShuttingDown" | "TooManyConnections" => {
+        "CoreUnavailable" | "ShuttingDown" | "TooManyConnections" | "Overloaded" => {
             StatusCode::SERVICE_UNAVAILABLE
         }
         _ => StatusCode::INTERNAL_SERVER_ERROR,
@@ -1159,6 +1159,7 @@ mod tests {
             (ErrorKind::ShuttingDown, StatusCode::SERVICE_UNAVAILABLE),
             (ErrorKind::Kicked, StatusCode::FORBIDDEN),
             (ErrorKind::NoRoute, StatusCode::NOT_FOUND),
+            (ErrorKind::Overloaded, StatusCode::SERVICE_UNAVAILABLE),
         ] {
             let error = Answer::Sent
                 .render(Response::error(kind, "why"))

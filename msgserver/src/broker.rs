@@ -9,6 +9,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use ipc::{
@@ -84,6 +85,13 @@ pub struct BrokerConfig {
     pub kick_retention: Duration,
     /// Upper bound on how long replies to a message are routed back.
     pub max_reply_ttl: Duration,
+    /// Sessions (mailboxes) the broker holds at most: a request that would create
+    /// one more is refused with `Overloaded`. 0: no limit.
+    pub max_sessions: usize,
+    /// Bytes of message bodies the broker holds at most (ready, in flight and dead
+    /// letters, each copy of a fanned-out message counted): a message that would
+    /// take more is refused with `Overloaded` and nothing is stored. 0: no limit.
+    pub max_queued_bytes: u64,
     /// Per channel pattern; the first that matches a channel applies.
     pub channels: Vec<ChannelSettings>,
 }
@@ -104,6 +112,8 @@ impl Default for BrokerConfig {
             session_timeout: Duration::from_secs(60),
             kick_retention: Duration::from_secs(3600),
             max_reply_ttl: Duration::from_secs(300),
+            max_sessions: 100_000,
+            max_queued_bytes: 256 * 1024 * 1024,
             channels: Vec::new(),
         }
     }
@@ -163,6 +173,35 @@ pub struct Stats {
     pub reply_routes: usize,
     pub kicked: usize,
     pub histories: usize,
+    /// Bytes of message bodies held, the total `max_queued_bytes` bounds.
+    pub queued_bytes: u64,
+}
+
+/// One stored copy's share of the broker's running byte total: added when the copy
+/// is made, taken back when it is dropped. Tied to the copy's life rather than to
+/// the code paths that remove messages (acks, x0 deliveries, expiry, drop_oldest,
+/// kicks, purges, ...), so that no path can forget it, and O(1) either way. An
+/// atomic only because the broker is moved into its task; it is never contended.
+struct Charge {
+    bytes: u64,
+    total: Arc<AtomicU64>,
+}
+
+impl Charge {
+    fn new(total: &Arc<AtomicU64>, body: &str) -> Self {
+        let bytes = body.len() as u64;
+        total.fetch_add(bytes, Ordering::Relaxed);
+        Charge {
+            bytes,
+            total: total.clone(),
+        }
+    }
+}
+
+impl Drop for Charge {
+    fn drop(&mut self) {
+        self.total.fetch_sub(self.bytes, Ordering::Relaxed);
+    }
 }
 
 struct Stored {
@@ -184,6 +223,9 @@ struct Stored {
     given_before: bool,
     /// The publisher's key, kept so that a snapshot can write it back.
     key: Option<String>,
+    /// Its body's bytes in the broker's total, for as long as it exists.
+    #[expect(dead_code, reason = "held only for its Drop")]
+    charge: Charge,
 }
 
 impl Stored {
@@ -353,6 +395,8 @@ pub struct Broker {
     /// (batches are then sorted).
     system_history: bool,
     prioritised: bool,
+    /// Bytes of every stored copy's body, kept by their [`Charge`]s.
+    queued_bytes: Arc<AtomicU64>,
 }
 
 impl Broker {
@@ -384,6 +428,7 @@ impl Broker {
                 .iter()
                 .any(|s| s.history_len > 0 && s.pattern.matches(SYSTEM_CHANNEL)),
             prioritised: config.channels.iter().any(|s| s.priority != 0),
+            queued_bytes: Arc::new(AtomicU64::new(0)),
             config,
         }
         .with_history_from_now()
@@ -422,6 +467,8 @@ impl Broker {
                 broker.dedup.insert(key.clone(), (id, now + window));
             }
             let (channel, priority) = routing.remove(&seq).unwrap_or((None, 0));
+            // Counted like any other, even past max_queued_bytes: it was accepted.
+            let charge = Charge::new(&broker.queued_bytes, &message.body);
             let stored = Stored {
                 message: Message {
                     id,
@@ -434,6 +481,7 @@ impl Broker {
                 deliveries: 0,
                 given_before: true,
                 key: message.key,
+                charge,
             };
             if dead {
                 broker.dead.insert(
@@ -517,7 +565,65 @@ impl Broker {
             reply_routes: self.reply_routes.len(),
             kicked: self.kicked.len(),
             histories: self.histories.len(),
+            queued_bytes: self.queued_bytes(),
         }
+    }
+
+    /// The running total `max_queued_bytes` bounds; O(1).
+    pub fn queued_bytes(&self) -> u64 {
+        self.queued_bytes.load(Ordering::Relaxed)
+    }
+
+    /// The refusal of a message that would take `needed` more bytes, if it would
+    /// go over `max_queued_bytes`.
+    fn over_queued_bytes(&self, needed: u64) -> Option<Response> {
+        let max = self.config.max_queued_bytes;
+        let held = self.queued_bytes();
+        (max > 0 && held.saturating_add(needed) > max).then(|| {
+            Response::error(
+                ErrorKind::Overloaded,
+                format!(
+                    "the core holds {held} bytes of undelivered messages and this one needs \
+                     {needed} more, over max_queued_bytes ({max}); nothing was stored, retry \
+                     once messages are delivered"
+                ),
+            )
+        })
+    }
+
+    /// The refusal of a request that would create a session beyond `max_sessions`,
+    /// if it would. Sessions the core holds keep working; giving messages back
+    /// (`Return`) is never refused, since that would lose them.
+    fn over_max_sessions(&self, request: &Request) -> Option<Response> {
+        let max = self.config.max_sessions;
+        if max == 0 || self.mailboxes.len() < max || matches!(request, Request::Return { .. }) {
+            return None;
+        }
+        // The sessions the request would give a mailbox: an x0 publish's source
+        // gets none, a message of the versioned API touches its source.
+        let creates = match request {
+            Request::Publish { dst, .. } => [Some(dst.as_str()), None],
+            Request::Send(send) => [
+                send.src.as_deref(),
+                match &send.target {
+                    Some(Target::Session(session)) => Some(session.as_str()),
+                    _ => None,
+                },
+            ],
+            other => [acting_session(other), None],
+        };
+        let new = creates
+            .into_iter()
+            .flatten()
+            .find(|session| !self.mailboxes.contains_key(*session))?;
+        Some(Response::error(
+            ErrorKind::Overloaded,
+            format!(
+                "the core holds {} sessions, its max_sessions; session {new:?} cannot be \
+                 started until some go away",
+                self.mailboxes.len()
+            ),
+        ))
     }
 
     /// About what a snapshot of everything stored takes on disk. Walks every
@@ -602,6 +708,10 @@ impl Broker {
             && self.is_kicked(now, session)
         {
             let response = kicked_error(session);
+            out.push(Reply { to: from, response });
+            return;
+        }
+        if let Some(response) = self.over_max_sessions(&request) {
             out.push(Reply { to: from, response });
             return;
         }
@@ -868,6 +978,13 @@ impl Broker {
                 ),
             );
         }
+        // Every copy counts; refused whole, so that no recipient gets a message
+        // others were refused.
+        if let Some(refusal) =
+            self.over_queued_bytes((body.len() as u64).saturating_mul(recipients.len() as u64))
+        {
+            return refusal;
+        }
         let settings = channel
             .as_deref()
             .and_then(|c| self.config.channels.iter().find(|s| s.pattern.matches(c)))
@@ -908,6 +1025,7 @@ impl Broker {
         let max_pending = settings.as_ref().map_or(0, |s| s.max_pending);
         if recipients.len() == 1 {
             // One recipient, the usual case: the response can carry its refusal.
+            let charge = Charge::new(&self.queued_bytes, &body);
             let stored = Stored {
                 message: Message { id, body },
                 seq: id,
@@ -917,6 +1035,7 @@ impl Broker {
                 deliveries: 0,
                 given_before: false,
                 key,
+                charge,
             };
             return match self.enqueue(now, &recipients[0], stored, max_pending, out) {
                 Ok(dropped) => {
@@ -948,6 +1067,7 @@ impl Broker {
                 deliveries: 0,
                 given_before: false,
                 key: key.clone(),
+                charge: Charge::new(&self.queued_bytes, &body),
             };
             match self.enqueue(now, session, stored, max_pending, out) {
                 Ok(n) => {
@@ -1142,10 +1262,28 @@ impl Broker {
         let mailbox = self.mailboxes.get(session).expect("touched");
         found.retain(|(id, ..)| !mailbox.holds(*id));
         found.sort_by_key(|(id, ..)| *id);
+        // Copies like any publish: the oldest that fit max_queued_bytes are given,
+        // and the client hears that something may be missing.
+        let mut room = match self.config.max_queued_bytes {
+            0 => u64::MAX,
+            max => max.saturating_sub(self.queued_bytes()),
+        };
+        let before = found.len();
+        found.retain(|(_, body, ..)| {
+            let fits = body.len() as u64 <= room;
+            if fits {
+                room -= body.len() as u64;
+            } else {
+                room = 0; // none newer either: what is given stays a prefix
+            }
+            fits
+        });
+        complete &= found.len() == before;
         let recovered = found.len() as u32;
         let expires_at = self.config.message_ttl.map(|ttl| now + ttl);
         let mut back = Vec::with_capacity(found.len());
         for (id, body, channel, priority) in found {
+            let charge = Charge::new(&self.queued_bytes, &body);
             let stored = Stored {
                 message: Message { id, body },
                 seq: self.next_id(),
@@ -1155,6 +1293,7 @@ impl Broker {
                 deliveries: 0,
                 given_before: false,
                 key: None,
+                charge,
             };
             let clock = self.clock;
             self.journal.push(|| copy_record(clock, session, &stored));
@@ -1361,6 +1500,11 @@ impl Broker {
         if self.is_kicked(now, &dst) {
             return kicked_error(&dst);
         }
+        // Checked before drop_oldest could make room in a full mailbox: simpler, and
+        // under pressure refusing is as right as dropping.
+        if let Some(refusal) = self.over_queued_bytes(body.len() as u64) {
+            return refusal;
+        }
         let mailbox = self
             .mailboxes
             .entry(dst.clone())
@@ -1396,6 +1540,7 @@ impl Broker {
             self.dedup
                 .insert(key.clone(), (id, now + self.config.dedup_window));
         }
+        let charge = Charge::new(&self.queued_bytes, &body);
         let stored = Stored {
             message: Message { id, body },
             seq: id,
@@ -1405,6 +1550,7 @@ impl Broker {
             deliveries: 0,
             given_before: false,
             key,
+            charge,
         };
         let clock = self.clock;
         self.journal.push(|| record_of(clock, &dst, &stored));
@@ -1558,6 +1704,9 @@ impl Broker {
                 let clock = self.clock;
                 let mut back = Vec::with_capacity(messages.len());
                 for message in messages {
+                    // Never refused for max_queued_bytes: they were accepted once,
+                    // and refusing them now would lose them.
+                    let charge = Charge::new(&self.queued_bytes, &message.body);
                     let stored = Stored {
                         message,
                         seq: self.next_id(),
@@ -1567,6 +1716,7 @@ impl Broker {
                         deliveries: 0,
                         given_before: false,
                         key: None,
+                        charge,
                     };
                     self.journal.push(|| copy_record(clock, &session, &stored));
                     back.push(stored);
@@ -3867,6 +4017,269 @@ mod tests {
     }
 
     #[cfg(test)]
+    /// Back-pressure: what the core holds in all is bounded, refusals store nothing,
+    /// and room comes back by itself.
+    mod limits {
+        use super::*;
+
+        fn limited(max_queued_bytes: u64, max_sessions: usize) -> BrokerConfig {
+            BrokerConfig {
+                max_queued_bytes,
+                max_sessions,
+                ..BrokerConfig::default()
+            }
+        }
+
+        fn overloaded(response: &Response) -> bool {
+            matches!(response, Response::Error(e) if e.kind == ErrorKind::Overloaded)
+        }
+
+        fn published(response: &Response) -> bool {
+            matches!(response, Response::Published { .. })
+        }
+
+        /// The bytes the broker holds, counted by walking everything.
+        fn walked(broker: &Broker) -> u64 {
+            let mailboxes = broker.mailboxes.values().map(|m| {
+                m.ready.iter().map(|s| s.message.body.len()).sum::<usize>()
+                    + m.in_flight
+                        .values()
+                        .map(|f| f.stored.message.body.len())
+                        .sum::<usize>()
+            });
+            let dead = broker.dead.values().map(|d| d.stored.message.body.len());
+            (mailboxes.sum::<usize>() + dead.sum::<usize>()) as u64
+        }
+
+        fn channel_send(data: &str) -> Request {
+            Request::Send(Box::new(Send {
+                src: None,
+                target: Some(Target::Channel("c".into())),
+                subject: None,
+                reference: None,
+                data: data.into(),
+                ttl_ms: None,
+                key: None,
+                expect_reply_ms: None,
+            }))
+        }
+
+        fn subscribe(
+            h: &mut Harness,
+            ms: u64,
+            session: &str,
+            since: Option<MessageId>,
+        ) -> Response {
+            let (to, out) = h.send(
+                ms,
+                Request::Subscribe {
+                    session: session.into(),
+                    subscription: Subscription {
+                        channel: "c".into(),
+                        subject: None,
+                        group: None,
+                    },
+                    since,
+                },
+            );
+            reply_for(&out, to).unwrap()
+        }
+
+        #[test]
+        fn publish_over_max_queued_bytes_is_refused_and_nothing_is_stored() {
+            let mut h = Harness::new(limited(10, 0));
+            assert!(published(&h.publish(0, "b", "12345")));
+            let refused = h.publish(1, "b", "123456");
+            assert!(overloaded(&refused), "{refused:?}");
+            assert_eq!(h.broker.stats().ready, 1);
+            assert_eq!(h.broker.queued_bytes(), 5);
+            // Up to the limit exactly is still room.
+            assert!(published(&h.publish(2, "b", "12345")));
+            assert_eq!(h.broker.queued_bytes(), 10);
+        }
+
+        #[test]
+        fn x0_delivery_frees_room_and_publishing_works_again() {
+            let mut h = Harness::new(limited(4, 0));
+            assert!(published(&h.publish(0, "b", "1234")));
+            assert!(overloaded(&h.publish(1, "b", "5")));
+            let (to, out) = h.poll(2, "b", 0);
+            assert_eq!(bodies(&reply_for(&out, to).unwrap()), ["1234"]);
+            assert_eq!(h.broker.queued_bytes(), 0);
+            assert!(published(&h.publish(3, "b", "5")));
+        }
+
+        #[test]
+        fn in_flight_messages_count_until_acknowledged() {
+            let mut h = Harness::new(BrokerConfig {
+                max_queued_bytes: 4,
+                ..ack_mode()
+            });
+            h.publish(0, "b", "1234");
+            h.poll(1, "b", 0);
+            assert_eq!(h.broker.stats().in_flight, 1);
+            assert!(overloaded(&h.publish(2, "b", "5")), "in flight still held");
+            h.send(
+                3,
+                Request::Ack {
+                    session: "b".into(),
+                    which: AckSelector::All,
+                },
+            );
+            assert_eq!(h.broker.queued_bytes(), 0);
+            assert!(published(&h.publish(4, "b", "5")));
+        }
+
+        #[test]
+        fn expired_and_dropped_messages_give_their_bytes_back() {
+            let mut h = Harness::new(BrokerConfig {
+                max_queued_bytes: 100,
+                mailbox_max_len: 2,
+                message_ttl: Some(Duration::from_secs(10)),
+                ..BrokerConfig::default()
+            });
+            for body in ["aaa", "bbb", "ccc"] {
+                assert!(published(&h.publish(0, "b", body)));
+            }
+            assert_eq!(h.broker.queued_bytes(), 6, "the oldest was dropped");
+            h.broker.sweep(h.at(10_000), &mut Vec::new());
+            assert_eq!(h.broker.queued_bytes(), 0, "expired");
+        }
+
+        #[test]
+        fn dead_letters_count_until_purged_and_replay_keeps_them_counted() {
+            let mut h = Harness::new(BrokerConfig {
+                max_queued_bytes: 4,
+                max_deliveries: 1,
+                ..ack_mode()
+            });
+            h.publish(0, "b", "1234");
+            h.poll(1, "b", 0);
+            h.tick(5_001); // visibility timeout: given once, so dead
+            assert_eq!(h.broker.stats().dead_letters, 1);
+            assert!(overloaded(&h.publish(5_002, "b", "5")));
+            h.send(
+                5_003,
+                Request::DeadLetters(DeadLetterOp::Replay { ids: None }),
+            );
+            assert_eq!(h.broker.queued_bytes(), 4);
+            h.poll(5_004, "b", 0);
+            h.tick(10_005);
+            h.send(
+                10_006,
+                Request::DeadLetters(DeadLetterOp::Purge { ids: None }),
+            );
+            assert_eq!(h.broker.queued_bytes(), 0);
+            assert!(published(&h.publish(10_007, "b", "5")));
+        }
+
+        #[test]
+        fn fan_out_counts_every_copy_and_is_refused_whole() {
+            let mut h = Harness::new(limited(1000, 0));
+            for session in ["s1", "s2", "s3"] {
+                subscribe(&mut h, 0, session, None);
+            }
+            let (to, out) = h.send(1, channel_send("1"));
+            assert!(matches!(
+                reply_for(&out, to),
+                Some(Response::Sent { recipients: 3, .. })
+            ));
+            let copy = h.broker.queued_bytes() / 3;
+            assert_eq!(h.broker.queued_bytes(), walked(&h.broker));
+            // Room for two more copies but not three: none is stored.
+            h.broker.config.max_queued_bytes = 5 * copy;
+            let (to, out) = h.send(2, channel_send("2"));
+            assert!(overloaded(&reply_for(&out, to).unwrap()));
+            assert_eq!(h.broker.stats().ready, 3);
+            assert_eq!(h.broker.queued_bytes(), 3 * copy);
+        }
+
+        #[test]
+        fn resume_gives_what_fits_and_says_it_is_incomplete() {
+            let mut h = Harness::new(BrokerConfig {
+                channels: vec![ChannelSettings {
+                    pattern: routing::Pattern::parse("c").unwrap(),
+                    history_len: 10,
+                    history_age: None,
+                    max_pending: 0,
+                    priority: 0,
+                }],
+                ..limited(0, 0)
+            });
+            subscribe(&mut h, 0, "s1", None);
+            for data in ["1", "2", "3"] {
+                h.send(1, channel_send(data));
+            }
+            let copy = h.broker.queued_bytes() / 3;
+            h.broker.config.max_queued_bytes = 5 * copy;
+            let resumed = subscribe(&mut h, 2, "s2", Some(0));
+            assert_eq!(
+                resumed,
+                Response::Subscribed {
+                    recovered: 2,
+                    complete: false
+                }
+            );
+            assert_eq!(h.broker.queued_bytes(), 5 * copy);
+        }
+
+        #[test]
+        fn returned_messages_are_taken_back_even_over_the_limit() {
+            let mut h = Harness::new(limited(4, 0));
+            h.publish(0, "b", "1234");
+            let (to, out) = h.poll(1, "b", 0);
+            let Some(Response::Messages(batch)) = reply_for(&out, to) else {
+                panic!()
+            };
+            h.publish(2, "b", "5678");
+            h.send(
+                3,
+                Request::Return {
+                    session: "b".into(),
+                    messages: batch,
+                },
+            );
+            assert_eq!(h.broker.queued_bytes(), 8, "nothing accepted is lost");
+            let (to, out) = h.poll(4, "b", 0);
+            assert_eq!(bodies(&reply_for(&out, to).unwrap()), ["1234", "5678"]);
+        }
+
+        #[test]
+        fn restore_counts_what_it_recovers() {
+            let mut h = Harness::durable(limited(100, 0));
+            h.publish(0, "b", "1234");
+            h.publish(0, "c", "56");
+            let recovered = replay(&mut h);
+            let clock = h.broker.clock;
+            let broker = Broker::restore(limited(100, 0), clock, recovered, h.at(1));
+            assert_eq!(broker.queued_bytes(), 6);
+            assert_eq!(broker.queued_bytes(), walked(&broker));
+        }
+
+        #[test]
+        fn a_new_session_beyond_max_sessions_is_refused_while_known_ones_keep_working() {
+            let mut h = Harness::new(BrokerConfig {
+                idle_mailbox_timeout: Duration::from_secs(1),
+                session_timeout: Duration::from_secs(1),
+                ..limited(0, 2)
+            });
+            assert!(published(&h.publish(0, "a", "1")));
+            assert!(published(&h.publish(0, "b", "1")));
+            assert!(overloaded(&h.publish(1, "c", "1")));
+            let (to, out) = h.poll(1, "c", 0);
+            assert!(overloaded(&reply_for(&out, to).unwrap()));
+            assert_eq!(h.broker.stats().mailboxes, 2);
+            assert!(published(&h.publish(2, "a", "2")));
+            let (to, out) = h.poll(3, "b", 0);
+            assert_eq!(bodies(&reply_for(&out, to).unwrap()), ["1"]);
+            // b is empty and goes quiet: once it is forgotten there is room again.
+            h.broker.sweep(h.at(1_500), &mut Vec::new());
+            h.broker.sweep(h.at(3_000), &mut Vec::new());
+            assert_eq!(h.broker.stats().mailboxes, 1);
+            assert!(published(&h.publish(3_001, "c", "1")));
+        }
+    }
+
     mod model {
         //! Whatever the broker does, replaying its journal gives exactly the messages
         //! it still holds, and so does replaying a snapshot of it.
@@ -3929,6 +4342,30 @@ mod tests {
             held
         }
 
+        /// The bodies' bytes of every message held, walked: what the running total
+        /// `max_queued_bytes` bounds must always equal.
+        fn bytes_held(broker: &Broker) -> u64 {
+            let mut total = 0;
+            for mailbox in broker.mailboxes.values() {
+                total += mailbox
+                    .ready
+                    .iter()
+                    .map(|s| s.message.body.len())
+                    .sum::<usize>();
+                total += mailbox
+                    .in_flight
+                    .values()
+                    .map(|f| f.stored.message.body.len())
+                    .sum::<usize>();
+            }
+            total += broker
+                .dead
+                .values()
+                .map(|d| d.stored.message.body.len())
+                .sum::<usize>();
+            total as u64
+        }
+
         /// Presence state the broker holds, as storage records it.
         fn held_sessions(broker: &Broker) -> BTreeMap<String, crate::storage::SessionState> {
             broker
@@ -3971,6 +4408,7 @@ mod tests {
             fn journal_and_snapshot_replay_to_what_the_broker_holds(
                 ops in proptest::collection::vec(op(), 1..120),
                 delivery_ack in any::<bool>(),
+                limited in any::<bool>(),
             ) {
                 let config = BrokerConfig {
                     delivery: if delivery_ack { DeliveryMode::Ack } else { DeliveryMode::X0 },
@@ -3980,6 +4418,9 @@ mod tests {
                     max_deliveries: 2,
                     dedup_window: Duration::from_secs(30),
                     kick_retention: Duration::from_secs(1),
+                    // Tight enough that refusals happen: they must leave no record.
+                    max_queued_bytes: if limited { 300 } else { 0 },
+                    max_sessions: if limited { 2 } else { 0 },
                     channels: vec![ChannelSettings {
                         pattern: routing::Pattern::parse("c").unwrap(),
                         history_len: 3,
@@ -4061,6 +4502,7 @@ mod tests {
                     }
                     prop_assert_eq!(recovered_view(&journal), held(&h.broker));
                     prop_assert_eq!(recovered_sessions(&journal), held_sessions(&h.broker));
+                    prop_assert_eq!(h.broker.queued_bytes(), bytes_held(&h.broker));
                 }
                 let mut from_snapshot = Recovered::default();
                 for record in h.broker.snapshot() {

@@ -26,6 +26,18 @@ pub struct ServerConfig {
     /// Peers allowed in addition to root, our own uid and the socket's group.
     pub allowed_uids: Vec<u32>,
     pub allowed_gids: Vec<u32>,
+    /// The operator's socket (msgctl); unset puts it beside `socket`
+    /// ([`ServerConfig::admin_socket`]).
+    pub admin_socket: Option<PathBuf>,
+    /// Octal; never looser than 0750 ([`ServerConfig::admin_socket_mode`]).
+    pub admin_socket_mode: String,
+    /// Group of the admin socket when started as root; unset keeps root's.
+    pub admin_group: Option<String>,
+    /// Operators allowed on the admin socket besides root and the uid that started
+    /// the core.
+    pub admin_uids: Vec<u32>,
+    pub max_sessions: usize,
+    pub max_queued_bytes: u64,
     pub delivery: DeliveryMode,
     pub mailbox_max_len: usize,
     pub overflow: OverflowPolicy,
@@ -94,6 +106,12 @@ impl Default for ServerConfig {
             group: "www-data".into(),
             allowed_uids: Vec::new(),
             allowed_gids: Vec::new(),
+            admin_socket: None,
+            admin_socket_mode: "0750".into(),
+            admin_group: None,
+            admin_uids: Vec::new(),
+            max_sessions: broker.max_sessions,
+            max_queued_bytes: broker.max_queued_bytes,
             delivery: broker.delivery,
             mailbox_max_len: broker.mailbox_max_len,
             overflow: broker.overflow,
@@ -130,7 +148,8 @@ impl ServerConfig {
                 .try_parsing(true)
                 .list_separator(",")
                 .with_list_parse_key("allowed_uids")
-                .with_list_parse_key("allowed_gids"),
+                .with_list_parse_key("allowed_gids")
+                .with_list_parse_key("admin_uids"),
         );
         let loaded = builder.build().context("reading configuration")?;
         loaded
@@ -139,11 +158,36 @@ impl ServerConfig {
     }
 
     pub fn socket_mode(&self) -> anyhow::Result<u32> {
-        let digits = self.socket_mode.trim_start_matches("0o");
-        let mode = u32::from_str_radix(digits, 8)
-            .with_context(|| format!("socket_mode {:?} is not an octal mode", self.socket_mode))?;
-        if mode > 0o777 {
-            bail!("socket_mode {:?} is out of range", self.socket_mode);
+        octal_mode("socket_mode", &self.socket_mode)
+    }
+
+    /// Where the admin socket is: as configured, else beside the main socket (after
+    /// `--socket` has moved it).
+    pub fn admin_socket(&self) -> PathBuf {
+        self.admin_socket
+            .clone()
+            .unwrap_or_else(|| ipc::paths::admin_socket_beside(&self.socket))
+    }
+
+    /// The admin socket's mode, refused when it gives "other" anything, or the
+    /// group write. Connecting needs write permission, so group write would make
+    /// the whole group operators; it is allowed only toward an `admin_group` chosen
+    /// for that purpose.
+    pub fn admin_socket_mode(&self) -> anyhow::Result<u32> {
+        let mode = octal_mode("admin_socket_mode", &self.admin_socket_mode)?;
+        if mode & 0o007 != 0 {
+            bail!(
+                "admin_socket_mode {:?} gives other users access to the admin socket; \
+                 use 0750 or stricter",
+                self.admin_socket_mode
+            );
+        }
+        if mode & 0o020 != 0 && self.admin_group.is_none() {
+            bail!(
+                "admin_socket_mode {:?} lets the socket's group connect (group write); \
+                 use 0750 or stricter, or set admin_group to a group of operators",
+                self.admin_socket_mode
+            );
         }
         Ok(mode)
     }
@@ -166,6 +210,8 @@ impl ServerConfig {
             session_timeout: seconds("session_timeout", self.session_timeout)?,
             kick_retention: seconds("kick_retention", self.kick_retention)?,
             max_reply_ttl: seconds("max_reply_ttl", self.max_reply_ttl)?,
+            max_sessions: self.max_sessions,
+            max_queued_bytes: self.max_queued_bytes,
             channels: self
                 .channels
                 .iter()
@@ -200,7 +246,77 @@ impl ChannelConfig {
     }
 }
 
+fn octal_mode(key: &str, text: &str) -> anyhow::Result<u32> {
+    let digits = text.trim_start_matches("0o");
+    let mode = u32::from_str_radix(digits, 8)
+        .with_context(|| format!("{key} {text:?} is not an octal mode"))?;
+    if mode > 0o777 {
+        bail!("{key} {text:?} is out of range");
+    }
+    Ok(mode)
+}
+
 fn seconds(key: &str, secs: f64) -> anyhow::Result<Duration> {
     Duration::try_from_secs_f64(secs)
         .with_context(|| format!("{key} = {secs} is not a duration in seconds"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_admin_mode(mode: &str, group: Option<&str>) -> ServerConfig {
+        ServerConfig {
+            admin_socket_mode: mode.into(),
+            admin_group: group.map(str::to_owned),
+            ..ServerConfig::default()
+        }
+    }
+
+    #[test]
+    fn admin_socket_mode_looser_than_0750_is_refused() {
+        for ok in ["0750", "0700", "0600", "0740"] {
+            assert!(
+                with_admin_mode(ok, None).admin_socket_mode().is_ok(),
+                "{ok}"
+            );
+        }
+        for loose in ["0751", "0755", "0777", "0770", "0754"] {
+            let err = with_admin_mode(loose, None)
+                .admin_socket_mode()
+                .unwrap_err();
+            assert!(
+                format!("{err:#}").contains("0750 or stricter"),
+                "{loose}: {err:#}"
+            );
+        }
+        // Group write only toward a group chosen to be operators.
+        assert!(
+            with_admin_mode("0770", Some("msgadmin"))
+                .admin_socket_mode()
+                .is_ok()
+        );
+        assert!(
+            with_admin_mode("0775", Some("msgadmin"))
+                .admin_socket_mode()
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn admin_socket_defaults_to_beside_the_main_socket() {
+        let config = ServerConfig {
+            socket: "/tmp/t/core.sock".into(),
+            ..ServerConfig::default()
+        };
+        assert_eq!(
+            config.admin_socket(),
+            PathBuf::from("/tmp/t/core-admin.sock")
+        );
+        let config = ServerConfig {
+            admin_socket: Some("/elsewhere/a.sock".into()),
+            ..config
+        };
+        assert_eq!(config.admin_socket(), PathBuf::from("/elsewhere/a.sock"));
+    }
 }

@@ -1,9 +1,10 @@
 //! `msgserver`, the micromsg core.
 //!
 //! Owns every session's mailbox and parked poll, and serves the HTTP front
-//! (`msghandler`) over a permissioned Unix socket. It never speaks HTTP. Started as
-//! root, it binds its socket, hands it to `www-data` and drops to that user before
-//! serving anything.
+//! (`msghandler`) over a permissioned Unix socket, and the operator (`msgctl`) over a
+//! second, root-only one. It never speaks HTTP. Started as root, it binds both
+//! sockets, hands the main one to `www-data` and drops to that user before serving
+//! anything.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -88,7 +89,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         .init();
 
     let broker_config = config.broker()?;
-    // Everything that needs root happens before the runtime starts any thread.
+    // Read before the drop: the admin socket admits whoever started the core.
+    let started_by = nix::unistd::getuid().as_raw();
+    let admin_peers = socket::AdminPolicy::for_config(&config, started_by)?;
+    // Everything that needs root happens before the runtime starts any thread. The
+    // admin socket first: once the main socket answers, both do.
+    let admin_listener = socket::bind_admin(&config)?;
     let (listener, socket_gid) = socket::bind(&config)?;
     if let Some(dir) = &config.data_dir {
         socket::prepare_data_dir(&config, dir)?;
@@ -125,6 +131,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     };
     let shell = server::ShellConfig {
         peers: socket::PeerPolicy::new(&config, socket_gid),
+        admin_peers,
+        socket: config.socket.clone(),
+        admin_socket: config.admin_socket(),
         max_in_flight: config.max_in_flight.max(1),
         heartbeat_timeout: config.heartbeat_timeout()?,
         sweep_interval: Duration::from_secs(1),
@@ -132,6 +141,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     };
     info!(
         socket = %config.socket.display(),
+        admin_socket = %config.admin_socket().display(),
         delivery = ?config.delivery,
         "msgserver listening"
     );
@@ -145,17 +155,21 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     runtime.block_on(async {
         listener.set_nonblocking(true)?;
         let listener = tokio::net::UnixListener::from_std(listener)?;
+        admin_listener.set_nonblocking(true)?;
+        let admin_listener = tokio::net::UnixListener::from_std(admin_listener)?;
         let (stop, stopped) = tokio::sync::watch::channel(false);
         tokio::spawn(async move {
             wait_for_signal().await;
             let _ = stop.send(true);
         });
-        server::serve(listener, broker, journal, shell, stopped).await;
+        server::serve(listener, admin_listener, broker, journal, shell, stopped).await;
         anyhow::Ok(())
     })?;
     // Best effort: after dropping privileges the directory may not be ours to write.
-    if std::fs::remove_file(&config.socket).is_ok() {
-        info!("socket removed");
+    for path in [config.socket.clone(), config.admin_socket()] {
+        if std::fs::remove_file(&path).is_ok() {
+            info!(socket = %path.display(), "socket removed");
+        }
     }
     info!("msgserver stopped");
     Ok(())

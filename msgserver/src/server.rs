@@ -27,12 +27,18 @@ use tracing::{Instrument, debug, info, info_span, trace, warn};
 
 use crate::broker::{Broker, ConnId, Reply, ReplyTo};
 use crate::journal::{Journal, Seq};
-use crate::socket::PeerPolicy;
+use crate::socket::{AdminPolicy, PeerPolicy};
 
 /// Settings of the shell itself (the broker has its own).
 #[derive(Debug, Clone)]
 pub struct ShellConfig {
+    /// Who may connect to the main socket (handlers).
     pub peers: PeerPolicy,
+    /// Who may connect to the admin socket (operators).
+    pub admin_peers: AdminPolicy,
+    /// Both paths, to tell a peer at the wrong one where to go.
+    pub socket: std::path::PathBuf,
+    pub admin_socket: std::path::PathBuf,
     /// Requests one connection may have unanswered; parked polls count.
     pub max_in_flight: usize,
     /// A connection that sends nothing (not even a heartbeat) for this long is dropped.
@@ -43,6 +49,19 @@ pub struct ShellConfig {
 }
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a peer the credentials check refused gets to send its handshake, so
+/// that it reads why it was refused instead of a reset connection.
+const REFUSAL_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Which of the core's two sockets a connection came in on. The socket, not what
+/// the peer says about itself, decides what it may ask: the admin socket is
+/// reachable only by operators (file mode and peer check), the main one by
+/// msghandler's user.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Door {
+    Main,
+    Admin,
+}
 /// How long a stopping core waits for its last replies to reach the handlers.
 const FINAL_WRITE_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -67,6 +86,7 @@ enum Event {
 /// everything pending is persisted, and the last replies are written out.
 pub async fn serve(
     listener: UnixListener,
+    admin_listener: UnixListener,
     broker: Broker,
     journal: Option<Journal>,
     config: ShellConfig,
@@ -81,17 +101,19 @@ pub async fn serve(
     let mut connections = tokio::task::JoinSet::new();
     let mut next_conn: ConnId = 0;
     loop {
-        let stream = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
-                Err(e) => {
-                    // Out of file descriptors and the like: back off instead of spinning.
-                    warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
+        let (accepted, door) = tokio::select! {
+            accepted = listener.accept() => (accepted, Door::Main),
+            accepted = admin_listener.accept() => (accepted, Door::Admin),
             _ = shutdown.changed() => break,
+        };
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Out of file descriptors and the like: back off instead of spinning.
+                warn!(error = %e, ?door, "accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
         };
         let cred = match stream.peer_cred() {
             Ok(cred) => cred,
@@ -100,15 +122,29 @@ pub async fn serve(
                 continue;
             }
         };
-        if !config.peers.allows(cred.uid(), cred.gid()) {
-            warn!(uid = cred.uid(), gid = cred.gid(), pid = ?cred.pid(), "peer not allowed; closing");
+        let refusal = match door {
+            Door::Main => (!config.peers.allows(cred.uid(), cred.gid())).then(|| {
+                format!(
+                    "uid {} gid {} is not allowed on this socket (allowed_uids, allowed_gids)",
+                    cred.uid(),
+                    cred.gid()
+                )
+            }),
+            Door::Admin => (!config.admin_peers.allows(cred.uid()))
+                .then(|| config.admin_peers.refusal(cred.uid())),
+        };
+        if let Some(reason) = refusal {
+            warn!(uid = cred.uid(), gid = cred.gid(), pid = ?cred.pid(), ?door, "peer not allowed; refusing");
+            // Its own task: a peer that never sends its handshake holds up nobody.
+            tokio::spawn(refuse(stream, reason));
             continue;
         }
         next_conn += 1;
-        let span = info_span!("conn", id = next_conn, pid = ?cred.pid(), uid = cred.uid());
+        let span = info_span!("conn", id = next_conn, pid = ?cred.pid(), uid = cred.uid(), ?door);
         connections.spawn(
             connection(
                 stream,
+                door,
                 next_conn,
                 events.clone(),
                 config.clone(),
@@ -118,6 +154,7 @@ pub async fn serve(
         );
     }
     drop(listener);
+    drop(admin_listener);
     let _ = events.send(Event::Shutdown).await;
     drop(events);
     if broker_task.await.is_err() {
@@ -298,8 +335,56 @@ fn apply(
     false
 }
 
+/// Reads the refused peer's handshake (if it comes soon) and answers it with the
+/// reason, so that the peer can say why instead of seeing a closed connection.
+async fn refuse(stream: UnixStream, reason: String) {
+    let (read_half, write_half) = stream.into_split();
+    let mut reader = FramedRead::new(read_half, FrameCodec::<Hello, Welcome>::new());
+    let mut writer = FramedWrite::new(write_half, FrameCodec::<Hello, Welcome>::new());
+    let _ = tokio::time::timeout(REFUSAL_TIMEOUT, reader.next()).await;
+    let _ = tokio::time::timeout(REFUSAL_TIMEOUT, writer.send(Welcome::Refused { reason })).await;
+}
+
+/// Why a peer in `role` may not use `door`, if it may not.
+fn misplaced_role(door: Door, role: Role, config: &ShellConfig) -> Option<String> {
+    match (door, role) {
+        (Door::Main, Role::Handler) | (Door::Admin, Role::Admin) => None,
+        (Door::Main, Role::Admin) => Some(format!(
+            "the admin role is served on the admin socket {}, not on the main socket {}",
+            config.admin_socket.display(),
+            config.socket.display()
+        )),
+        (Door::Admin, Role::Handler) => Some(format!(
+            "handlers connect to the main socket {}, not to the admin socket {}",
+            config.socket.display(),
+            config.admin_socket.display()
+        )),
+    }
+}
+
+/// The operator's requests: served on the admin socket and only there.
+fn is_operator_request(request: &Request) -> bool {
+    matches!(request, Request::DeadLetters(_))
+}
+
+/// Why `request` is refused on `door`, if it is.
+fn misplaced_request(door: Door, request: &Request, config: &ShellConfig) -> Option<String> {
+    match (door, is_operator_request(request)) {
+        (Door::Main, true) => Some(format!(
+            "operator requests are served on the admin socket {} only",
+            config.admin_socket.display()
+        )),
+        (Door::Admin, false) => Some(format!(
+            "the admin socket serves operator requests only; handlers use {}",
+            config.socket.display()
+        )),
+        _ => None,
+    }
+}
+
 async fn connection(
     stream: UnixStream,
+    door: Door,
     conn: ConnId,
     events: mpsc::Sender<Event>,
     config: Arc<ShellConfig>,
@@ -323,7 +408,10 @@ async fn connection(
             return;
         }
     };
-    if let Some(reason) = hello.refusal() {
+    if let Some(reason) = hello
+        .refusal()
+        .or_else(|| misplaced_role(door, hello.role, &config))
+    {
         warn!(%reason, "refusing peer");
         let _ = writer.send(Welcome::Refused { reason }).await;
         return;
@@ -385,20 +473,18 @@ async fn connection(
             });
             continue;
         }
-        if hello.role != Role::Admin && matches!(frame.request, Request::DeadLetters(_)) {
-            let _ = replies.send(ServerFrame {
-                id: frame.id,
-                response: Response::error(
-                    ErrorKind::InvalidRequest,
-                    "dead-letter requests are for the admin role only",
-                ),
-            });
-            continue;
-        }
         let Ok(permit) = permits.acquire().await else {
             break;
         };
         permit.forget(); // given back by the writer once the reply is out
+        if let Some(reason) = misplaced_request(door, &frame.request, &config) {
+            // Also a reply the writer counts, hence after taking its permit.
+            let _ = replies.send(ServerFrame {
+                id: frame.id,
+                response: Response::error(ErrorKind::InvalidRequest, reason),
+            });
+            continue;
+        }
         let from = ReplyTo {
             conn,
             request: frame.id,
@@ -451,5 +537,57 @@ async fn write_frames(
             return;
         }
         permits.add_permits(answered);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shell() -> ShellConfig {
+        ShellConfig {
+            peers: PeerPolicy::new(&crate::config::ServerConfig::default(), 0),
+            admin_peers: AdminPolicy::new(0, &[]),
+            socket: "/run/m/core.sock".into(),
+            admin_socket: "/run/m/core-admin.sock".into(),
+            max_in_flight: 1,
+            heartbeat_timeout: Duration::from_secs(1),
+            sweep_interval: Duration::from_secs(1),
+            durable: false,
+        }
+    }
+
+    #[test]
+    fn each_role_is_accepted_on_its_own_socket_only_and_told_where_to_go() {
+        let config = shell();
+        assert_eq!(misplaced_role(Door::Main, Role::Handler, &config), None);
+        assert_eq!(misplaced_role(Door::Admin, Role::Admin, &config), None);
+        let admin_on_main = misplaced_role(Door::Main, Role::Admin, &config).unwrap();
+        assert!(
+            admin_on_main.contains("/run/m/core-admin.sock"),
+            "{admin_on_main}"
+        );
+        let handler_on_admin = misplaced_role(Door::Admin, Role::Handler, &config).unwrap();
+        assert!(
+            handler_on_admin.contains("main socket /run/m/core.sock"),
+            "{handler_on_admin}"
+        );
+    }
+
+    #[test]
+    fn operator_requests_are_served_on_the_admin_socket_only() {
+        let config = shell();
+        let operator = Request::DeadLetters(ipc::DeadLetterOp::List { limit: 1 });
+        let handler = Request::Presence {
+            channel: "c".into(),
+        };
+        assert_eq!(misplaced_request(Door::Admin, &operator, &config), None);
+        assert_eq!(misplaced_request(Door::Main, &handler, &config), None);
+        let refused = misplaced_request(Door::Main, &operator, &config).unwrap();
+        assert!(
+            refused.contains("admin socket /run/m/core-admin.sock"),
+            "{refused}"
+        );
+        assert!(misplaced_request(Door::Admin, &handler, &config).is_some());
     }
 }

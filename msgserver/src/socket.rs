@@ -13,11 +13,54 @@ use tracing::{info, warn};
 
 use crate::config::ServerConfig;
 
-/// Binds the socket path, taking it over from a dead server but never from a live
-/// one, and applies the configured mode and (as root) owner. Returns the listener
-/// and the socket's group.
+/// Binds the main socket path, taking it over from a dead server but never from a
+/// live one, and applies the configured mode and (as root) owner. Returns the
+/// listener and the socket's group.
 pub fn bind(config: &ServerConfig) -> anyhow::Result<(UnixListener, u32)> {
     let path = config.socket.as_path();
+    let owner = if Uid::effective().is_root() {
+        let owner = user(&config.socket_owner)?;
+        let group = group(&config.socket_group)?;
+        Some((owner, group))
+    } else {
+        info!(
+            socket = %path.display(),
+            "not running as root: socket keeps our own owner and group, no privilege drop"
+        );
+        None
+    };
+    let listener = bind_at(path, config.socket_mode()?, owner)?;
+    let gid = std::fs::metadata(path)
+        .with_context(|| format!("reading {}", path.display()))?
+        .gid();
+    Ok((listener, gid))
+}
+
+/// Binds the operator's socket: as root, owned by root and `admin_group` (root's
+/// group by default), never looser than 0750. Bound before the privilege drop, it
+/// keeps accepting afterwards, while the user the core becomes (the one msghandler
+/// runs as) cannot connect to it.
+pub fn bind_admin(config: &ServerConfig) -> anyhow::Result<UnixListener> {
+    let path = config.admin_socket();
+    let mode = config.admin_socket_mode()?;
+    let owner = if Uid::effective().is_root() {
+        let root = User::from_uid(Uid::from_raw(0))
+            .context("looking up root")?
+            .context("there is no user with uid 0")?;
+        let group = match &config.admin_group {
+            Some(name) => group(name)?,
+            None => Group::from_gid(root.gid)
+                .context("looking up root's group")?
+                .context("root's group does not exist")?,
+        };
+        Some((root, group))
+    } else {
+        None
+    };
+    bind_at(&path, mode, owner)
+}
+
+fn bind_at(path: &Path, mode: u32, owner: Option<(User, Group)>) -> anyhow::Result<UnixListener> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
         && !dir.exists()
     {
@@ -30,24 +73,14 @@ pub fn bind(config: &ServerConfig) -> anyhow::Result<(UnixListener, u32)> {
     claim_path(path)?;
     let listener =
         UnixListener::bind(path).with_context(|| format!("binding socket {}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(config.socket_mode()?))
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
         .with_context(|| format!("setting the mode of {}", path.display()))?;
-    if Uid::effective().is_root() {
-        let owner = user(&config.socket_owner)?;
-        let group = group(&config.socket_group)?;
+    if let Some((owner, group)) = owner {
         chown(path, Some(owner.uid), Some(group.gid)).with_context(|| {
             format!("chown {} to {}:{}", path.display(), owner.name, group.name)
         })?;
-    } else {
-        info!(
-            socket = %path.display(),
-            "not running as root: socket keeps our own owner and group, no privilege drop"
-        );
     }
-    let gid = std::fs::metadata(path)
-        .with_context(|| format!("reading {}", path.display()))?
-        .gid();
-    Ok((listener, gid))
+    Ok(listener)
 }
 
 /// A socket file that nobody answers on is what a killed server leaves behind: it
@@ -163,6 +196,57 @@ impl PeerPolicy {
     }
 }
 
+/// Who may use the admin socket, checked with SO_PEERCRED: root, the uid that
+/// started the core (so a developer running it without root can use msgctl) and
+/// `admin_uids`. Never the user the core drops to merely for being it: msghandler
+/// runs as that user, and a compromised front must not become an operator. No
+/// group grants anything here.
+#[derive(Debug, Clone)]
+pub struct AdminPolicy {
+    uids: HashSet<u32>,
+    started_by: u32,
+}
+
+impl AdminPolicy {
+    /// `started_by` is the real uid read before any privilege drop.
+    pub fn new(started_by: u32, admin_uids: &[u32]) -> Self {
+        let mut uids: HashSet<u32> = admin_uids.iter().copied().collect();
+        uids.insert(0);
+        uids.insert(started_by);
+        AdminPolicy { uids, started_by }
+    }
+
+    /// As [`AdminPolicy::new`], refusing a configuration that names the user the
+    /// core drops to (which is msghandler's) in `admin_uids`.
+    pub fn for_config(config: &ServerConfig, started_by: u32) -> anyhow::Result<Self> {
+        if Uid::effective().is_root() {
+            let dropped_to = user(&config.user)?;
+            if config.admin_uids.contains(&dropped_to.uid.as_raw()) {
+                bail!(
+                    "admin_uids contains uid {} ({}), the user the core drops to and \
+                     msghandler runs as: that would make every handler an operator",
+                    dropped_to.uid,
+                    dropped_to.name
+                );
+            }
+        }
+        Ok(AdminPolicy::new(started_by, &config.admin_uids))
+    }
+
+    pub fn allows(&self, uid: u32) -> bool {
+        self.uids.contains(&uid)
+    }
+
+    /// What a refused peer is told.
+    pub fn refusal(&self, uid: u32) -> String {
+        format!(
+            "uid {uid} may not use the admin socket: only root, uid {} (who started \
+             msgserver) and admin_uids may",
+            self.started_by
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -209,6 +293,41 @@ mod tests {
             .permissions()
             .mode();
         assert_eq!(mode & 0o777, 0o750);
+    }
+
+    #[test]
+    fn admin_policy_admits_root_the_starting_uid_and_admin_uids_only() {
+        // Started as root, dropped to www-data (33), one operator (1000).
+        let policy = AdminPolicy::new(0, &[1000]);
+        assert!(policy.allows(0));
+        assert!(policy.allows(1000));
+        assert!(!policy.allows(33), "the dropped-to user is msghandler's");
+        assert!(!policy.allows(65534));
+        // A developer without root: the core runs as them, and so does msgctl.
+        let policy = AdminPolicy::new(1000, &[]);
+        assert!(policy.allows(1000));
+        assert!(policy.allows(0));
+        assert!(!policy.allows(1001));
+        assert!(policy.refusal(1001).contains("uid 1001"));
+    }
+
+    #[test]
+    fn admin_socket_is_created_with_its_own_mode_beside_the_main_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = config_in(dir.path());
+        let (_main, _) = bind(&config).unwrap();
+        let _admin = bind_admin(&config).unwrap();
+        let mode = std::fs::metadata(dir.path().join("core-admin.sock"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o750);
+        let loose = ServerConfig {
+            admin_socket_mode: "0777".into(),
+            ..config_in(dir.path())
+        };
+        let err = bind_admin(&loose).unwrap_err();
+        assert!(format!("{err:#}").contains("0750 or stricter"), "{err:#}");
     }
 
     #[test]

@@ -426,21 +426,39 @@ impl Core {
         read_log(&self.log)
     }
 
-    /// Runs `msgctl --socket <this core's socket> args...`; returns its exit status
-    /// and stdout, with stderr appended.
-    pub fn msgctl(&self, args: &[&str]) -> (ExitStatus, String) {
-        let output = Command::new(&binaries().msgctl)
-            .arg("--socket")
-            .arg(&self.socket)
-            .args(args)
-            .env_remove("MICROMSG_SOCKET")
-            .stdin(Stdio::null())
-            .output()
-            .expect("running msgctl");
-        let mut text = String::from_utf8_lossy(&output.stdout).into_owned();
-        text.push_str(&String::from_utf8_lossy(&output.stderr));
-        (output.status, text)
+    /// Where this core's admin socket is (beside its main socket, by default).
+    pub fn admin_socket(&self) -> PathBuf {
+        ipc::paths::admin_socket_beside(&self.socket)
     }
+
+    /// `msgctl --admin-socket <this core's admin socket>`, ready for arguments, with
+    /// no `MICROMSG_*` variable from the environment running the tests.
+    pub fn msgctl_command(&self) -> Command {
+        let mut cmd = Command::new(&binaries().msgctl);
+        cmd.arg("--admin-socket")
+            .arg(self.admin_socket())
+            .stdin(Stdio::null());
+        for (key, _) in std::env::vars_os() {
+            if key.to_string_lossy().starts_with("MICROMSG_") {
+                cmd.env_remove(key);
+            }
+        }
+        cmd
+    }
+
+    /// Runs msgctl on this core with `args`; returns its exit status and stdout,
+    /// with stderr appended.
+    pub fn msgctl(&self, args: &[&str]) -> (ExitStatus, String) {
+        run_for_text(self.msgctl_command().args(args))
+    }
+}
+
+/// Runs `cmd` to the end; its exit status and stdout with stderr appended.
+pub fn run_for_text(cmd: &mut Command) -> (ExitStatus, String) {
+    let output = cmd.output().expect("running a command");
+    let mut text = String::from_utf8_lossy(&output.stdout).into_owned();
+    text.push_str(&String::from_utf8_lossy(&output.stderr));
+    (output.status, text)
 }
 
 impl Drop for Core {

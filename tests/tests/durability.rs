@@ -461,11 +461,18 @@ fn msgctl_says_plainly_when_there_is_no_core() {
         .arg("--socket")
         .arg(dir.path().join("nothing.sock"))
         .args(["dead-letters", "list"])
+        .env_remove("MICROMSG_ADMIN_SOCKET")
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success());
-    assert!(stderr.contains("no msgserver socket"), "{stderr}");
+    // --socket finds the admin socket beside it.
+    let admin = dir.path().join("nothing-admin.sock");
+    assert!(
+        stderr.contains(&format!("no admin socket at {}", admin.display()))
+            && stderr.contains("is msgserver running?"),
+        "{stderr}"
+    );
 }
 
 /// Bytes of every file in `dir`.

@@ -1,6 +1,7 @@
 //! `msgctl`, the operator's command line for a running msgserver.
 //!
-//! Talks to the core over its Unix socket in the admin role. Today it manages the
+//! Talks to the core over its admin socket (root-only by default, separate from the
+//! socket msghandler uses) in the admin role. Today it manages the
 //! dead-letter queue: messages delivered `max_deliveries` times without an
 //! acknowledgement, which an operator lists, gives back to their sessions, or
 //! deletes.
@@ -20,7 +21,12 @@ use tokio_util::codec::{FramedRead, FramedWrite};
 #[derive(Debug, Parser)]
 #[command(version, about = "Operate a running micromsg core")]
 struct Cli {
-    /// The core's Unix socket (default: the same default path msgserver uses).
+    /// The core's admin socket (msgserver's `admin_socket`). Default: beside
+    /// `--socket`, e.g. msgserver-admin.sock next to msgserver.sock.
+    #[arg(long, value_name = "PATH", env = "MICROMSG_ADMIN_SOCKET")]
+    admin_socket: Option<PathBuf>,
+    /// The core's main socket, only to find the admin socket beside it (default:
+    /// the same default path msgserver uses). msgctl never connects to it.
     #[arg(long, value_name = "PATH", env = "MICROMSG_SOCKET")]
     socket: Option<PathBuf>,
     /// Print JSON instead of text.
@@ -85,7 +91,11 @@ fn main() -> std::process::ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    let socket = cli.socket.unwrap_or_else(ipc::paths::default_socket_path);
+    let socket = match (cli.admin_socket, cli.socket) {
+        (Some(admin), _) => admin,
+        (None, Some(main)) => ipc::paths::admin_socket_beside(&main),
+        (None, None) => ipc::paths::default_admin_socket_path(),
+    };
     let request = match cli.command {
         Command::DeadLetters(DeadLetters::List { limit }) => DeadLetterOp::List { limit },
         Command::DeadLetters(DeadLetters::Replay(s)) => DeadLetterOp::Replay { ids: s.ids()? },
@@ -139,27 +149,46 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 async fn call(socket: &std::path::Path, request: Request) -> anyhow::Result<Response> {
-    let stream =
-        UnixStream::connect(socket)
-            .await
-            .with_context(|| match std::fs::metadata(socket) {
-                Err(_) => format!(
-                    "no msgserver socket at {} (is msgserver running? --socket sets the path)",
-                    socket.display()
+    let shown = socket.display();
+    let stream = match UnixStream::connect(socket).await {
+        Ok(stream) => stream,
+        Err(e) => {
+            return Err(match e.kind() {
+                std::io::ErrorKind::NotFound => anyhow::anyhow!(
+                    "no admin socket at {shown}: is msgserver running? (--admin-socket or \
+                     MICROMSG_ADMIN_SOCKET set the path; --socket finds it beside the main socket)"
                 ),
-                Ok(_) => format!(
-                    "cannot connect to {} (permission denied needs root or the socket's group)",
-                    socket.display()
+                std::io::ErrorKind::PermissionDenied => anyhow::anyhow!(
+                    "permission denied on {shown}: msgctl must run as root or as a uid in \
+                     admin_uids (or as the user who started msgserver)"
                 ),
-            })?;
+                std::io::ErrorKind::ConnectionRefused => anyhow::anyhow!(
+                    "nothing answers on {shown}: msgserver is not running (the file is left \
+                     from one that stopped)"
+                ),
+                _ => anyhow::Error::new(e).context(format!("connecting to {shown}")),
+            });
+        }
+    };
     let (read_half, write_half) = stream.into_split();
     let mut reader = FramedRead::new(read_half, FrameCodec::<Welcome, Hello>::new());
     let mut writer = FramedWrite::new(write_half, FrameCodec::<Welcome, Hello>::new());
-    writer.send(Hello::new(Role::Admin)).await?;
+    let closed = || {
+        format!(
+            "msgserver closed the connection on {shown}: is this uid allowed on the admin \
+             socket (root, the uid that started msgserver, admin_uids)?"
+        )
+    };
+    // A core that closes at once (an older one refusing the peer) fails the write.
+    writer
+        .send(Hello::new(Role::Admin))
+        .await
+        .with_context(closed)?;
     let welcome = tokio::time::timeout(Duration::from_secs(5), reader.next())
         .await
         .context("no answer from msgserver within 5 s")?
-        .context("msgserver closed the connection (is this user allowed by its peer policy?)")??;
+        .with_context(closed)?
+        .with_context(closed)?;
     if let Welcome::Refused { reason } = welcome {
         bail!("msgserver refused the connection: {reason}");
     }
