@@ -565,6 +565,17 @@ impl Handler {
                     panic!("msghandler exited during startup ({status}); log:\n{text}");
                 }
                 if std::net::TcpStream::connect(addr).is_ok() {
+                    // Listening comes before the first IPC connection: a request in
+                    // between would get CoreUnavailable. When a core is there, wait
+                    // (briefly) for msghandler to have reached it.
+                    if socket.exists() {
+                        let ready = Instant::now() + Duration::from_secs(2);
+                        while !read_log(&log).contains("connected to msgserver")
+                            && Instant::now() < ready
+                        {
+                            std::thread::sleep(STARTUP_POLL);
+                        }
+                    }
                     return Handler {
                         _dir: dir,
                         addr,
