@@ -547,3 +547,34 @@ async fn answered_connection(h: &Handler) -> Option<tokio::net::TcpStream> {
     stream.read_exact(&mut head).await.unwrap();
     (&head == b"HTTP/1.1 200").then_some(stream)
 }
+
+#[tokio::test]
+async fn a_session_holds_one_parked_poll_and_a_newer_one_ends_the_older() {
+    let (_core, h) = start(
+        CoreOptions::default(),
+        HandlerOptions {
+            poll_timeout: 10.0,
+            ..Default::default()
+        },
+    );
+    let (a, b) = (session("a"), session("b"));
+    let started = std::time::Instant::now();
+    let older = async {
+        let reply = h.poll(&a).await;
+        (reply, started.elapsed())
+    };
+    let newer = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        h.poll(&a).await
+    };
+    let send = async {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        h.set_ok(&b, &a, &json!({"to": "newer"})).await
+    };
+    let ((older, answered), newer, _) = tokio::join!(older, newer, send);
+    // The older poll is answered empty as soon as the newer one parks, and the
+    // newer one gets the message.
+    assert_eq!(older["messages"], Value::Null, "{older}");
+    assert!(answered < Duration::from_millis(1500), "{answered:?}");
+    assert_eq!(newer["messages"][0]["to"], "newer", "{newer}");
+}
