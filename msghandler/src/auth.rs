@@ -524,6 +524,57 @@ mod tests {
         assert_eq!(t.grant(&headers, None).unwrap().session, "A");
     }
 
+    // A key pair made for this test only (`openssl genpkey -algorithm ed25519`).
+    const ED_PRIVATE: &str = "-----BEGIN PRIVATE KEY-----
+MC4CAQAwBQYDK2VwBCIEIPmr6Y6o/2Eo5zb9jb6PU9CGqWa/JOrdBf0pW9cgZX6T
+-----END PRIVATE KEY-----
+";
+    const ED_PUBLIC: &str = "-----BEGIN PUBLIC KEY-----
+MCowBQYDK2VwAyEATZl8msAMUHccRbtRM/41YwoTlWqk14LwmvmnQhMrdG8=
+-----END PUBLIC KEY-----
+";
+
+    #[test]
+    fn an_eddsa_token_verifies_with_the_public_key_alone() {
+        let dir = std::env::temp_dir().join(format!("micromsg-auth-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let public = dir.join("token.pub");
+        std::fs::write(&public, ED_PUBLIC).unwrap();
+        let tokens = Tokens::new(&TokenConfig {
+            algorithm: "EdDSA".into(),
+            public_key_file: Some(public.clone()),
+            ..Default::default()
+        })
+        .unwrap();
+        let claims = json!({"sid":"A","exp":now()+60});
+        let signed = encode(
+            &Header::new(Algorithm::EdDSA),
+            &claims,
+            &EncodingKey::from_ed_pem(ED_PRIVATE.as_bytes()).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(tokens.verify(&signed).unwrap().session, "A");
+        // An HS256 token, even one "signed" with the public key as its secret (the
+        // classic algorithm-confusion forgery), is refused.
+        let confused = encode(
+            &Header::new(Algorithm::HS256),
+            &claims,
+            &EncodingKey::from_secret(ED_PUBLIC.as_bytes()),
+        )
+        .unwrap();
+        assert_eq!(tokens.verify(&confused).unwrap_err().kind, "InvalidToken");
+        std::fs::write(&public, "not a key").unwrap();
+        assert!(
+            Tokens::new(&TokenConfig {
+                algorithm: "EdDSA".into(),
+                public_key_file: Some(public),
+                ..Default::default()
+            })
+            .is_err()
+        );
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
     #[test]
     fn a_short_hmac_secret_or_an_unknown_algorithm_is_refused_at_start() {
         let short = TokenConfig {
