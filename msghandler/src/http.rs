@@ -31,6 +31,8 @@ pub struct App {
     pub core: Arc<CorePool>,
     pub poll_timeout: Duration,
     pub max_body_bytes: u64,
+    /// How long a request body may take to arrive once its head is in.
+    pub body_read_timeout: Duration,
     pub cors: Cors,
     /// `None` disables the backend API.
     pub backend_key: Option<Arc<BackendKey>>,
@@ -180,6 +182,7 @@ fn x0_reply(result: Result<String, Refusal>) -> Reply {
     match result {
         Ok(body) => json(StatusCode::OK, body),
         Err(Refusal::TooLarge(error)) => too_large(error),
+        Err(Refusal::TooSlow(error)) => closing(json(StatusCode::OK, error.to_json())),
         Err(Refusal::Error(error)) => {
             debug!(kind = error.kind, message = %error.message, "x0 request refused");
             json(StatusCode::OK, error.to_json())
@@ -191,6 +194,9 @@ fn v1_reply(route: Route, result: Result<String, Refusal>) -> Reply {
     let error = match result {
         Ok(body) => return json(StatusCode::OK, body),
         Err(Refusal::TooLarge(error)) => return too_large(error),
+        Err(Refusal::TooSlow(error)) => {
+            return closing(json(v1::status(error.kind), error.to_json()));
+        }
         Err(Refusal::Error(error)) => error,
     };
     debug!(?route, kind = error.kind, message = %error.message, "v1 request refused");
@@ -227,8 +233,11 @@ pub fn refusal(error: X0Error, allow: &'static str) -> Reply {
 }
 
 fn too_large(error: X0Error) -> Reply {
-    let mut reply = json(StatusCode::PAYLOAD_TOO_LARGE, error.to_json());
-    // The rest of the body was never read; the connection cannot be reused.
+    closing(json(StatusCode::PAYLOAD_TOO_LARGE, error.to_json()))
+}
+
+/// The rest of the body was never read; the connection cannot be reused.
+fn closing(mut reply: Reply) -> Reply {
     reply
         .headers_mut()
         .insert(header::CONNECTION, HeaderValue::from_static("close"));
@@ -239,6 +248,9 @@ enum Refusal {
     /// Over the body limit: the one x0 answer that is not a 200, and the one that
     /// closes the connection.
     TooLarge(X0Error),
+    /// The body did not arrive within `body_read_timeout`: the x0 paths still
+    /// answer 200, and the connection closes, its body unread.
+    TooSlow(X0Error),
     Error(X0Error),
 }
 
@@ -257,7 +269,7 @@ async fn x0_request(
         Method::GET if endpoint == Endpoint::Get => query_get(request.uri().query())?,
         Method::POST => {
             check_content_type(request.headers())?;
-            let body = read_body(request, app.max_body_bytes).await?;
+            let body = read_body(request, app.max_body_bytes, app.body_read_timeout).await?;
             x0::parse(endpoint, &body)?
         }
         ref other => {
@@ -284,7 +296,7 @@ async fn v1_request(
                 authorize(app.backend_key.as_deref(), request.headers())?;
             }
             check_content_type(request.headers())?;
-            let body = read_body(request, app.max_body_bytes).await?;
+            let body = read_body(request, app.max_body_bytes, app.body_read_timeout).await?;
             v1::parse(route, &body)?
         }
         ref other => {
@@ -385,7 +397,11 @@ fn check_content_type(headers: &HeaderMap) -> Result<(), X0Error> {
     }
 }
 
-async fn read_body(request: Request<Incoming>, limit: u64) -> Result<Bytes, Refusal> {
+async fn read_body(
+    request: Request<Incoming>,
+    limit: u64,
+    timeout: Duration,
+) -> Result<Bytes, Refusal> {
     let too_large = || {
         Refusal::TooLarge(X0Error::new(
             "BodyTooLarge",
@@ -402,10 +418,20 @@ async fn read_body(request: Request<Incoming>, limit: u64) -> Result<Bytes, Refu
     if announced.is_some_and(|len| len > limit) {
         return Err(too_large());
     }
-    match Limited::new(request.into_body(), limit as usize)
-        .collect()
-        .await
-    {
+    // hyper bounds only the head's arrival: without this, a body that trickles a
+    // byte now and then holds its connection and buffer for ever.
+    let collected = tokio::time::timeout(
+        timeout,
+        Limited::new(request.into_body(), limit as usize).collect(),
+    )
+    .await
+    .map_err(|_| {
+        Refusal::TooSlow(X0Error::new(
+            "RequestTimeout",
+            format!("the request body did not arrive within {timeout:?}"),
+        ))
+    })?;
+    match collected {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
         Err(e) => Err(X0Error::new(

@@ -646,6 +646,7 @@ pub fn status(kind: &str) -> StatusCode {
         "Forbidden" | "Kicked" => StatusCode::FORBIDDEN,
         "NotFound" | "NoRoute" => StatusCode::NOT_FOUND,
         "MethodNotAllowed" => StatusCode::METHOD_NOT_ALLOWED,
+        "RequestTimeout" => StatusCode::REQUEST_TIMEOUT,
         "BodyTooLarge" | "PayloadTooLarge" => StatusCode::PAYLOAD_TOO_LARGE,
         "UnsupportedContentType" => StatusCode::UNSUPPORTED_MEDIA_TYPE,
         "MailboxFull" => StatusCode::TOO_MANY_REQUESTS,
