@@ -191,6 +191,7 @@ pub fn parse_query(route: Route, query: Option<&str>) -> Result<Operation, X0Err
 }
 
 fn body<'a, T: Deserialize<'a>>(json: &'a [u8]) -> Result<T, X0Error> {
+    x0::require_object(json)?;
     // The plain parser for the common case; the path-tracking one only to word an error.
     serde_json::from_slice(json).map_err(|_| describe_parse_error::<T>(json))
 }
@@ -892,6 +893,15 @@ mod tests {
         );
         assert_eq!(refusal(Route::Pause, "").0, "InvalidJson");
         assert_eq!(refusal(Route::Pause, "[1]").0, "InvalidField");
+    }
+
+    #[test]
+    fn a_json_array_is_not_a_request_even_when_its_elements_fit_the_fields() {
+        assert_eq!(
+            refusal(Route::Pause, r#"["a"]"#),
+            ("InvalidField", StatusCode::BAD_REQUEST)
+        );
+        assert_eq!(refusal(Route::Poll, r#"["a",1,10,true]"#).0, "InvalidField");
     }
 
     #[test]
