@@ -234,6 +234,11 @@ pub fn describe_parse_error<'a, T: Deserialize<'a>>(json: &'a [u8]) -> X0Error {
         Err(e) if e.path().to_string() != "." && e.inner().is_data() => {
             return X0Error::new("InvalidField", format!("{}: {}", e.path(), e.inner()));
         }
+        // A key given twice is refused rather than resolved: the first and the last
+        // win in different parsers, so either choice would be somebody's surprise.
+        Err(e) if e.inner().is_data() && e.inner().to_string().starts_with("duplicate field") => {
+            return X0Error::new("InvalidField", e.inner().to_string());
+        }
         Err(e) => e.into_inner(),
     };
     if error.is_data() {
@@ -433,6 +438,31 @@ mod tests {
         assert_eq!(error_kind(Endpoint::Set, "[not json"), "InvalidJson");
         assert_eq!(error_kind(Endpoint::Set, "{not json"), "InvalidJson");
         assert_eq!(error_kind(Endpoint::Set, "not json"), "InvalidJson");
+    }
+
+    #[test]
+    fn a_key_given_twice_is_refused_naming_the_key() {
+        for (json, key) in [
+            (
+                r#"{"session_src":"a","session_dst":"b","session_dst":"c","payload":{}}"#,
+                "session_dst",
+            ),
+            (
+                r#"{"session_src":"a","session_dst":"b","payload":{},"payload":{"x":1}}"#,
+                "payload",
+            ),
+            (
+                r#"{"SessionData":{"Value":"a","Value":"b"},"type":"GET"}"#,
+                "Value",
+            ),
+        ] {
+            let error = parse(Endpoint::Any, json.as_bytes()).unwrap_err();
+            assert_eq!(error.kind, "InvalidField", "{json}");
+            assert!(
+                error.message.contains("duplicate field") && error.message.contains(key),
+                "{json}: {error:?}"
+            );
+        }
     }
 
     #[test]
