@@ -182,7 +182,7 @@ fn x0_reply(result: Result<String, Refusal>) -> Reply {
     match result {
         Ok(body) => json(StatusCode::OK, body),
         Err(Refusal::TooLarge(error)) => too_large(error),
-        Err(Refusal::TooSlow(error)) => closing(json(StatusCode::OK, error.to_json())),
+        Err(Refusal::Unread(error)) => closing(json(StatusCode::OK, error.to_json())),
         Err(Refusal::Error(error)) => {
             debug!(kind = error.kind, message = %error.message, "x0 request refused");
             json(StatusCode::OK, error.to_json())
@@ -194,7 +194,7 @@ fn v1_reply(route: Route, result: Result<String, Refusal>) -> Reply {
     let error = match result {
         Ok(body) => return json(StatusCode::OK, body),
         Err(Refusal::TooLarge(error)) => return too_large(error),
-        Err(Refusal::TooSlow(error)) => {
+        Err(Refusal::Unread(error)) => {
             return closing(json(v1::status(error.kind), error.to_json()));
         }
         Err(Refusal::Error(error)) => error,
@@ -248,9 +248,10 @@ enum Refusal {
     /// Over the body limit: the one x0 answer that is not a 200, and the one that
     /// closes the connection.
     TooLarge(X0Error),
-    /// The body did not arrive within `body_read_timeout`: the x0 paths still
-    /// answer 200, and the connection closes, its body unread.
-    TooSlow(X0Error),
+    /// The body was not read in full (it did not arrive within
+    /// `body_read_timeout`, or its framing is ambiguous): the x0 paths still answer
+    /// 200, and the connection closes, so nothing after it is read as a request.
+    Unread(X0Error),
     Error(X0Error),
 }
 
@@ -268,6 +269,8 @@ async fn x0_request(
     let operation = match *request.method() {
         Method::GET if endpoint == Endpoint::Get => query_get(request.uri().query())?,
         Method::POST => {
+            // First: any other refusal would leave the body to hyper to drain.
+            check_framing(request.headers())?;
             check_content_type(request.headers())?;
             let body = read_body(request, app.max_body_bytes, app.body_read_timeout).await?;
             x0::parse(endpoint, &body)?
@@ -291,6 +294,7 @@ async fn v1_request(
     let operation = match *request.method() {
         Method::GET if route.takes_get() => v1::parse_query(route, request.uri().query())?,
         Method::POST => {
+            check_framing(request.headers())?;
             // Before the body is read: a caller without the key gets nothing for it.
             if route.is_backend() {
                 authorize(app.backend_key.as_deref(), request.headers())?;
@@ -397,6 +401,27 @@ fn check_content_type(headers: &HeaderMap) -> Result<(), X0Error> {
     }
 }
 
+/// Refuses a body that is chunked more than once (`Transfer-Encoding: chunked`
+/// twice, or `chunked, chunked`). hyper decodes it once and would read what
+/// follows as the next request, while a proxy in front may decode it twice or
+/// refuse it: the one disagreement on where a request ends that hyper lets through
+/// (it already refuses conflicting lengths, and chunked that is not last).
+fn check_framing(headers: &HeaderMap) -> Result<(), Refusal> {
+    let chunked = headers
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|value| value.as_bytes().split(|&b| b == b','))
+        .filter(|coding| coding.trim_ascii().eq_ignore_ascii_case(b"chunked"))
+        .count();
+    if chunked > 1 {
+        return Err(Refusal::Unread(X0Error::new(
+            "BadRequest",
+            "Transfer-Encoding applies chunked more than once",
+        )));
+    }
+    Ok(())
+}
+
 async fn read_body(
     request: Request<Incoming>,
     limit: u64,
@@ -426,7 +451,7 @@ async fn read_body(
     )
     .await
     .map_err(|_| {
-        Refusal::TooSlow(X0Error::new(
+        Refusal::Unread(X0Error::new(
             "RequestTimeout",
             format!("the request body did not arrive within {timeout:?}"),
         ))
