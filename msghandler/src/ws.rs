@@ -93,7 +93,9 @@ pub fn upgrade(app: &Arc<App>, mut request: Request<Incoming>) -> Reply {
     let on_upgrade = hyper::upgrade::on(&mut request);
     let Upgrade { accept, asked } = upgrade;
     let session = asked.as_ref().map_or("", |a| a.session.as_str());
-    let span = tracing::info_span!("ws", session = %session);
+    // Debug, quoted and escaped: a session id is the client's text, and a newline
+    // or an escape sequence in it must not forge or colour a log line.
+    let span = tracing::info_span!("ws", session = ?session);
     let task_app = app.clone();
     app.tasks.spawn(
         async move {
