@@ -32,6 +32,23 @@ pub enum Route {
 }
 
 impl Route {
+    /// Every route, for what must cover them all (the fuzz target, tests).
+    pub const ALL: [Route; 13] = [
+        Route::Publish,
+        Route::Poll,
+        Route::Ack,
+        Route::Subscribe,
+        Route::Unsubscribe,
+        Route::Replies,
+        Route::Pause,
+        Route::Resume,
+        Route::Release,
+        Route::Presence,
+        Route::BackendPublish,
+        Route::BackendBind,
+        Route::BackendKick,
+    ];
+
     pub fn of(path: &str) -> Option<Route> {
         Some(match path.strip_prefix("/v1/")? {
             "publish" => Route::Publish,

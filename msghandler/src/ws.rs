@@ -7,7 +7,7 @@
 //! back to the core however it ends, so a dropped socket loses nothing and nobody
 //! waits out a visibility timeout for it.
 
-mod frame;
+pub mod frame;
 
 use std::collections::BTreeMap;
 use std::future::Future;
