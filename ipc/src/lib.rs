@@ -16,6 +16,7 @@
 //! that many are in flight on one connection and replies come back in any order.
 
 pub mod codec;
+pub mod fuzzing;
 mod messages;
 pub mod paths;
 

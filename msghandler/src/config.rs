@@ -21,6 +21,13 @@ pub struct HandlerConfig {
     pub poll_timeout: f64,
     /// Largest request body accepted; larger ones get 413 without being read.
     pub max_body_bytes: u64,
+    /// How long a client may take to send a request's head, counted from when the
+    /// connection is ready for it: a new connection, or a keep-alive one after its
+    /// last response. Bounds slowloris clients and idle keep-alive connections.
+    pub header_read_timeout: f64,
+    /// How long a client may take to send a request's body once its head is in; a
+    /// body that trickles or never ends is refused and the connection closed.
+    pub body_read_timeout: f64,
     /// Origins allowed by CORS; `"*"` allows any.
     pub cors_allowed_origins: Vec<String>,
     /// Worker threads, each with its own runtime and IPC connections; 0 means one
@@ -105,6 +112,8 @@ impl Default for HandlerConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             poll_timeout: 10.0,
             max_body_bytes: 1024 * 1024,
+            header_read_timeout: 10.0,
+            body_read_timeout: 30.0,
             cors_allowed_origins: vec!["*".into()],
             threads: 0,
             core_connections: 1,

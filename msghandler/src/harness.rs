@@ -167,6 +167,7 @@ pub async fn handler_with(socket: PathBuf, backend_key: Option<&str>, streams: S
         core,
         poll_timeout: Duration::from_millis(200),
         max_body_bytes: 1024,
+        body_read_timeout: Duration::from_secs(5),
         cors: Cors::new(&["*".to_owned()]).unwrap(),
         backend_key: BackendKey::from_config(key.as_ref(), None)
             .unwrap()

@@ -34,6 +34,8 @@ pub struct App {
     pub core: Arc<CorePool>,
     pub poll_timeout: Duration,
     pub max_body_bytes: u64,
+    /// How long a request body may take to arrive once its head is in.
+    pub body_read_timeout: Duration,
     pub cors: Cors,
     /// `None` disables the backend API.
     pub backend_key: Option<Arc<BackendKey>>,
@@ -268,6 +270,7 @@ fn x0_reply(result: Result<String, Refusal>) -> Reply {
     match result {
         Ok(body) => json(StatusCode::OK, body),
         Err(Refusal::TooLarge(error)) => too_large(error),
+        Err(Refusal::Unread(error)) => closing(json(StatusCode::OK, error.to_json())),
         Err(Refusal::Error(error)) => {
             debug!(kind = error.kind, message = %error.message, "x0 request refused");
             json(StatusCode::OK, error.to_json())
@@ -279,6 +282,9 @@ fn v1_reply(route: Route, result: Result<String, Refusal>) -> Reply {
     let error = match result {
         Ok(body) => return json(StatusCode::OK, body),
         Err(Refusal::TooLarge(error)) => return too_large(error),
+        Err(Refusal::Unread(error)) => {
+            return closing(json(v1::status(error.kind), error.to_json()));
+        }
         Err(Refusal::Error(error)) => error,
     };
     debug!(?route, kind = error.kind, message = %error.message, "v1 request refused");
@@ -326,8 +332,11 @@ pub fn refusal(error: X0Error, allow: &'static str) -> Reply {
 }
 
 fn too_large(error: X0Error) -> Reply {
-    let mut reply = json(StatusCode::PAYLOAD_TOO_LARGE, error.to_json());
-    // The rest of the body was never read; the connection cannot be reused.
+    closing(json(StatusCode::PAYLOAD_TOO_LARGE, error.to_json()))
+}
+
+/// The rest of the body was never read; the connection cannot be reused.
+fn closing(mut reply: Reply) -> Reply {
     reply
         .headers_mut()
         .insert(header::CONNECTION, HeaderValue::from_static("close"));
@@ -338,6 +347,10 @@ enum Refusal {
     /// Over the body limit: the one x0 answer that is not a 200, and the one that
     /// closes the connection.
     TooLarge(X0Error),
+    /// The body was not read in full (it did not arrive within
+    /// `body_read_timeout`, or its framing is ambiguous): the x0 paths still answer
+    /// 200, and the connection closes, so nothing after it is read as a request.
+    Unread(X0Error),
     Error(X0Error),
 }
 
@@ -357,8 +370,10 @@ async fn x0_request(
     let operation = match *request.method() {
         Method::GET if endpoint == Endpoint::Get => query_get(request.uri().query())?,
         Method::POST => {
+            // First: any other refusal would leave the body to hyper to drain.
+            check_framing(request.headers())?;
             check_content_type(request.headers())?;
-            let body = read_body(request, app.max_body_bytes).await?;
+            let body = read_body(request, app.max_body_bytes, app.body_read_timeout).await?;
             x0::parse(endpoint, &body)?
         }
         ref other => {
@@ -402,12 +417,13 @@ async fn v1_request(
     let operation = match *request.method() {
         Method::GET if route.takes_get() => v1::parse_query(route, request.uri().query())?,
         Method::POST => {
+            check_framing(request.headers())?;
             // Before the body is read: a caller without the key gets nothing for it.
             if route.is_backend() {
                 authorize(app.backend_key.as_deref(), request.headers())?;
             }
             check_content_type(request.headers())?;
-            let body = read_body(request, app.max_body_bytes).await?;
+            let body = read_body(request, app.max_body_bytes, app.body_read_timeout).await?;
             v1::parse(route, &body)?
         }
         ref other => {
@@ -517,7 +533,32 @@ fn check_content_type(headers: &HeaderMap) -> Result<(), X0Error> {
     }
 }
 
-async fn read_body(request: Request<Incoming>, limit: u64) -> Result<Bytes, Refusal> {
+/// Refuses a body that is chunked more than once (`Transfer-Encoding: chunked`
+/// twice, or `chunked, chunked`). hyper decodes it once and would read what
+/// follows as the next request, while a proxy in front may decode it twice or
+/// refuse it: the one disagreement on where a request ends that hyper lets through
+/// (it already refuses conflicting lengths, and chunked that is not last).
+fn check_framing(headers: &HeaderMap) -> Result<(), Refusal> {
+    let chunked = headers
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|value| value.as_bytes().split(|&b| b == b','))
+        .filter(|coding| coding.trim_ascii().eq_ignore_ascii_case(b"chunked"))
+        .count();
+    if chunked > 1 {
+        return Err(Refusal::Unread(X0Error::new(
+            "BadRequest",
+            "Transfer-Encoding applies chunked more than once",
+        )));
+    }
+    Ok(())
+}
+
+async fn read_body(
+    request: Request<Incoming>,
+    limit: u64,
+    timeout: Duration,
+) -> Result<Bytes, Refusal> {
     let too_large = || {
         Refusal::TooLarge(X0Error::new(
             "BodyTooLarge",
@@ -534,10 +575,20 @@ async fn read_body(request: Request<Incoming>, limit: u64) -> Result<Bytes, Refu
     if announced.is_some_and(|len| len > limit) {
         return Err(too_large());
     }
-    match Limited::new(request.into_body(), limit as usize)
-        .collect()
-        .await
-    {
+    // hyper bounds only the head's arrival: without this, a body that trickles a
+    // byte now and then holds its connection and buffer for ever.
+    let collected = tokio::time::timeout(
+        timeout,
+        Limited::new(request.into_body(), limit as usize).collect(),
+    )
+    .await
+    .map_err(|_| {
+        Refusal::Unread(X0Error::new(
+            "RequestTimeout",
+            format!("the request body did not arrive within {timeout:?}"),
+        ))
+    })?;
+    match collected {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
         Err(e) => Err(X0Error::new(

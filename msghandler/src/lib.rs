@@ -7,6 +7,7 @@ pub mod auth;
 pub mod backend_key;
 pub mod config;
 pub mod core_link;
+pub mod fuzzing;
 #[cfg(test)]
 mod harness;
 pub mod http;

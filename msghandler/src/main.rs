@@ -15,7 +15,7 @@ use anyhow::Context;
 use clap::Parser;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
@@ -177,6 +177,8 @@ struct Settings {
     pool: PoolConfig,
     poll_timeout: std::time::Duration,
     max_body_bytes: u64,
+    header_read_timeout: std::time::Duration,
+    body_read_timeout: std::time::Duration,
     cors_allowed_origins: Vec<String>,
     backend_key: Option<Arc<BackendKey>>,
     tokens: Option<Arc<Tokens>>,
@@ -199,6 +201,11 @@ impl Settings {
             },
             poll_timeout: seconds("poll_timeout", config.poll_timeout)?,
             max_body_bytes: config.max_body_bytes,
+            header_read_timeout: positive_seconds(
+                "header_read_timeout",
+                config.header_read_timeout,
+            )?,
+            body_read_timeout: positive_seconds("body_read_timeout", config.body_read_timeout)?,
             cors_allowed_origins: config.cors_allowed_origins.clone(),
             backend_key: BackendKey::from_config(
                 config.backend_key.as_ref(),
@@ -215,6 +222,14 @@ impl Settings {
             streams: streams(config)?,
         })
     }
+}
+
+/// A bound that must hold: zero would close every connection before its first
+/// byte, and "no bound" is what the slowloris defence is there to prevent.
+fn positive_seconds(key: &str, secs: f64) -> anyhow::Result<std::time::Duration> {
+    let value = seconds(key, secs)?;
+    anyhow::ensure!(!value.is_zero(), "{key} must be more than 0");
+    Ok(value)
 }
 
 fn streams(config: &HandlerConfig) -> anyhow::Result<Streams> {
@@ -268,6 +283,7 @@ async fn serve(
         core: core.clone(),
         poll_timeout: settings.poll_timeout,
         max_body_bytes: settings.max_body_bytes,
+        body_read_timeout: settings.body_read_timeout,
         cors: Cors::new(&settings.cors_allowed_origins)?,
         backend_key: settings.backend_key.clone(),
         tokens: settings.tokens.clone(),
@@ -314,9 +330,14 @@ async fn serve(
             let peer = peer.ip();
             service_fn(move |request| http::handle(app.clone(), peer, request))
         };
-        // With upgrades: a WebSocket takes the connection over from hyper.
+        // With upgrades: a WebSocket takes the connection over from hyper. The
+        // header timer runs whenever hyper waits for a request head, so it also
+        // closes a keep-alive connection that never sends its next request; it
+        // needs a timer to run at all.
         let connection = http1::Builder::new()
             .keep_alive(true)
+            .timer(TokioTimer::new())
+            .header_read_timeout(settings.header_read_timeout)
             .serve_connection(TokioIo::new(stream), service)
             .with_upgrades();
         let mut stopped = stopped.clone();

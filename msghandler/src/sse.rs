@@ -67,7 +67,8 @@ pub fn open(app: &Arc<App>, request: &Request<Incoming>, grant: Option<Grant>) -
         return http::refusal(error, "GET, OPTIONS");
     }
     let (chunks, body) = mpsc::channel(1);
-    let span = tracing::info_span!("sse", session = %session);
+    // Debug, quoted and escaped: the session id is the client's text (see ws.rs).
+    let span = tracing::info_span!("sse", session = ?session);
     app.tasks.spawn(
         stream(
             app.clone(),

@@ -32,6 +32,23 @@ pub enum Route {
 }
 
 impl Route {
+    /// Every route, for what must cover them all (the fuzz target, tests).
+    pub const ALL: [Route; 13] = [
+        Route::Publish,
+        Route::Poll,
+        Route::Ack,
+        Route::Subscribe,
+        Route::Unsubscribe,
+        Route::Replies,
+        Route::Pause,
+        Route::Resume,
+        Route::Release,
+        Route::Presence,
+        Route::BackendPublish,
+        Route::BackendBind,
+        Route::BackendKick,
+    ];
+
     pub fn of(path: &str) -> Option<Route> {
         Some(match path.strip_prefix("/v1/")? {
             "publish" => Route::Publish,
@@ -214,6 +231,7 @@ pub fn parse_query(route: Route, query: Option<&str>) -> Result<Operation, X0Err
 }
 
 fn body<'a, T: Deserialize<'a>>(json: &'a [u8]) -> Result<T, X0Error> {
+    x0::require_object(json)?;
     // The plain parser for the common case; the path-tracking one only to word an error.
     serde_json::from_slice(json).map_err(|_| describe_parse_error::<T>(json))
 }
@@ -669,6 +687,7 @@ pub fn status(kind: &str) -> StatusCode {
         "Forbidden" | "Kicked" => StatusCode::FORBIDDEN,
         "NotFound" | "NoRoute" => StatusCode::NOT_FOUND,
         "MethodNotAllowed" => StatusCode::METHOD_NOT_ALLOWED,
+        "RequestTimeout" => StatusCode::REQUEST_TIMEOUT,
         "BodyTooLarge" | "PayloadTooLarge" => StatusCode::PAYLOAD_TOO_LARGE,
         "UnsupportedContentType" => StatusCode::UNSUPPORTED_MEDIA_TYPE,
         "MailboxFull" | "RateLimited" => StatusCode::TOO_MANY_REQUESTS,
@@ -916,6 +935,15 @@ mod tests {
         );
         assert_eq!(refusal(Route::Pause, "").0, "InvalidJson");
         assert_eq!(refusal(Route::Pause, "[1]").0, "InvalidField");
+    }
+
+    #[test]
+    fn a_json_array_is_not_a_request_even_when_its_elements_fit_the_fields() {
+        assert_eq!(
+            refusal(Route::Pause, r#"["a"]"#),
+            ("InvalidField", StatusCode::BAD_REQUEST)
+        );
+        assert_eq!(refusal(Route::Poll, r#"["a",1,10,true]"#).0, "InvalidField");
     }
 
     #[test]

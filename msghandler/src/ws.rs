@@ -7,7 +7,7 @@
 //! back to the core however it ends, so a dropped socket loses nothing and nobody
 //! waits out a visibility timeout for it.
 
-mod frame;
+pub mod frame;
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -108,7 +108,9 @@ pub fn upgrade(
         Ok(asked)
     });
     let session = asked.as_ref().map_or("", |a| a.session.as_str());
-    let span = tracing::info_span!("ws", session = %session);
+    // Debug, quoted and escaped: a session id is the client's text, and a newline
+    // or an escape sequence in it must not forge or colour a log line.
+    let span = tracing::info_span!("ws", session = ?session);
     let task_app = app.clone();
     app.tasks.spawn(
         async move {

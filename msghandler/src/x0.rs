@@ -139,8 +139,27 @@ struct SelectDstUser {
     dst_user_session: Option<String>,
 }
 
+/// Refuses a body that is not a JSON object before serde sees it: serde's derived
+/// structs also accept an array, reading its elements as the fields in order, so
+/// `["SET","a","b",{}]` would be a SET that no key-based filter in front of us
+/// (a proxy rule on `session_dst`, a log search) would recognise.
+pub fn require_object(json: &[u8]) -> Result<(), X0Error> {
+    match json
+        .iter()
+        .find(|b| !matches!(b, b' ' | b'\t' | b'\n' | b'\r'))
+    {
+        Some(b'{') | None => Ok(()),
+        Some(_) if serde_json::from_slice::<serde::de::IgnoredAny>(json).is_ok() => Err(
+            X0Error::new("InvalidField", "the request body must be a JSON object"),
+        ),
+        // Not JSON at all: the parser words that.
+        Some(_) => Ok(()),
+    }
+}
+
 /// Understands a JSON request body that arrived on `endpoint`.
 pub fn parse(endpoint: Endpoint, json: &[u8]) -> Result<Operation, X0Error> {
+    require_object(json)?;
     // The plain parser on the hot path; the path-tracking one only to word an error.
     let body: Body =
         serde_json::from_slice(json).map_err(|_| describe_parse_error::<Body>(json))?;
@@ -224,6 +243,11 @@ pub fn describe_parse_error<'a, T: Deserialize<'a>>(json: &'a [u8]) -> X0Error {
         },
         Err(e) if e.path().to_string() != "." && e.inner().is_data() => {
             return X0Error::new("InvalidField", format!("{}: {}", e.path(), e.inner()));
+        }
+        // A key given twice is refused rather than resolved: the first and the last
+        // win in different parsers, so either choice would be somebody's surprise.
+        Err(e) if e.inner().is_data() && e.inner().to_string().starts_with("duplicate field") => {
+            return X0Error::new("InvalidField", e.inner().to_string());
         }
         Err(e) => e.into_inner(),
     };
@@ -404,6 +428,51 @@ mod tests {
 
     fn error_kind(endpoint: Endpoint, json: &str) -> &'static str {
         parse(endpoint, json.as_bytes()).unwrap_err().kind
+    }
+
+    #[test]
+    fn a_json_array_is_not_a_request_even_when_its_elements_fit_the_fields() {
+        for json in [
+            r#"["SET","a","b",{"x":1}]"#,
+            r#" ["GET","a"]"#,
+            r#""GET""#,
+            "7",
+            "null",
+        ] {
+            for endpoint in [Endpoint::Any, Endpoint::Set, Endpoint::Get] {
+                let error = parse(endpoint, json.as_bytes()).unwrap_err();
+                assert_eq!(error.kind, "InvalidField", "{json}");
+                assert!(error.message.contains("JSON object"), "{json}: {error:?}");
+            }
+        }
+        assert_eq!(error_kind(Endpoint::Set, "[not json"), "InvalidJson");
+        assert_eq!(error_kind(Endpoint::Set, "{not json"), "InvalidJson");
+        assert_eq!(error_kind(Endpoint::Set, "not json"), "InvalidJson");
+    }
+
+    #[test]
+    fn a_key_given_twice_is_refused_naming_the_key() {
+        for (json, key) in [
+            (
+                r#"{"session_src":"a","session_dst":"b","session_dst":"c","payload":{}}"#,
+                "session_dst",
+            ),
+            (
+                r#"{"session_src":"a","session_dst":"b","payload":{},"payload":{"x":1}}"#,
+                "payload",
+            ),
+            (
+                r#"{"SessionData":{"Value":"a","Value":"b"},"type":"GET"}"#,
+                "Value",
+            ),
+        ] {
+            let error = parse(Endpoint::Any, json.as_bytes()).unwrap_err();
+            assert_eq!(error.kind, "InvalidField", "{json}");
+            assert!(
+                error.message.contains("duplicate field") && error.message.contains(key),
+                "{json}: {error:?}"
+            );
+        }
     }
 
     #[test]

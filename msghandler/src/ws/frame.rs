@@ -121,6 +121,11 @@ pub fn parse(
     default_window: u32,
     max_window: u32,
 ) -> Result<Request, Refused> {
+    crate::x0::require_object(json).map_err(|error| Refused {
+        reference: None,
+        error,
+        violation: true,
+    })?;
     let envelope: Envelope = serde_json::from_slice(json).map_err(|_| Refused {
         reference: None,
         error: describe_parse_error::<Envelope>(json),
@@ -481,6 +486,9 @@ mod tests {
         assert_eq!(violation("{not json"), (None, "InvalidJson"));
         assert_eq!(violation(""), (None, "InvalidJson"));
         assert_eq!(violation("[1]"), (None, "InvalidField"));
+        // serde would read the elements as the envelope's fields in order.
+        assert_eq!(violation(r#"["ping"]"#), (None, "InvalidField"));
+        assert_eq!(violation(r#"["publish",null]"#), (None, "InvalidField"));
         assert_eq!(
             violation(r#"{"ref":3}"#),
             (Some("3".into()), "MissingField")
