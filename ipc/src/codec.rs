@@ -64,6 +64,14 @@ impl<In, Out> FrameCodec<In, Out> {
         }
     }
 
+    /// Changes the largest frame accepted from now on: the core reads a handshake
+    /// with a small limit, so that a stranger cannot make it buffer 16 MiB before
+    /// saying who it is, and raises it once the peer is known.
+    pub fn set_max_frame_len(&mut self, max: usize) {
+        self.lengths.set_max_frame_length(max);
+        self.max = max;
+    }
+
     /// The same framing state for other frame types: used after the handshake,
     /// when the connection switches from [`crate::Hello`] to request frames.
     pub fn retype<In2, Out2>(self) -> FrameCodec<In2, Out2> {

@@ -49,6 +49,9 @@ pub struct ShellConfig {
 }
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// The largest handshake frame read: a `Hello` is a dozen bytes, and a peer is
+/// allowed `MAX_FRAME_LEN` only once it said who it is.
+const HANDSHAKE_MAX_LEN: usize = 256;
 /// How long a peer the credentials check refused gets to send its handshake, so
 /// that it reads why it was refused instead of a reset connection.
 const REFUSAL_TIMEOUT: Duration = Duration::from_secs(1);
@@ -339,7 +342,10 @@ fn apply(
 /// reason, so that the peer can say why instead of seeing a closed connection.
 async fn refuse(stream: UnixStream, reason: String) {
     let (read_half, write_half) = stream.into_split();
-    let mut reader = FramedRead::new(read_half, FrameCodec::<Hello, Welcome>::new());
+    let mut reader = FramedRead::new(
+        read_half,
+        FrameCodec::<Hello, Welcome>::with_max_frame_len(HANDSHAKE_MAX_LEN),
+    );
     let mut writer = FramedWrite::new(write_half, FrameCodec::<Hello, Welcome>::new());
     let _ = tokio::time::timeout(REFUSAL_TIMEOUT, reader.next()).await;
     let _ = tokio::time::timeout(REFUSAL_TIMEOUT, writer.send(Welcome::Refused { reason })).await;
@@ -391,7 +397,10 @@ async fn connection(
     mut stopping: watch::Receiver<bool>,
 ) {
     let (read_half, write_half) = stream.into_split();
-    let mut reader = FramedRead::new(read_half, FrameCodec::<Hello, Welcome>::new());
+    let mut reader = FramedRead::new(
+        read_half,
+        FrameCodec::<Hello, Welcome>::with_max_frame_len(HANDSHAKE_MAX_LEN),
+    );
     let mut writer = FramedWrite::new(write_half, FrameCodec::<Hello, Welcome>::new());
 
     let hello = match tokio::time::timeout(HANDSHAKE_TIMEOUT, reader.next()).await {
@@ -428,7 +437,11 @@ async fn connection(
     }
     info!(role = ?hello.role, "peer connected");
 
-    let mut reader = reader.map_decoder(|c| c.retype::<ClientFrame, ServerFrame>());
+    let mut reader = reader.map_decoder(|c| {
+        let mut c = c.retype::<ClientFrame, ServerFrame>();
+        c.set_max_frame_len(ipc::MAX_FRAME_LEN);
+        c
+    });
     let writer = writer.map_encoder(|c| c.retype::<ClientFrame, ServerFrame>());
     let (replies, outbox) = mpsc::unbounded_channel();
     if events

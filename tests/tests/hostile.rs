@@ -1517,6 +1517,18 @@ async fn garbage_on_the_core_socket_drops_only_that_connection() {
         ),
         ("a length prefix of 0xFFFFFFFF", false, vec![0xff; 4], true),
         (
+            // Within MAX_FRAME_LEN, but no handshake is that long: refused at once
+            // rather than buffered while the stranger sends it.
+            "a length prefix of 1 MiB before the handshake",
+            false,
+            {
+                let mut b = (1u32 << 20).to_be_bytes().to_vec();
+                b.extend_from_slice(&noise(3, 1024));
+                b
+            },
+            true,
+        ),
+        (
             "a length prefix of 0xFFFFFFFF after the handshake",
             true,
             vec![0xff; 4],
