@@ -153,48 +153,40 @@ fn peer_check_refuses_a_uid_outside_admin_uids_that_got_past_the_file_mode() {
     assert!(ok && out.contains("0 dead letter(s)"), "{out}");
 }
 
+/// Starts msgserver with `config`, which must stop it: its stderr, and the directory
+/// it ran in (the socket was to be `core.sock` there).
+fn refused_start(config: &str) -> (String, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("msgserver.toml");
+    std::fs::write(&file, config).unwrap();
+    let output = std::process::Command::new(&binaries().msgserver)
+        .arg("--config")
+        .arg(&file)
+        .arg("--socket")
+        .arg(dir.path().join("core.sock"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert!(!output.status.success(), "{stderr}");
+    (stderr, dir)
+}
+
 #[test]
 fn a_core_that_would_make_its_own_user_an_operator_does_not_start() {
     if !running_as_root("a_core_that_would_make_its_own_user_an_operator_does_not_start") {
         return;
     }
     let (user, _) = nobody();
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("msgserver.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "user = \"nobody\"\ngroup = \"nogroup\"\nadmin_uids = [{}]\n",
-            user.uid
-        ),
-    )
-    .unwrap();
-    let output = std::process::Command::new(&binaries().msgserver)
-        .arg("--config")
-        .arg(&config)
-        .arg("--socket")
-        .arg(dir.path().join("core.sock"))
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(!output.status.success(), "{stderr}");
+    let (stderr, _) = refused_start(&format!(
+        "user = \"nobody\"\ngroup = \"nogroup\"\nadmin_uids = [{}]\n",
+        user.uid
+    ));
     assert!(stderr.contains("every handler an operator"), "{stderr}");
 }
 
 #[test]
 fn a_loose_admin_socket_mode_is_refused_at_start() {
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("msgserver.toml");
-    std::fs::write(&config, "admin_socket_mode = \"0777\"\n").unwrap();
-    let output = std::process::Command::new(&binaries().msgserver)
-        .arg("--config")
-        .arg(&config)
-        .arg("--socket")
-        .arg(dir.path().join("core.sock"))
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(!output.status.success(), "{stderr}");
+    let (stderr, dir) = refused_start("admin_socket_mode = \"0777\"\n");
     assert!(
         stderr.contains("admin_socket_mode") && stderr.contains("0750 or stricter"),
         "{stderr}"
