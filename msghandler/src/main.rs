@@ -80,8 +80,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 
-    let listener =
-        listen(config.listen).with_context(|| format!("listening on {}", config.listen))?;
+    let (listener, origin) = listener(config.listen)?;
+    let local = listener
+        .local_addr()
+        .context("reading the listening address")?;
     // By default one worker per two CPUs: msgserver and the kernel's network stack
     // need the rest, and fewer workers batch more IPC frames per wake-up (measured:
     // one worker instead of two cut syscalls per message from 7.3 to 5.4 here, and
@@ -92,7 +94,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     };
     let settings = Arc::new(Settings::new(&config)?);
     info!(
-        listen = %config.listen,
+        listen = %local,
+        from = origin,
         socket = %config.socket.display(),
         threads,
         backend_api = if settings.backend_key.is_some() { "enabled" } else { "disabled (no backend_key)" },
@@ -139,12 +142,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
     drop(listener);
+    // The workers accept from here on (connections that came earlier wait in the
+    // backlog): systemd/msghandler.service is Type=notify.
+    notify(&[sd_notify::NotifyState::Ready]);
 
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the signal runtime")?
         .block_on(wait_for_signal());
+    notify(&[sd_notify::NotifyState::Stopping]);
     // Parked polls answer {"messages":null} now; keep-alive connections close after
     // their current request.
     let _ = stop.send(true);
@@ -158,7 +165,46 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The listening socket. std's `TcpListener::bind` fixes the backlog at 128, which
+/// The listening socket: the one systemd passed (socket activation, sd_listen_fds(3):
+/// LISTEN_PID is ours and LISTEN_FDS counts the sockets from fd 3 on), else a new
+/// one on `addr`. An inherited socket outlives this process, so a restart never
+/// refuses a connection: what arrives meanwhile waits in its backlog for the next
+/// process. Returns the socket and where it came from, for the log.
+fn listener(addr: SocketAddr) -> anyhow::Result<(std::net::TcpListener, &'static str)> {
+    let mut fds = sd_notify::listen_fds().context("reading LISTEN_FDS")?;
+    let Some(fd) = fds.next() else {
+        let listener = listen(addr).with_context(|| format!("listening on {addr}"))?;
+        return Ok((listener, "listen"));
+    };
+    anyhow::ensure!(
+        fds.len() == 0,
+        "LISTEN_FDS passes {} sockets; msghandler serves on exactly one",
+        fds.len() + 1
+    );
+    // SAFETY: LISTEN_PID names this process, so the service manager passed fd 3 to
+    // us alone, and nothing else in this process has taken it over.
+    let socket = unsafe { <socket2::Socket as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    let is_tcp_listener = socket.r#type().is_ok_and(|t| t == socket2::Type::STREAM)
+        && socket.is_listener().unwrap_or(false)
+        && socket.local_addr().is_ok_and(|a| a.as_socket().is_some());
+    anyhow::ensure!(
+        is_tcp_listener,
+        "LISTEN_FDS: fd {fd} is not a listening TCP socket (ListenStream= in msghandler.socket)"
+    );
+    socket
+        .set_nonblocking(true)
+        .context("making the inherited socket non-blocking")?;
+    Ok((socket.into(), "systemd socket activation (LISTEN_FDS)"))
+}
+
+/// Tells systemd how we are (Type=notify); does nothing when NOTIFY_SOCKET is unset.
+fn notify(state: &[sd_notify::NotifyState]) {
+    if let Err(e) = sd_notify::notify(state) {
+        warn!(error = %e, "notifying systemd failed");
+    }
+}
+
+/// A new listening socket. std's `TcpListener::bind` fixes the backlog at 128, which
 /// drops connection attempts when many browsers (re)connect at once, and a dropped
 /// SYN is retried only after a second; the kernel caps ours at `somaxconn`.
 fn listen(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
