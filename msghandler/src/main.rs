@@ -371,10 +371,32 @@ async fn serve(
             });
             continue;
         };
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&stream);
+        let served = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let service = {
             let app = app.clone();
             let peer = peer.ip();
-            service_fn(move |request| http::handle(app.clone(), peer, request))
+            let served = served.clone();
+            let stopped = stopped.clone();
+            service_fn(move |request| {
+                served.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let reply = http::handle(app.clone(), peer, request);
+                let stopped = stopped.clone();
+                async move {
+                    let mut reply = reply.await?;
+                    // A reply given while stopping (a parked poll's null, above all)
+                    // is the connection's last: the client must not send its next
+                    // request on it, which the next process could never answer.
+                    if *stopped.borrow() && reply.status() != hyper::StatusCode::SWITCHING_PROTOCOLS
+                    {
+                        reply.headers_mut().insert(
+                            hyper::header::CONNECTION,
+                            hyper::header::HeaderValue::from_static("close"),
+                        );
+                    }
+                    Ok::<_, std::convert::Infallible>(reply)
+                }
+            })
         };
         // With upgrades: a WebSocket takes the connection over from hyper. The
         // header timer runs whenever hyper waits for a request head, so it also
@@ -398,10 +420,13 @@ async fn serve(
             // itself), then close instead of waiting for the next one.
             let ended = match ended {
                 Some(ended) => ended,
-                None => {
-                    connection.as_mut().graceful_shutdown();
-                    connection.await
-                }
+                None => match let_pending_request_in(connection.as_mut(), fd, &served).await {
+                    Some(ended) => ended,
+                    None => {
+                        connection.as_mut().graceful_shutdown();
+                        connection.await
+                    }
+                },
             };
             if let Err(e) = ended {
                 tracing::debug!(error = %e, "HTTP connection ended with an error");
@@ -422,6 +447,58 @@ async fn serve(
     }
     core.flush().await;
     Ok(())
+}
+
+/// How long a connection accepted just before a stop may take to send its first
+/// request. Its client has connected and is about to write; closing now would fail
+/// that request, which no client retries on a fresh connection.
+const FIRST_REQUEST_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// On a stop, drives `connection` until hyper has taken in the request waiting
+/// unread in its socket, if there is one (and, on a connection that has not served
+/// one yet, until its first request came or [`FIRST_REQUEST_WAIT`] passed). hyper
+/// counts a connection as idle until it has read a request head and closes an idle
+/// one on `graceful_shutdown` at once, so a request already sent would get no
+/// answer: the race of every HTTP keep-alive close, which here would hit the
+/// requests in flight at each restart. Once hyper has it, the shutdown waits for
+/// its reply, which says `Connection: close`. Returns the connection's end if it
+/// came meanwhile.
+async fn let_pending_request_in<F: std::future::Future>(
+    mut connection: std::pin::Pin<&mut F>,
+    fd: std::os::fd::RawFd,
+    served: &std::sync::atomic::AtomicU64,
+) -> Option<F::Output> {
+    // Polling and not readiness: the socket is registered with tokio by hyper's
+    // stream, and this runs once per connection per stop.
+    const STEP: std::time::Duration = std::time::Duration::from_millis(5);
+    let first_request_by = tokio::time::Instant::now() + FIRST_REQUEST_WAIT;
+    let served_before = served.load(std::sync::atomic::Ordering::Relaxed);
+    loop {
+        let served_now = served.load(std::sync::atomic::Ordering::Relaxed);
+        if served_now > served_before {
+            return None;
+        }
+        let fresh = served_now == 0 && tokio::time::Instant::now() < first_request_by;
+        if !fresh && !request_waiting(fd) {
+            return None;
+        }
+        if let Ok(ended) = tokio::time::timeout(STEP, connection.as_mut()).await {
+            return Some(ended);
+        }
+    }
+}
+
+/// Whether bytes the server has not read wait in the socket `fd`.
+fn request_waiting(fd: std::os::fd::RawFd) -> bool {
+    // SAFETY: `fd` belongs to the TCP stream inside the connection future that the
+    // caller holds and has not yet completed, so it is open and stays open for this
+    // call; the borrow ends before the caller polls that future again.
+    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+    let mut byte = [std::mem::MaybeUninit::new(0u8)];
+    // The stream is non-blocking: WouldBlock means nothing is waiting.
+    socket2::SockRef::from(&fd)
+        .peek(&mut byte)
+        .is_ok_and(|n| n > 0)
 }
 
 async fn wait_for_signal() {
