@@ -80,8 +80,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 
-    let listener =
-        listen(config.listen).with_context(|| format!("listening on {}", config.listen))?;
+    let (listener, origin) = listener(config.listen)?;
+    let local = listener
+        .local_addr()
+        .context("reading the listening address")?;
     // By default one worker per two CPUs: msgserver and the kernel's network stack
     // need the rest, and fewer workers batch more IPC frames per wake-up (measured:
     // one worker instead of two cut syscalls per message from 7.3 to 5.4 here, and
@@ -92,7 +94,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     };
     let settings = Arc::new(Settings::new(&config)?);
     info!(
-        listen = %config.listen,
+        listen = %local,
+        from = origin,
         socket = %config.socket.display(),
         threads,
         backend_api = if settings.backend_key.is_some() { "enabled" } else { "disabled (no backend_key)" },
@@ -139,12 +142,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
     drop(listener);
+    // The workers accept from here on (connections that came earlier wait in the
+    // backlog): systemd/msghandler.service is Type=notify.
+    notify(&[sd_notify::NotifyState::Ready]);
 
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the signal runtime")?
         .block_on(wait_for_signal());
+    notify(&[sd_notify::NotifyState::Stopping]);
     // Parked polls answer {"messages":null} now; keep-alive connections close after
     // their current request.
     let _ = stop.send(true);
@@ -158,7 +165,46 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The listening socket. std's `TcpListener::bind` fixes the backlog at 128, which
+/// The listening socket: the one systemd passed (socket activation, sd_listen_fds(3):
+/// LISTEN_PID is ours and LISTEN_FDS counts the sockets from fd 3 on), else a new
+/// one on `addr`. An inherited socket outlives this process, so a restart never
+/// refuses a connection: what arrives meanwhile waits in its backlog for the next
+/// process. Returns the socket and where it came from, for the log.
+fn listener(addr: SocketAddr) -> anyhow::Result<(std::net::TcpListener, &'static str)> {
+    let mut fds = sd_notify::listen_fds().context("reading LISTEN_FDS")?;
+    let Some(fd) = fds.next() else {
+        let listener = listen(addr).with_context(|| format!("listening on {addr}"))?;
+        return Ok((listener, "listen"));
+    };
+    anyhow::ensure!(
+        fds.len() == 0,
+        "LISTEN_FDS passes {} sockets; msghandler serves on exactly one",
+        fds.len() + 1
+    );
+    // SAFETY: LISTEN_PID names this process, so the service manager passed fd 3 to
+    // us alone, and nothing else in this process has taken it over.
+    let socket = unsafe { <socket2::Socket as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    let is_tcp_listener = socket.r#type().is_ok_and(|t| t == socket2::Type::STREAM)
+        && socket.is_listener().unwrap_or(false)
+        && socket.local_addr().is_ok_and(|a| a.as_socket().is_some());
+    anyhow::ensure!(
+        is_tcp_listener,
+        "LISTEN_FDS: fd {fd} is not a listening TCP socket (ListenStream= in msghandler.socket)"
+    );
+    socket
+        .set_nonblocking(true)
+        .context("making the inherited socket non-blocking")?;
+    Ok((socket.into(), "systemd socket activation (LISTEN_FDS)"))
+}
+
+/// Tells systemd how we are (Type=notify); does nothing when NOTIFY_SOCKET is unset.
+fn notify(state: &[sd_notify::NotifyState]) {
+    if let Err(e) = sd_notify::notify(state) {
+        warn!(error = %e, "notifying systemd failed");
+    }
+}
+
+/// A new listening socket. std's `TcpListener::bind` fixes the backlog at 128, which
 /// drops connection attempts when many browsers (re)connect at once, and a dropped
 /// SYN is retried only after a second; the kernel caps ours at `somaxconn`.
 fn listen(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
@@ -325,10 +371,32 @@ async fn serve(
             });
             continue;
         };
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&stream);
+        let served = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let service = {
             let app = app.clone();
             let peer = peer.ip();
-            service_fn(move |request| http::handle(app.clone(), peer, request))
+            let served = served.clone();
+            let stopped = stopped.clone();
+            service_fn(move |request| {
+                served.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let reply = http::handle(app.clone(), peer, request);
+                let stopped = stopped.clone();
+                async move {
+                    let mut reply = reply.await?;
+                    // A reply given while stopping (a parked poll's null, above all)
+                    // is the connection's last: the client must not send its next
+                    // request on it, which the next process could never answer.
+                    if *stopped.borrow() && reply.status() != hyper::StatusCode::SWITCHING_PROTOCOLS
+                    {
+                        reply.headers_mut().insert(
+                            hyper::header::CONNECTION,
+                            hyper::header::HeaderValue::from_static("close"),
+                        );
+                    }
+                    Ok::<_, std::convert::Infallible>(reply)
+                }
+            })
         };
         // With upgrades: a WebSocket takes the connection over from hyper. The
         // header timer runs whenever hyper waits for a request head, so it also
@@ -352,10 +420,13 @@ async fn serve(
             // itself), then close instead of waiting for the next one.
             let ended = match ended {
                 Some(ended) => ended,
-                None => {
-                    connection.as_mut().graceful_shutdown();
-                    connection.await
-                }
+                None => match let_pending_request_in(connection.as_mut(), fd, &served).await {
+                    Some(ended) => ended,
+                    None => {
+                        connection.as_mut().graceful_shutdown();
+                        connection.await
+                    }
+                },
             };
             if let Err(e) = ended {
                 tracing::debug!(error = %e, "HTTP connection ended with an error");
@@ -376,6 +447,58 @@ async fn serve(
     }
     core.flush().await;
     Ok(())
+}
+
+/// How long a connection accepted just before a stop may take to send its first
+/// request. Its client has connected and is about to write; closing now would fail
+/// that request, which no client retries on a fresh connection.
+const FIRST_REQUEST_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// On a stop, drives `connection` until hyper has taken in the request waiting
+/// unread in its socket, if there is one (and, on a connection that has not served
+/// one yet, until its first request came or [`FIRST_REQUEST_WAIT`] passed). hyper
+/// counts a connection as idle until it has read a request head and closes an idle
+/// one on `graceful_shutdown` at once, so a request already sent would get no
+/// answer: the race of every HTTP keep-alive close, which here would hit the
+/// requests in flight at each restart. Once hyper has it, the shutdown waits for
+/// its reply, which says `Connection: close`. Returns the connection's end if it
+/// came meanwhile.
+async fn let_pending_request_in<F: std::future::Future>(
+    mut connection: std::pin::Pin<&mut F>,
+    fd: std::os::fd::RawFd,
+    served: &std::sync::atomic::AtomicU64,
+) -> Option<F::Output> {
+    // Polling and not readiness: the socket is registered with tokio by hyper's
+    // stream, and this runs once per connection per stop.
+    const STEP: std::time::Duration = std::time::Duration::from_millis(5);
+    let first_request_by = tokio::time::Instant::now() + FIRST_REQUEST_WAIT;
+    let served_before = served.load(std::sync::atomic::Ordering::Relaxed);
+    loop {
+        let served_now = served.load(std::sync::atomic::Ordering::Relaxed);
+        if served_now > served_before {
+            return None;
+        }
+        let fresh = served_now == 0 && tokio::time::Instant::now() < first_request_by;
+        if !fresh && !request_waiting(fd) {
+            return None;
+        }
+        if let Ok(ended) = tokio::time::timeout(STEP, connection.as_mut()).await {
+            return Some(ended);
+        }
+    }
+}
+
+/// Whether bytes the server has not read wait in the socket `fd`.
+fn request_waiting(fd: std::os::fd::RawFd) -> bool {
+    // SAFETY: `fd` belongs to the TCP stream inside the connection future that the
+    // caller holds and has not yet completed, so it is open and stays open for this
+    // call; the borrow ends before the caller polls that future again.
+    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+    let mut byte = [std::mem::MaybeUninit::new(0u8)];
+    // The stream is non-blocking: WouldBlock means nothing is waiting.
+    socket2::SockRef::from(&fd)
+        .peek(&mut byte)
+        .is_ok_and(|n| n > 0)
 }
 
 async fn wait_for_signal() {

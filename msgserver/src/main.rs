@@ -160,8 +160,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         let (stop, stopped) = tokio::sync::watch::channel(false);
         tokio::spawn(async move {
             wait_for_signal().await;
+            service_manager::notify(&[sd_notify::NotifyState::Stopping]);
             let _ = stop.send(true);
         });
+        // Both sockets are bound and storage is recovered: from here a connection is
+        // served (it waits in the backlog until the first accept). systemd starts
+        // msghandler only now (Type=notify and After=msgserver.service).
+        service_manager::notify(&[sd_notify::NotifyState::Ready]);
+        if let Some(period) = sd_notify::watchdog_enabled() {
+            tokio::spawn(service_manager::watchdog(period));
+        }
         server::serve(listener, admin_listener, broker, journal, shell, stopped).await;
         anyhow::Ok(())
     })?;
@@ -182,5 +190,30 @@ async fn wait_for_signal() {
     tokio::select! {
         _ = term.recv() => info!("SIGTERM: stopping"),
         _ = int.recv() => info!("SIGINT: stopping"),
+    }
+}
+
+/// systemd's side of systemd/msgserver.service (Type=notify, WatchdogSec=). Outside
+/// systemd NOTIFY_SOCKET is unset and every call does nothing.
+mod service_manager {
+    use tracing::warn;
+
+    pub fn notify(state: &[sd_notify::NotifyState]) {
+        // A failed notification is no reason to stop serving: at worst systemd times
+        // the start out and restarts us, which is what it is for.
+        if let Err(e) = sd_notify::notify(state) {
+            warn!(error = %e, "notifying systemd failed");
+        }
+    }
+
+    /// Pings at half the watchdog period, as sd_watchdog_enabled(3) advises. The
+    /// task runs on the broker's one runtime thread, so a broker stuck in a loop
+    /// stops the pings and systemd restarts the core.
+    pub async fn watchdog(period: std::time::Duration) {
+        let mut tick = tokio::time::interval(period / 2);
+        loop {
+            tick.tick().await;
+            notify(&[sd_notify::NotifyState::Watchdog]);
+        }
     }
 }

@@ -1399,3 +1399,212 @@ impl Handler {
         }
     }
 }
+
+// ---------------------------------------------------------------------------
+// systemd, played by the test: socket activation and sd_notify
+// ---------------------------------------------------------------------------
+
+/// A service manager's notification socket (`NOTIFY_SOCKET`), bound the way systemd
+/// binds its own: a Unix datagram socket that any user may write to, so that a core
+/// that has dropped to `www-data` still reaches it.
+pub struct NotifySocket {
+    _dir: TempDir,
+    path: PathBuf,
+    socket: std::os::unix::net::UnixDatagram,
+}
+
+impl NotifySocket {
+    pub fn bind() -> NotifySocket {
+        let dir = temp_dir("micromsg-notify-");
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711))
+            .expect("opening the notify directory for traversal");
+        let path = dir.path().join("notify");
+        let socket =
+            std::os::unix::net::UnixDatagram::bind(&path).expect("binding the notify socket");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o777))
+            .expect("opening the notify socket to every user");
+        NotifySocket {
+            _dir: dir,
+            path,
+            socket,
+        }
+    }
+
+    /// What to set `NOTIFY_SOCKET` to.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Reads notifications until one has the line `state` (e.g. "READY=1"); returns
+    /// every line read, or None if `timeout` passed first.
+    pub fn wait_for(&self, state: &str, timeout: Duration) -> Option<Vec<String>> {
+        let deadline = Instant::now() + timeout;
+        let mut lines = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            let left = deadline.checked_duration_since(Instant::now())?;
+            self.socket
+                .set_read_timeout(Some(left.max(Duration::from_millis(1))))
+                .expect("setting the notify socket's timeout");
+            match self.socket.recv(&mut buf) {
+                Ok(n) => {
+                    let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+                    let done = text.lines().any(|line| line == state);
+                    lines.extend(text.lines().map(str::to_owned));
+                    if done {
+                        return Some(lines);
+                    }
+                }
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    return None;
+                }
+                Err(e) => panic!("reading the notify socket: {e}"),
+            }
+        }
+    }
+}
+
+/// msghandler started the way systemd's `msghandler.socket` starts it: the test
+/// holds the listening socket for its whole life, and each process gets it as fd 3
+/// with `LISTEN_FDS=1` and `LISTEN_PID` set to its own pid (sd_listen_fds(3)).
+/// Between two processes nobody accepts, and connections wait in the backlog.
+pub struct ActivatedHandler {
+    dir: TempDir,
+    listener: TcpListener,
+    core_socket: PathBuf,
+    options: HandlerOptions,
+    notify: NotifySocket,
+    log: PathBuf,
+    child: Option<Child>,
+    starts: u32,
+}
+
+impl ActivatedHandler {
+    /// Binds a listening socket on a free port of 127.0.0.1, starts msghandler on it
+    /// for the core at `core_socket`, and waits for its READY=1.
+    pub fn start(core_socket: &Path, options: HandlerOptions) -> ActivatedHandler {
+        let dir = temp_dir("micromsg-handler-");
+        std::fs::write(dir.path().join("msghandler.toml"), options.toml())
+            .expect("writing msghandler.toml");
+        let log = dir.path().join("msghandler.log");
+        let mut handler = ActivatedHandler {
+            listener: TcpListener::bind("127.0.0.1:0").expect("binding 127.0.0.1:0"),
+            dir,
+            core_socket: core_socket.to_owned(),
+            options,
+            notify: NotifySocket::bind(),
+            log,
+            child: None,
+            starts: 0,
+        };
+        handler.spawn_and_wait_ready();
+        handler
+    }
+
+    /// What `systemctl restart msghandler.service` does: SIGTERM, wait for the exit
+    /// (panics if it does not come within `timeout` or is not 0), then start a new
+    /// process on the same listening socket and wait for its READY=1. Returns how
+    /// long no process was accepting.
+    pub fn restart(&mut self, timeout: Duration) -> Duration {
+        let mut child = self.child.take().expect("msghandler is not running");
+        signal(&child, Signal::SIGTERM);
+        let stopping = Instant::now();
+        match wait_timeout(&mut child, timeout) {
+            Some(status) => assert!(
+                status.success(),
+                "msghandler exited with {status} on SIGTERM; log:\n{}",
+                self.log()
+            ),
+            None => {
+                sigkill_and_reap(&mut child);
+                panic!("msghandler did not exit within {timeout:?} of SIGTERM");
+            }
+        }
+        self.spawn_and_wait_ready();
+        stopping.elapsed()
+    }
+
+    fn spawn_and_wait_ready(&mut self) {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::process::CommandExt;
+        self.starts += 1;
+        // sh sets LISTEN_PID to its own pid and then becomes msghandler with exec, so
+        // the variable names the msghandler process, as systemd's does.
+        let mut cmd = command(
+            Path::new("/bin/sh"),
+            &self.log,
+            &format!("msghandler start #{} (socket-activated)", self.starts),
+        );
+        cmd.arg("-c")
+            .arg(r#"LISTEN_PID=$$ exec "$0" "$@""#)
+            .arg(&binaries().msghandler)
+            .arg("--socket")
+            .arg(&self.core_socket)
+            .arg("--poll-timeout")
+            .arg(self.options.poll_timeout.to_string())
+            .arg("--config")
+            .arg(self.dir.path().join("msghandler.toml"))
+            .env("LISTEN_FDS", "1")
+            .env("NOTIFY_SOCKET", self.notify.path());
+        let fd = self.listener.as_raw_fd();
+        // SAFETY: between fork and exec only async-signal-safe calls (dup2, fcntl).
+        // dup2 gives fd 3 without close-on-exec; when the socket already is fd 3,
+        // the flag is cleared instead.
+        unsafe {
+            cmd.pre_exec(move || {
+                let ok = if fd == 3 {
+                    nix::libc::fcntl(3, nix::libc::F_SETFD, 0) != -1
+                } else {
+                    nix::libc::dup2(fd, 3) != -1
+                };
+                if ok {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            });
+        }
+        let mut child = cmd.spawn().expect("spawning msghandler");
+        match self.notify.wait_for("READY=1", STARTUP_TIMEOUT) {
+            Some(_) => self.child = Some(child),
+            None => {
+                sigkill_and_reap(&mut child);
+                panic!(
+                    "msghandler sent no READY=1 within {STARTUP_TIMEOUT:?}; log:\n{}",
+                    self.log()
+                );
+            }
+        }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .expect("reading the listening address")
+    }
+
+    /// Everything every msghandler process wrote, across restarts.
+    pub fn log(&self) -> String {
+        read_log(&self.log)
+    }
+}
+
+impl Drop for ActivatedHandler {
+    fn drop(&mut self) {
+        if let Some(child) = self.child.as_mut() {
+            sigkill_and_reap(child);
+        }
+        if std::thread::panicking() {
+            eprintln!(
+                "----- msghandler log ({}) -----\n{}",
+                self.log.display(),
+                self.log()
+            );
+        }
+    }
+}
