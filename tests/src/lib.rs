@@ -12,6 +12,9 @@
 //! built once per test process with `cargo build`, so a test never runs a stale
 //! binary. Children are killed with SIGKILL when their handle is dropped, and their
 //! logs are printed if the test is failing at that moment.
+//!
+//! With `MICROMSG_E2E_VIA_NGINX=1` every msghandler gets a private nginx running the
+//! shipped site in front of it, and the tests talk to nginx (module [`nginx`]).
 
 use std::ffi::OsString;
 use std::fs::File;
@@ -35,6 +38,10 @@ use tempfile::TempDir;
 pub use hyper::header::HeaderMap;
 pub use hyper::{Method, StatusCode};
 pub use serde_json::json;
+
+pub mod nginx;
+use nginx::Nginx;
+pub use nginx::via_nginx;
 
 /// How long a child gets to create its socket or port before the test gives up.
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -489,6 +496,9 @@ pub struct HandlerOptions {
     pub cors_allowed_origins: Option<Vec<String>>,
     /// Appended verbatim to the TOML file.
     pub extra_toml: String,
+    /// Why the test must talk to msghandler itself, never through nginx (see
+    /// [`HandlerOptions::direct`]); None lets `MICROMSG_E2E_VIA_NGINX` decide.
+    pub direct: Option<&'static str>,
 }
 
 impl Default for HandlerOptions {
@@ -499,11 +509,21 @@ impl Default for HandlerOptions {
             core_connections: None,
             cors_allowed_origins: None,
             extra_toml: String::new(),
+            direct: None,
         }
     }
 }
 
 impl HandlerOptions {
+    /// These options, for a test that checks msghandler's own handling of a TCP
+    /// connection or a raw request (which nginx would answer or reshape first), or
+    /// that plays the proxy itself: it reaches msghandler directly even in a run
+    /// through nginx, and says `why` in its output there.
+    pub fn direct(mut self, why: &'static str) -> HandlerOptions {
+        self.direct = Some(why);
+        self
+    }
+
     fn toml(&self) -> String {
         let mut t = Toml::default();
         t.str("log", "info");
@@ -521,12 +541,17 @@ impl HandlerOptions {
     }
 }
 
-/// A running `msghandler` listening on a free port of 127.0.0.1.
+/// A running `msghandler` listening on a free port of 127.0.0.1, with nginx in
+/// front of it in a run through nginx.
 pub struct Handler {
     _dir: TempDir,
+    /// msghandler's own address.
     addr: SocketAddr,
     log: PathBuf,
     child: Option<Child>,
+    /// Outlives a [`Handler::kill`], as the system's nginx outlives a restart of
+    /// msghandler; stopped with the Handler.
+    nginx: Option<Nginx>,
 }
 
 impl Handler {
@@ -535,7 +560,16 @@ impl Handler {
     pub fn start(socket: &Path, options: HandlerOptions) -> Handler {
         let dir = temp_dir("micromsg-handler-");
         let config = dir.path().join("msghandler.toml");
-        std::fs::write(&config, options.toml()).expect("writing msghandler.toml");
+        let proxied = via_nginx() && options.direct.is_none();
+        if let (true, Some(why)) = (via_nginx(), options.direct) {
+            println!("talking to msghandler directly, not through nginx: {why}");
+        }
+        let mut toml = options.toml();
+        // What README's "Behind nginx" has operators set, unless the test chose.
+        if proxied && !options.extra_toml.contains("trusted_proxies") {
+            toml.push_str("trusted_proxies = [\"127.0.0.1\", \"::1\"]\n");
+        }
+        std::fs::write(&config, toml).expect("writing msghandler.toml");
         let log = dir.path().join("msghandler.log");
         // The free port is only free until someone else takes it: another test may
         // grab it between our probe and the child's bind, so retry a few times.
@@ -576,11 +610,13 @@ impl Handler {
                             std::thread::sleep(STARTUP_POLL);
                         }
                     }
+                    let nginx = proxied.then(|| Nginx::start(addr));
                     return Handler {
                         _dir: dir,
                         addr,
                         log,
                         child: Some(child),
+                        nginx,
                     };
                 }
                 if Instant::now() >= deadline {
@@ -596,8 +632,19 @@ impl Handler {
         unreachable!("the last attempt either returns or panics")
     }
 
+    /// Where the tests connect: nginx in a run through nginx, else msghandler.
     pub fn addr(&self) -> SocketAddr {
+        self.nginx.as_ref().map_or(self.addr, Nginx::addr)
+    }
+
+    /// msghandler's own address, also when nginx is in front.
+    pub fn handler_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Whether requests to [`Handler::addr`] go through nginx.
+    pub fn via_nginx(&self) -> bool {
+        self.nginx.is_some()
     }
 
     pub fn pid(&self) -> u32 {
@@ -682,7 +729,7 @@ impl Handler {
         headers: &[(&str, &str)],
         body: Bytes,
     ) -> Result<Reply, Box<dyn std::error::Error + Send + Sync>> {
-        let stream = tokio::net::TcpStream::connect(self.addr).await?;
+        let stream = tokio::net::TcpStream::connect(self.addr()).await?;
         let (mut sender, conn) =
             hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
         // The connection future drives the socket; it ends when `sender` is dropped.
@@ -690,7 +737,7 @@ impl Handler {
         let mut req = hyper::Request::builder()
             .method(method)
             .uri(path)
-            .header(hyper::header::HOST, self.addr.to_string());
+            .header(hyper::header::HOST, self.addr().to_string());
         for (name, value) in headers {
             req = req.header(*name, *value);
         }
@@ -764,7 +811,7 @@ impl Handler {
     pub async fn raw_exchange(&self, request: &[u8], timeout: Duration) -> RawReply {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let exchange = async {
-            let mut stream = tokio::net::TcpStream::connect(self.addr).await?;
+            let mut stream = tokio::net::TcpStream::connect(self.addr()).await?;
             stream.write_all(request).await?;
             let mut buf = Vec::new();
             let mut chunk = [0u8; 4096];
@@ -781,10 +828,10 @@ impl Handler {
         };
         match tokio::time::timeout(timeout, exchange).await {
             Ok(Ok(reply)) => reply,
-            Ok(Err(e)) => panic!("raw exchange with {}: {e}", self.addr),
+            Ok(Err(e)) => panic!("raw exchange with {}: {e}", self.addr()),
             Err(_) => panic!(
                 "raw exchange with {}: no complete reply within {timeout:?}",
-                self.addr
+                self.addr()
             ),
         }
     }
@@ -799,6 +846,9 @@ impl Drop for Handler {
                 self.log.display(),
                 self.log()
             );
+            if let Some(nginx) = &self.nginx {
+                eprintln!("----- nginx log -----\n{}", nginx.log());
+            }
         }
     }
 }
@@ -1361,7 +1411,7 @@ impl Handler {
     pub async fn events(&self, query: &str, headers: &[(&str, &str)]) -> EventStream {
         let path = format!("/v1/events?{query}");
         let open = async {
-            let stream = tokio::net::TcpStream::connect(self.addr).await?;
+            let stream = tokio::net::TcpStream::connect(self.addr()).await?;
             let (mut sender, conn) =
                 hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
             let conn = tokio::spawn(async move {
@@ -1370,7 +1420,7 @@ impl Handler {
             let mut req = hyper::Request::builder()
                 .method(Method::GET)
                 .uri(&path)
-                .header(hyper::header::HOST, self.addr.to_string())
+                .header(hyper::header::HOST, self.addr().to_string())
                 .header(hyper::header::ACCEPT, "text/event-stream")
                 .header(hyper::header::CACHE_CONTROL, "no-cache");
             for (name, value) in headers {

@@ -52,6 +52,12 @@ impl Arena {
     fn start(core: CoreOptions, mut handler: HandlerOptions) -> Arena {
         // Empty polls (the good client's last, the ledger's last) end quickly.
         handler.poll_timeout = 0.5;
+        // These cases are aimed at msghandler's own parsers and connection handling
+        // (its statuses, its timeouts, its memory); in front of it nginx would answer
+        // or normalize most of them first, which tests nginx instead.
+        let handler = handler.direct(
+            "hostile.rs sends raw, malformed and slow requests at msghandler's own HTTP parser",
+        );
         let (core, h) = start(core, handler);
         let watch = RssWatch::start(core.pid(), h.pid());
         Arena {

@@ -436,6 +436,10 @@ async fn forwarded_poll(h: &Handler, forwarded_for: &str) -> StatusCode {
     .status
 }
 
+/// The test is the proxy here: it writes X-Forwarded-For as nginx would and checks
+/// that msghandler believes it only from a trusted peer.
+const XFF_DIRECT: &str = "the test plays the proxy and writes X-Forwarded-For itself";
+
 #[tokio::test]
 async fn address_rate_limit_believes_x_forwarded_for_only_from_a_trusted_proxy() {
     let limits = "rate_limit_ip = 3\nrate_limit_ip_burst = 3\n";
@@ -444,7 +448,8 @@ async fn address_rate_limit_believes_x_forwarded_for_only_from_a_trusted_proxy()
         HandlerOptions {
             extra_toml: format!("{limits}trusted_proxies = [\"127.0.0.1\"]\n"),
             ..Default::default()
-        },
+        }
+        .direct(XFF_DIRECT),
     );
     for _ in 0..3 {
         assert_eq!(
@@ -472,7 +477,8 @@ async fn address_rate_limit_believes_x_forwarded_for_only_from_a_trusted_proxy()
         HandlerOptions {
             extra_toml: limits.into(),
             ..Default::default()
-        },
+        }
+        .direct(XFF_DIRECT),
     );
     let statuses = [
         forwarded_poll(&direct, "198.51.100.1").await,
@@ -493,7 +499,10 @@ async fn connections_over_max_connections_per_ip_are_answered_and_closed() {
         HandlerOptions {
             extra_toml: "max_connections_per_ip = 2\n".into(),
             ..Default::default()
-        },
+        }
+        // Through nginx every connection comes from nginx, a trusted proxy, which
+        // is not counted; and nginx pools its own upstream connections anyway.
+        .direct("it counts the test's own TCP connections to msghandler"),
     );
     // Two keep-alive connections, each with one request answered: counted for sure.
     let mut held = Vec::new();
