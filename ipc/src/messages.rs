@@ -370,20 +370,18 @@ impl Histogram {
         self.counts.iter().sum()
     }
 
-    /// `(upper bound in seconds, cumulative count)` pairs ending with `+Inf`, the
-    /// shape the exposition format wants.
-    pub fn cumulative_seconds(&self) -> Vec<(f64, u64)> {
-        let mut total = 0;
+    /// `(upper bound in seconds, count in that bucket)` pairs ending with `+Inf`,
+    /// the shape Prometheus encoders take (they add the counts up).
+    pub fn buckets_seconds(&self) -> Vec<(f64, u64)> {
         self.counts
             .iter()
             .enumerate()
             .map(|(i, n)| {
-                total += n;
                 let bound = self
                     .bounds_us
                     .get(i)
                     .map_or(f64::INFINITY, |us| *us as f64 / 1e6);
-                (bound, total)
+                (bound, *n)
             })
             .collect()
     }

@@ -426,9 +426,15 @@ mod tests {
                 keys.insert(table.to_owned());
             }
             let key = plain.split(" = ").next().unwrap_or("").trim();
+            let active = |key: &str| text.lines().any(|l| l.starts_with(&format!("{key} = ")));
             if plain.contains(" = ") && fields.contains(&key) {
-                keys.insert(key.to_owned());
-                out.push_str(plain);
+                // A commented example of a key also set is documentation, not a
+                // second value.
+                if keys.insert(key.to_owned()) && (plain == line || !active(key)) {
+                    out.push_str(plain);
+                } else {
+                    out.push_str(line);
+                }
             } else {
                 out.push_str(line);
             }

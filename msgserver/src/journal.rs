@@ -266,8 +266,8 @@ mod tests {
         assert_eq!(*h.counts.last().unwrap(), 1);
         assert_eq!(h.count(), 3);
         assert_eq!(h.sum_us, 5_000_201);
-        let cumulative = h.cumulative_seconds();
-        assert_eq!(cumulative[0], (0.0001, 1));
-        assert_eq!(*cumulative.last().unwrap(), (f64::INFINITY, 3));
+        let buckets = h.buckets_seconds();
+        assert_eq!(buckets[0], (0.0001, 1));
+        assert_eq!(*buckets.last().unwrap(), (f64::INFINITY, 1));
     }
 }
