@@ -166,6 +166,10 @@ pub enum Request {
     /// its messages and subscriptions are dropped and its later requests refused.
     /// Answered with [`Response::Done`].
     Kick { session: String, reason: String },
+    /// The core's counters and gauges, for msghandler's `/metrics`. Read-only and
+    /// served to the handler role, so that the scrape needs no operator socket.
+    /// Answered with [`Response::Metrics`].
+    Metrics,
 }
 
 /// Where a message goes.
@@ -300,7 +304,87 @@ pub enum Response {
         complete: bool,
     },
     Presence(Vec<Present>),
+    /// Boxed: far larger than every other reply, and rare (one per scrape).
+    Metrics(Box<CoreMetrics>),
     Error(Error),
+}
+
+/// What the core counts, as of the moment it answered [`Request::Metrics`].
+/// Counters only grow while the core runs (they start from zero at each start);
+/// gauges are the current state.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CoreMetrics {
+    /// Messages accepted, one per publish or send (not per recipient).
+    pub published: u64,
+    /// Message copies handed to a poll (each redelivery counts again).
+    pub delivered: u64,
+    /// Copies acknowledged in ack mode (by a DEL, ids, a cursor or the next poll).
+    pub acknowledged: u64,
+    /// Copies put back in line after their visibility timeout or a lost handler.
+    pub redelivered: u64,
+    /// Copies dropped for their time-to-live.
+    pub expired: u64,
+    /// Copies dropped to make room (drop_oldest, a channel's max_pending).
+    pub dropped: u64,
+    /// Copies moved to the dead-letter queue after max_deliveries.
+    pub dead_lettered: u64,
+    /// Requests refused, by the kind of refusal.
+    pub refused: Vec<(ErrorKind, u64)>,
+    /// Copies waiting to be delivered.
+    pub ready: u64,
+    /// Copies given out and not yet acknowledged (ack mode).
+    pub in_flight: u64,
+    pub dead_letters: u64,
+    pub mailboxes: u64,
+    /// Sessions present (polled, subscribed or bound within the session timeout).
+    pub sessions: u64,
+    pub parked_polls: u64,
+    /// Bytes of message bodies held, the total `max_queued_bytes` bounds.
+    pub queued_bytes: u64,
+    /// Durable storage, when the core has a data directory.
+    pub storage: Option<StorageMetrics>,
+}
+
+/// The journal's side of [`CoreMetrics`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StorageMetrics {
+    /// Bytes of the log on disk.
+    pub journal_bytes: u64,
+    /// How long each fsync took.
+    pub fsync: Histogram,
+}
+
+/// A latency histogram: `counts[i]` observations took at most `bounds_us[i]`
+/// microseconds (not cumulative; the last count is above every bound). Integer
+/// microseconds rather than float seconds, so that every reply type stays `Eq`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Histogram {
+    pub bounds_us: Vec<u64>,
+    /// One longer than `bounds_us`.
+    pub counts: Vec<u64>,
+    pub sum_us: u64,
+}
+
+impl Histogram {
+    pub fn count(&self) -> u64 {
+        self.counts.iter().sum()
+    }
+
+    /// `(upper bound in seconds, count in that bucket)` pairs ending with `+Inf`,
+    /// the shape Prometheus encoders take (they add the counts up).
+    pub fn buckets_seconds(&self) -> Vec<(f64, u64)> {
+        self.counts
+            .iter()
+            .enumerate()
+            .map(|(i, n)| {
+                let bound = self
+                    .bounds_us
+                    .get(i)
+                    .map_or(f64::INFINITY, |us| *us as f64 / 1e6);
+                (bound, *n)
+            })
+            .collect()
+    }
 }
 
 /// A refusal the client is meant to pass on to its own caller.
@@ -332,6 +416,17 @@ pub enum ErrorKind {
 }
 
 impl ErrorKind {
+    /// Every kind, for tables indexed by kind (`kind as usize`).
+    pub const ALL: [ErrorKind; 7] = [
+        ErrorKind::MailboxFull,
+        ErrorKind::PayloadTooLarge,
+        ErrorKind::InvalidRequest,
+        ErrorKind::ShuttingDown,
+        ErrorKind::Kicked,
+        ErrorKind::NoRoute,
+        ErrorKind::Overloaded,
+    ];
+
     /// The stable name shown to clients (`exception_id` in x0 error bodies).
     pub fn name(self) -> &'static str {
         match self {

@@ -1,12 +1,18 @@
 //! msghandler's configuration: defaults here, a TOML file over them, `MICROMSG_*`
 //! environment variables over that, and command-line flags over everything.
+//!
+//! A key in the file that no field takes is an error naming it. The environment
+//! is read for known keys only: other `MICROMSG_*` variables are left alone (tools
+//! and tests share the prefix, e.g. `MICROMSG_ADMIN_SOCKET`, a key of msgserver's),
+//! and `--check-config` lists them.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::Context;
+use anyhow::{Context, bail};
 use serde::Deserialize;
+use serde::de::DeserializeOwned;
 
 const BACKEND_KEY_ENV: &str = "MICROMSG_BACKEND_KEY";
 const TOKEN_SECRET_ENV: &str = "MICROMSG_TOKEN_SECRET";
@@ -90,7 +96,21 @@ pub struct HandlerConfig {
     pub max_connections_per_ip: usize,
     /// Proxies (addresses or networks) whose `X-Forwarded-For` names the client.
     pub trusted_proxies: Vec<String>,
+    /// Who may read `/metrics` (addresses or networks), judged on the client
+    /// address after `trusted_proxies`.
+    pub metrics_allow: Vec<String>,
     pub log: String,
+    pub log_format: LogFormat,
+}
+
+/// How log lines are written (to stderr either way).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines, coloured on a terminal.
+    Text,
+    /// One JSON object per line and no colour: for journald and log shippers.
+    Json,
 }
 
 /// A string that is never shown: `HandlerConfig` derives `Debug`, and a secret in a
@@ -143,15 +163,24 @@ impl Default for HandlerConfig {
             rate_limit_session_burst: 0,
             max_connections_per_ip: 0,
             trusted_proxies: Vec::new(),
+            metrics_allow: vec!["127.0.0.1".into(), "::1".into()],
             log: "info".into(),
+            log_format: LogFormat::Text,
         }
     }
 }
 
 impl HandlerConfig {
     pub fn load(file: Option<&std::path::Path>) -> anyhow::Result<Self> {
+        Ok(Self::load_reporting(file)?.0)
+    }
+
+    /// The configuration, and the `MICROMSG_*` environment variables that name no
+    /// key and were therefore ignored.
+    pub fn load_reporting(file: Option<&std::path::Path>) -> anyhow::Result<(Self, Vec<String>)> {
         let mut builder = config::Config::builder();
         if let Some(file) = file {
+            reject_unknown_keys::<HandlerConfig>(file, "etc/msghandler.toml")?;
             builder = builder.add_source(config::File::from(file).required(true));
         }
         builder = builder.add_source(
@@ -159,12 +188,15 @@ impl HandlerConfig {
                 .try_parsing(true)
                 .list_separator(",")
                 .with_list_parse_key("cors_allowed_origins")
-                .with_list_parse_key("trusted_proxies"),
+                .with_list_parse_key("trusted_proxies")
+                .with_list_parse_key("metrics_allow"),
         );
         let loaded = builder.build().context("reading configuration")?;
-        let mut config: HandlerConfig = loaded
-            .try_deserialize()
-            .context("invalid configuration (see etc/msghandler.toml for every key)")?;
+        let mut ignored = Vec::new();
+        let mut config: HandlerConfig = serde_ignored::deserialize(loaded, |key| {
+            ignored.push(format!("MICROMSG_{}", key.to_string().to_uppercase()));
+        })
+        .context("invalid configuration (see etc/msghandler.toml for every key)")?;
         // `try_parsing` would read a key such as "007" or "12e34" as a number and
         // hand back "7" or "inf": the key's text is taken as it is.
         if let Some(raw) = std::env::var_os(BACKEND_KEY_ENV) {
@@ -179,8 +211,34 @@ impl HandlerConfig {
                 .map_err(|_| anyhow::anyhow!("{TOKEN_SECRET_ENV} is not UTF-8"))?;
             config.token_secret = Some(Secret(raw));
         }
-        Ok(config)
+        Ok((config, ignored))
     }
+}
+
+/// Fails naming every key of `file` that no field of `T` takes. The file alone is
+/// read here, so that the environment, which carries unrelated `MICROMSG_*`
+/// variables, cannot trip it. (msgserver has the same rule in its own config.rs:
+/// the two binaries share only the ipc crate.)
+pub fn reject_unknown_keys<T: DeserializeOwned>(
+    file: &std::path::Path,
+    documented_in: &str,
+) -> anyhow::Result<()> {
+    let source = config::Config::builder()
+        .add_source(config::File::from(file).required(true))
+        .build()
+        .with_context(|| format!("reading {}", file.display()))?;
+    let mut unknown = Vec::new();
+    let _: T = serde_ignored::deserialize(source, |key| unknown.push(format!("`{key}`")))
+        .with_context(|| format!("invalid configuration in {}", file.display()))?;
+    if !unknown.is_empty() {
+        bail!(
+            "{}: unknown key{} {} (see {documented_in} for every key)",
+            file.display(),
+            if unknown.len() > 1 { "s" } else { "" },
+            unknown.join(", ")
+        );
+    }
+    Ok(())
 }
 
 /// A secret given inline (`key`) or as a file's trimmed contents (`key_file`);
@@ -210,4 +268,118 @@ pub fn secret_text(
 pub fn seconds(key: &str, secs: f64) -> anyhow::Result<Duration> {
     Duration::try_from_secs_f64(secs)
         .with_context(|| format!("{key} = {secs} is not a duration in seconds"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../etc/msghandler.toml");
+
+    /// The field names serde knows for `T`, captured from the `deserialize_struct`
+    /// call its derived impl makes.
+    fn field_names<T: DeserializeOwned>() -> &'static [&'static str] {
+        use serde::de::{self, Visitor};
+        #[derive(Debug)]
+        struct Fields(&'static [&'static str]);
+        impl std::fmt::Display for Fields {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("fields captured")
+            }
+        }
+        impl std::error::Error for Fields {}
+        impl de::Error for Fields {
+            fn custom<M: std::fmt::Display>(_: M) -> Self {
+                Fields(&[])
+            }
+        }
+        struct Capture;
+        impl<'de> de::Deserializer<'de> for Capture {
+            type Error = Fields;
+            fn deserialize_any<V: Visitor<'de>>(self, _: V) -> Result<V::Value, Fields> {
+                Err(Fields(&[]))
+            }
+            fn deserialize_struct<V: Visitor<'de>>(
+                self,
+                _: &'static str,
+                fields: &'static [&'static str],
+                _: V,
+            ) -> Result<V::Value, Fields> {
+                Err(Fields(fields))
+            }
+            serde::forward_to_deserialize_any! {
+                bool i8 i16 i32 i64 u8 u16 u32 u64 f32 f64 char str string bytes
+                byte_buf option unit unit_struct newtype_struct seq tuple tuple_struct
+                map enum identifier ignored_any
+            }
+        }
+        T::deserialize(Capture).map(|_| ()).unwrap_err().0
+    }
+
+    /// The example file with every commented-out `# key = value` line of a
+    /// top-level key switched on.
+    fn example_with_every_key() -> (String, std::collections::BTreeSet<String>) {
+        let fields = field_names::<HandlerConfig>();
+        let text = std::fs::read_to_string(EXAMPLE).unwrap();
+        let mut keys = std::collections::BTreeSet::new();
+        let mut out = String::new();
+        for line in text.lines() {
+            let plain = line.strip_prefix("# ").unwrap_or(line);
+            if let Some(table) = plain.strip_prefix("[[").and_then(|t| t.strip_suffix("]]")) {
+                keys.insert(table.to_owned());
+            }
+            let key = plain.split(" = ").next().unwrap_or("").trim();
+            let active = |key: &str| text.lines().any(|l| l.starts_with(&format!("{key} = ")));
+            if plain.contains(" = ") && fields.contains(&key) {
+                // A commented example of a key also set is documentation, not a
+                // second value.
+                if keys.insert(key.to_owned()) && (plain == line || !active(key)) {
+                    out.push_str(plain);
+                } else {
+                    out.push_str(line);
+                }
+            } else {
+                out.push_str(line);
+            }
+            out.push('\n');
+        }
+        (out, keys)
+    }
+
+    #[test]
+    fn the_example_file_has_no_unknown_key_and_documents_every_key() {
+        let path = std::path::Path::new(EXAMPLE);
+        reject_unknown_keys::<HandlerConfig>(path, "etc/msghandler.toml").unwrap();
+        HandlerConfig::load(Some(path)).unwrap();
+        let (all, documented) = example_with_every_key();
+        let dir = tempfile::tempdir().unwrap();
+        let with_all = dir.path().join("all.toml");
+        std::fs::write(&with_all, all).unwrap();
+        reject_unknown_keys::<HandlerConfig>(&with_all, "etc/msghandler.toml").unwrap();
+        let missing: Vec<_> = field_names::<HandlerConfig>()
+            .iter()
+            .filter(|f| !documented.contains(**f))
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "not in etc/msghandler.toml: {missing:?}"
+        );
+    }
+
+    #[test]
+    fn an_unknown_key_in_the_file_is_an_error_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("front.toml");
+        std::fs::write(&file, "poll_timeout = 3\nmetrics_alow = []\n").unwrap();
+        let err = format!("{:#}", HandlerConfig::load(Some(&file)).unwrap_err());
+        assert!(err.contains("unknown key `metrics_alow`"), "{err}");
+        std::fs::write(
+            &file,
+            "log_format = \"json\"\nmetrics_allow = [\"10.0.0.0/8\"]\n",
+        )
+        .unwrap();
+        let config = HandlerConfig::load(Some(&file)).unwrap();
+        assert_eq!(config.log_format, LogFormat::Json);
+        assert_eq!(config.metrics_allow, ["10.0.0.0/8"]);
+    }
 }

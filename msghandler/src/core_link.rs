@@ -24,6 +24,8 @@ use tokio::time::Instant;
 use tokio_util::codec::{FramedRead, FramedWrite};
 use tracing::{debug, info, warn};
 
+use crate::metrics::LinkMetrics;
+
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum CoreError {
     #[error("the message server is not reachable")]
@@ -64,6 +66,8 @@ pub struct CorePool {
     connected: Notify,
     key_prefix: u64,
     key_counter: AtomicU64,
+    /// This pool's worker alone writes them (one pool per worker).
+    metrics: Arc<LinkMetrics>,
 }
 
 impl CorePool {
@@ -79,6 +83,7 @@ impl CorePool {
             connected: Notify::new(),
             key_prefix: fastrand::u64(..),
             key_counter: AtomicU64::new(0),
+            metrics: Arc::default(),
         });
         for slot in 0..pool.slots.len() {
             tokio::spawn(supervise(pool.clone(), slot));
@@ -94,7 +99,31 @@ impl CorePool {
             .connection(deadline)
             .await
             .ok_or(CoreError::Unavailable)?;
-        conn.call(request, None).await?.wait().await
+        let sent = std::time::Instant::now();
+        let reply = conn.call(request, None).await?.wait().await;
+        self.metrics.round_trip.observe(sent.elapsed());
+        reply
+    }
+
+    /// What this pool counts, for the metrics.
+    pub fn metrics(&self) -> &Arc<LinkMetrics> {
+        &self.metrics
+    }
+
+    /// Whether a core connection is up and answers a ping within `within`: what
+    /// `/readyz` reports. The ping goes through the connection's reader at the
+    /// core, so this says the socket and the core's task serving it are alive.
+    pub async fn ping(&self, within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        let answered = async {
+            let conn = self.connection(deadline).await?;
+            let reply = conn.call(Request::Ping, None).await.ok()?.wait().await;
+            Some(matches!(reply, Ok(Response::Pong)))
+        };
+        matches!(
+            tokio::time::timeout_at(deadline, answered).await,
+            Ok(Some(true))
+        )
     }
 
     /// Publishes an x0 SET, retried as [`Self::send_keyed`] says.
@@ -146,10 +175,12 @@ impl CorePool {
             if key.is_none() && conn.durable {
                 key = Some(self.next_key());
             }
+            let sent = std::time::Instant::now();
             let reply = match conn.call(request(key.clone()), None).await {
                 Ok(call) => call.wait().await,
                 Err(e) => Err(e),
             };
+            self.metrics.round_trip.observe(sent.elapsed());
             let retry = match &reply {
                 Err(CoreError::ConnectionLost) => key.is_some(),
                 Ok(Response::Error(e)) => e.kind == ErrorKind::ShuttingDown,
@@ -219,6 +250,7 @@ impl CorePool {
         wait: Duration,
     ) -> Result<Vec<Message>, PollError> {
         let deadline = Instant::now() + timeout;
+        let _parked = Parked::count(&self.metrics);
         loop {
             let connect_by = deadline.min(Instant::now() + wait);
             let Some(conn) = self.connection(connect_by).await else {
@@ -357,6 +389,23 @@ impl CorePool {
         let n = self.slots.len();
         let start = self.next_slot.fetch_add(1, Ordering::Relaxed);
         (0..n).find_map(|i| self.slots[(start + i) % n].read().unwrap().clone())
+    }
+}
+
+/// Holds a poll's place in the parked-polls gauge while it waits, however the
+/// wait ends (an answer, a timeout, or the HTTP request going away).
+struct Parked<'a>(&'a LinkMetrics);
+
+impl<'a> Parked<'a> {
+    fn count(metrics: &'a LinkMetrics) -> Self {
+        metrics.parked_polls.fetch_add(1, Ordering::Relaxed);
+        Parked(metrics)
+    }
+}
+
+impl Drop for Parked<'_> {
+    fn drop(&mut self) {
+        self.0.parked_polls.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

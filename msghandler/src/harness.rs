@@ -163,8 +163,12 @@ pub async fn handler_with(socket: PathBuf, backend_key: Option<&str>, streams: S
     let (stop, shutdown) = watch::channel(false);
     let key = backend_key.map(|k| Secret(k.into()));
     let tasks = TaskTracker::new();
+    let metrics = crate::metrics::Metrics::new(&["127.0.0.1".to_owned()])
+        .unwrap()
+        .worker(core.metrics().clone());
     let app = Arc::new(App {
         core,
+        metrics,
         poll_timeout: Duration::from_millis(200),
         max_body_bytes: 1024,
         body_read_timeout: Duration::from_secs(5),

@@ -3,7 +3,8 @@
 //! the ones the x0 client can survive (always 200 and a JSON object; see
 //! ARCHITECTURE.md), on `/v1` the statuses of docs/API.md. The streaming transports
 //! ([`crate::ws`], [`crate::sse`]) and the served files ([`crate::assets`]) are
-//! routed here too.
+//! routed here too, and so are the operator's `/healthz`, `/readyz` and
+//! `/metrics` ([`crate::metrics`]).
 
 use std::convert::Infallible;
 use std::net::IpAddr;
@@ -25,6 +26,7 @@ use crate::auth::{Bindings, Grant, Tokens};
 use crate::backend_key::{BackendKey, Denied};
 use crate::core_link::{CoreError, CorePool, PollError};
 use crate::limits::Limits;
+use crate::metrics::{self, RouteKind, WorkerMetrics};
 use crate::sse::{self, EventBody};
 use crate::v1::{self, Route};
 use crate::ws;
@@ -53,7 +55,16 @@ pub struct App {
     /// request. Shutdown waits for them all, so that what a stream was given and
     /// nobody acknowledged is back at the core before the process exits.
     pub tasks: TaskTracker,
+    /// This worker's counters (and through them the process's, for a scrape).
+    pub metrics: Arc<WorkerMetrics>,
 }
+
+/// How long `/readyz` gives the core to answer a ping.
+pub const READY_WITHIN: Duration = Duration::from_secs(1);
+
+/// How long a scrape waits for the core's counters before it shows msghandler's
+/// alone (with `micromsg_core_up 0`).
+const SCRAPE_CORE_WITHIN: Duration = Duration::from_secs(2);
 
 /// The streaming transports' settings (WebSocket and SSE), from the configuration.
 #[derive(Debug, Clone)]
@@ -145,6 +156,19 @@ enum Api {
     Asset(Asset),
 }
 
+impl Api {
+    fn kind(&self) -> RouteKind {
+        match self {
+            Api::X0(_) => RouteKind::X0,
+            Api::V1(route) if route.is_backend() => RouteKind::Backend,
+            Api::V1(_) => RouteKind::V1,
+            Api::WebSocket => RouteKind::WebSocket,
+            Api::Events => RouteKind::Events,
+            Api::Asset(_) => RouteKind::Asset,
+        }
+    }
+}
+
 /// Answers one request from `peer` (the connection's address: a proxy's, when
 /// msghandler is behind one).
 pub async fn handle(
@@ -160,15 +184,25 @@ pub async fn handle(
         "/del" => Api::X0(Endpoint::Del),
         "/v1/ws" => Api::WebSocket,
         "/v1/events" => Api::Events,
+        // The operator's routes: no token, no rate limit, no CORS (a browser page
+        // has no business with them).
+        "/healthz" => return Ok(counted(&app, RouteKind::Health, healthz())),
+        "/readyz" => return Ok(counted(&app, RouteKind::Health, readyz(&app).await)),
+        "/metrics" => {
+            let reply = scrape(&app, peer, &request).await;
+            return Ok(counted(&app, RouteKind::Metrics, reply));
+        }
         path => match (Route::of(path), Asset::of(path)) {
             (Some(route), _) => Api::V1(route),
             (None, Some(asset)) => Api::Asset(asset),
             (None, None) => {
                 let error = X0Error::new("NotFound", format!("no such path: {path}"));
-                return Ok(json(StatusCode::NOT_FOUND, error.to_json()));
+                let reply = json(StatusCode::NOT_FOUND, error.to_json());
+                return Ok(counted(&app, RouteKind::Other, reply));
             }
         },
     };
+    let kind = api.kind();
     // Only this header is needed after the request is consumed (cloning a
     // HeaderValue shares its bytes).
     let origin = request.headers().get(header::ORIGIN).cloned();
@@ -207,7 +241,71 @@ pub async fn handle(
         }
     };
     app.cors.allow(origin.as_ref(), reply.headers_mut());
-    Ok(reply)
+    Ok(counted(&app, kind, reply))
+}
+
+fn counted(app: &App, kind: RouteKind, reply: Reply) -> Reply {
+    app.metrics.responded(kind, reply.status());
+    reply
+}
+
+/// `/healthz`: the process is alive and serving HTTP. Never asks the core, so
+/// that a supervisor does not restart a healthy front for a core outage.
+fn healthz() -> Reply {
+    json(StatusCode::OK, r#"{"status":"ok"}"#.to_owned())
+}
+
+/// `/readyz`: a core connection is up and answers a ping in time, so requests
+/// can be served; otherwise 503 with the `CoreUnavailable` error body.
+async fn readyz(app: &App) -> Reply {
+    if app.core.ping(READY_WITHIN).await {
+        return json(StatusCode::OK, r#"{"status":"ok"}"#.to_owned());
+    }
+    let error = X0Error::new(
+        "CoreUnavailable",
+        format!(
+            "msgserver is not reachable or did not answer within {} ms",
+            READY_WITHIN.as_millis()
+        ),
+    );
+    json(v1::status(error.kind), error.to_json())
+}
+
+/// `/metrics`, for the addresses `metrics_allow` names: msghandler's counters and,
+/// when it answers in time, the core's.
+async fn scrape(app: &App, peer: IpAddr, request: &Request<Incoming>) -> Reply {
+    let shared = app.metrics.shared();
+    let client = app.limits.client_ip(peer, request.headers());
+    if !shared.allows(client) {
+        let error = X0Error::new(
+            "Forbidden",
+            "/metrics is for operators: this address is not in metrics_allow",
+        );
+        return refusal(error, "GET, HEAD");
+    }
+    if !matches!(*request.method(), Method::GET | Method::HEAD) {
+        let error = X0Error::new(
+            "MethodNotAllowed",
+            format!("{} is not supported here; use GET", request.method()),
+        );
+        return refusal(error, "GET, HEAD");
+    }
+    let asked = app.core.request(ipc::Request::Metrics);
+    let core = match tokio::time::timeout(SCRAPE_CORE_WITHIN, asked).await {
+        Ok(Ok(CoreResponse::Metrics(core))) => Some(*core),
+        _ => None,
+    };
+    let handler = shared.handler_totals(app.limits.open_connections());
+    let mut reply = Response::new(Either::Left(Full::new(Bytes::from(metrics::render(
+        handler, core,
+    )))));
+    let headers = reply.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(metrics::CONTENT_TYPE),
+    );
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    reply
 }
 
 /// Binds the token's session to the token's user (`sub`) at the core, so that

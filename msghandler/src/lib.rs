@@ -12,6 +12,8 @@ pub mod fuzzing;
 mod harness;
 pub mod http;
 pub mod limits;
+pub mod logging;
+pub mod metrics;
 pub mod sse;
 pub mod v1;
 pub mod ws;

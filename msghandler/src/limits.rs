@@ -10,6 +10,7 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -43,6 +44,9 @@ pub struct Limits {
     /// Open connections by peer address. Only addresses with a connection are in
     /// it, so it is as large as the number of clients connected now.
     connections: Mutex<HashMap<IpAddr, usize>>,
+    /// Open connections in all, for the metrics: one atomic step per connection
+    /// opened or closed, never per request.
+    open: AtomicU64,
     clock: DefaultClock,
 }
 
@@ -107,6 +111,7 @@ impl Limits {
             per_session: quota(config.session_rate, config.session_burst).map(RateLimiter::keyed),
             connections_per_ip: config.connections_per_ip,
             connections: Mutex::new(HashMap::new()),
+            open: AtomicU64::new(0),
             clock: DefaultClock::default(),
         })
     }
@@ -173,16 +178,27 @@ impl Limits {
     /// `max_connections_per_ip`. Trusted proxies carry many clients and are not
     /// counted.
     pub fn connect(self: &Arc<Self>, peer: IpAddr) -> Option<ConnectionSlot> {
-        if self.connections_per_ip == 0 || self.is_trusted(peer) {
-            return Some(ConnectionSlot(None));
-        }
-        let mut connections = self.connections.lock().expect("not poisoned");
-        let open = connections.entry(peer).or_insert(0);
-        if *open >= self.connections_per_ip {
-            return None;
-        }
-        *open += 1;
-        Some(ConnectionSlot(Some((self.clone(), peer))))
+        let counted = if self.connections_per_ip == 0 || self.is_trusted(peer) {
+            None
+        } else {
+            let mut connections = self.connections.lock().expect("not poisoned");
+            let open = connections.entry(peer).or_insert(0);
+            if *open >= self.connections_per_ip {
+                return None;
+            }
+            *open += 1;
+            Some(peer)
+        };
+        self.open.fetch_add(1, Ordering::Relaxed);
+        Some(ConnectionSlot {
+            limits: self.clone(),
+            counted,
+        })
+    }
+
+    /// Connections open now (those refused for `max_connections_per_ip` aside).
+    pub fn open_connections(&self) -> u64 {
+        self.open.load(Ordering::Relaxed)
     }
 
     /// Forgets rate-limit state that has run back to full: without it the limiters
@@ -200,11 +216,17 @@ impl Limits {
 }
 
 /// One open connection of an address, given back when dropped.
-pub struct ConnectionSlot(Option<(Arc<Limits>, IpAddr)>);
+pub struct ConnectionSlot {
+    limits: Arc<Limits>,
+    /// Set when the connection counts toward its address's limit.
+    counted: Option<IpAddr>,
+}
 
 impl Drop for ConnectionSlot {
     fn drop(&mut self) {
-        if let Some((limits, peer)) = self.0.take() {
+        let limits = &self.limits;
+        limits.open.fetch_sub(1, Ordering::Relaxed);
+        if let Some(peer) = self.counted.take() {
             let mut connections = limits.connections.lock().expect("not poisoned");
             if let Some(open) = connections.get_mut(&peer) {
                 *open -= 1;

@@ -26,6 +26,7 @@ use msghandler::config::{HandlerConfig, seconds};
 use msghandler::core_link::{CorePool, PoolConfig};
 use msghandler::http::{self, App, Cors, Streams};
 use msghandler::limits::{LimitConfig, Limits};
+use msghandler::metrics::Metrics;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -46,6 +47,12 @@ struct Cli {
     /// `poll_timeout`).
     #[arg(long, value_name = "SECONDS")]
     poll_timeout: Option<f64>,
+    /// Load and validate the configuration (file, environment and flags: values,
+    /// secret files, token keys, CORS origins, trusted proxies...), print
+    /// "configuration OK" and a summary, and exit without binding anything; exit
+    /// nonzero with the error otherwise.
+    #[arg(long)]
+    check_config: bool,
 }
 
 fn main() -> std::process::ExitCode {
@@ -61,7 +68,7 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
-    let mut config = HandlerConfig::load(cli.config.as_deref())?;
+    let (mut config, ignored_env) = HandlerConfig::load_reporting(cli.config.as_deref())?;
     if let Some(socket) = cli.socket {
         config.socket = socket;
     }
@@ -71,14 +78,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     if let Some(poll_timeout) = cli.poll_timeout {
         config.poll_timeout = poll_timeout;
     }
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_new(&config.log)
-                .with_context(|| format!("log filter {:?}", config.log))?,
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    if cli.check_config {
+        tracing_subscriber::EnvFilter::try_new(&config.log)
+            .with_context(|| format!("log filter {:?}", config.log))?;
+        let settings = Settings::new(&config)?;
+        print_summary(&config, &settings, &ignored_env);
+        return Ok(());
+    }
+    msghandler::logging::init(&config.log, config.log_format)?;
 
     let (listener, origin) = listener(config.listen)?;
     let local = listener
@@ -231,6 +238,7 @@ struct Settings {
     limits: Arc<Limits>,
     grace: std::time::Duration,
     streams: Streams,
+    metrics: Arc<Metrics>,
 }
 
 impl Settings {
@@ -266,6 +274,7 @@ impl Settings {
             limits: Arc::new(Limits::new(&LimitConfig::of(config))?),
             grace: seconds("shutdown_grace", config.shutdown_grace)?,
             streams: streams(config)?,
+            metrics: Metrics::new(&config.metrics_allow)?,
         })
     }
 }
@@ -338,6 +347,7 @@ async fn serve(
         shutdown: stopped.clone(),
         streams: settings.streams.clone(),
         tasks: tasks.clone(),
+        metrics: settings.metrics.worker(core.metrics().clone()),
     });
 
     loop {
@@ -499,6 +509,33 @@ fn request_waiting(fd: std::os::fd::RawFd) -> bool {
     socket2::SockRef::from(&fd)
         .peek(&mut byte)
         .is_ok_and(|n| n > 0)
+}
+
+/// What `--check-config` prints on success: the settings an operator most often
+/// needs to confirm, not every key.
+fn print_summary(config: &HandlerConfig, settings: &Settings, ignored_env: &[String]) {
+    println!("configuration OK");
+    println!("  listen         {}", config.listen);
+    println!("  socket         {}", config.socket.display());
+    println!("  auth           {}", config.auth);
+    let backend = if settings.backend_key.is_some() {
+        "enabled"
+    } else {
+        "disabled (no backend_key)"
+    };
+    println!("  backend API    {backend}");
+    println!(
+        "  cors origins   {}",
+        config.cors_allowed_origins.join(", ")
+    );
+    println!("  metrics_allow  {}", config.metrics_allow.join(", "));
+    println!(
+        "  log            {:?} as {:?}",
+        config.log, config.log_format
+    );
+    for name in ignored_env {
+        println!("  ignored        {name} (not a configuration key)");
+    }
 }
 
 async fn wait_for_signal() {

@@ -25,6 +25,7 @@ use tracing::{Instrument, debug};
 
 use crate::auth::{self, Grant};
 use crate::http::{self, App, Reply, STREAM_BATCH, STREAM_POLL};
+use crate::metrics::Stream;
 use crate::v1;
 use crate::x0::{X0Error, checked_session};
 
@@ -69,17 +70,22 @@ pub fn open(app: &Arc<App>, request: &Request<Incoming>, grant: Option<Grant>) -
     let (chunks, body) = mpsc::channel(1);
     // Debug, quoted and escaped: the session id is the client's text (see ws.rs).
     let span = tracing::info_span!("sse", session = ?session);
+    let open = app.metrics.open_stream(Stream::Events);
+    let streamed = stream(
+        app.clone(),
+        Opened {
+            session,
+            last_event_id,
+            client_acks,
+            grant,
+        },
+        chunks,
+    );
     app.tasks.spawn(
-        stream(
-            app.clone(),
-            Opened {
-                session,
-                last_event_id,
-                client_acks,
-                grant,
-            },
-            chunks,
-        )
+        async move {
+            let _open = open;
+            streamed.await
+        }
         .instrument(span),
     );
     let mut reply = Response::new(http::Body::Right(EventBody { chunks: body }));

@@ -35,6 +35,7 @@ pub use frame::Flow;
 use crate::auth::{self, Grant, until};
 use crate::core_link::PollError;
 use crate::http::{self, App, Reply, STREAM_BATCH, STREAM_POLL, Streams};
+use crate::metrics::Stream;
 use crate::v1::{self, Answer};
 use crate::x0::{X0Error, checked_session};
 
@@ -115,7 +116,10 @@ pub fn upgrade(
     app.tasks.spawn(
         async move {
             match on_upgrade.await {
-                Ok(upgraded) => serve(task_app, upgraded, asked).await,
+                Ok(upgraded) => {
+                    let _open = task_app.metrics.open_stream(Stream::WebSocket);
+                    serve(task_app, upgraded, asked).await
+                }
                 Err(e) => debug!(error = %e, "the WebSocket upgrade did not complete"),
             }
         }

@@ -177,6 +177,39 @@ pub struct Stats {
     pub queued_bytes: u64,
 }
 
+/// What the broker has done since it started, for the metrics: plain integers,
+/// since only the broker's own task ever writes them, and the shell reads them
+/// through [`Broker::metrics`] on the same task. Copies are counted per recipient,
+/// messages once.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counters {
+    pub published: u64,
+    pub delivered: u64,
+    pub acknowledged: u64,
+    pub redelivered: u64,
+    pub expired: u64,
+    pub dropped: u64,
+    pub dead_lettered: u64,
+    /// By `ErrorKind as usize` (see [`ErrorKind::ALL`]).
+    pub refused: [u64; ErrorKind::ALL.len()],
+}
+
+impl Counters {
+    /// Counts what a reply says about its request: an accepted message, or a refusal.
+    fn answered(&mut self, response: &Response) {
+        match response {
+            Response::Published {
+                duplicate: false, ..
+            }
+            | Response::Sent {
+                duplicate: false, ..
+            } => self.published += 1,
+            Response::Error(e) => self.refused[e.kind as usize] += 1,
+            _ => {}
+        }
+    }
+}
+
 /// One stored copy's share of the broker's running byte total: added when the copy
 /// is made, taken back when it is dropped. Tied to the copy's life rather than to
 /// the code paths that remove messages (acks, x0 deliveries, expiry, drop_oldest,
@@ -397,6 +430,7 @@ pub struct Broker {
     prioritised: bool,
     /// Bytes of every stored copy's body, kept by their [`Charge`]s.
     queued_bytes: Arc<AtomicU64>,
+    counters: Counters,
 }
 
 impl Broker {
@@ -429,6 +463,7 @@ impl Broker {
                 .any(|s| s.history_len > 0 && s.pattern.matches(SYSTEM_CHANNEL)),
             prioritised: config.channels.iter().any(|s| s.priority != 0),
             queued_bytes: Arc::new(AtomicU64::new(0)),
+            counters: Counters::default(),
             config,
         }
         .with_history_from_now()
@@ -567,6 +602,39 @@ impl Broker {
             histories: self.histories.len(),
             queued_bytes: self.queued_bytes(),
         }
+    }
+
+    /// The counters since start and the current state, for a metrics scrape. Walks
+    /// every mailbox (as [`Broker::stats`] does): once per scrape, not per message.
+    /// Storage is the shell's to add.
+    pub fn metrics(&self) -> ipc::CoreMetrics {
+        let c = &self.counters;
+        let stats = self.stats();
+        ipc::CoreMetrics {
+            published: c.published,
+            delivered: c.delivered,
+            acknowledged: c.acknowledged,
+            redelivered: c.redelivered,
+            expired: c.expired,
+            dropped: c.dropped,
+            dead_lettered: c.dead_lettered,
+            refused: ErrorKind::ALL
+                .iter()
+                .map(|kind| (*kind, c.refused[*kind as usize]))
+                .collect(),
+            ready: stats.ready as u64,
+            in_flight: stats.in_flight as u64,
+            dead_letters: stats.dead_letters as u64,
+            mailboxes: stats.mailboxes as u64,
+            sessions: stats.sessions as u64,
+            parked_polls: stats.parked_polls as u64,
+            queued_bytes: stats.queued_bytes,
+            storage: None,
+        }
+    }
+
+    pub fn counters(&self) -> &Counters {
+        &self.counters
     }
 
     /// The running total `max_queued_bytes` bounds; O(1).
@@ -708,10 +776,12 @@ impl Broker {
             && self.is_kicked(now, session)
         {
             let response = kicked_error(session);
+            self.counters.answered(&response);
             out.push(Reply { to: from, response });
             return;
         }
         if let Some(response) = self.over_max_sessions(&request) {
+            self.counters.answered(&response);
             out.push(Reply { to: from, response });
             return;
         }
@@ -818,7 +888,9 @@ impl Broker {
                 let ids: Vec<MessageId> = mailbox.in_flight.keys().copied().collect();
                 Response::Count(self.give_back(now, &session, &ids, out) as u64)
             }
+            Request::Metrics => Response::Metrics(Box::new(self.metrics())),
         };
+        self.counters.answered(&response);
         out.push(Reply { to: from, response });
     }
 
@@ -1113,7 +1185,7 @@ impl Broker {
     ) -> Result<u32, Response> {
         let mailbox = mailbox_of(&mut self.mailboxes, session, now);
         mailbox.last_active = now;
-        drop_expired(mailbox, now, &mut self.journal);
+        drop_expired(mailbox, now, &mut self.journal, &mut self.counters);
         let mut dropped = Vec::new();
         // Counting is a scan, so only when the mailbox holds enough to be over.
         if max_pending > 0 && stored.channel.is_some() && mailbox.ready.len() >= max_pending {
@@ -1144,6 +1216,7 @@ impl Broker {
             }
         }
         let count = dropped.len() as u32;
+        self.counters.dropped += u64::from(count);
         self.journal.removed(dropped);
         let clock = self.clock;
         self.journal.push(|| copy_record(clock, session, &stored));
@@ -1510,7 +1583,7 @@ impl Broker {
             .entry(dst.clone())
             .or_insert_with(|| Mailbox::new(now));
         mailbox.last_active = now;
-        drop_expired(mailbox, now, &mut self.journal);
+        drop_expired(mailbox, now, &mut self.journal, &mut self.counters);
         let mut dropped = Vec::new();
         if mailbox.ready.len() >= self.config.mailbox_max_len {
             match self.config.overflow {
@@ -1532,6 +1605,7 @@ impl Broker {
             }
         }
         let dropped_count = dropped.len() as u32;
+        self.counters.dropped += u64::from(dropped_count);
         self.journal.removed(dropped);
         let id = self.next_message_id;
         self.next_message_id += 1;
@@ -1592,7 +1666,7 @@ impl Broker {
                 response: Response::Messages(Vec::new()),
             });
         }
-        drop_expired(mailbox, now, &mut self.journal);
+        drop_expired(mailbox, now, &mut self.journal, &mut self.counters);
         if !mailbox.ready.is_empty() && !mailbox.paused {
             let batch = self.take_batch(now, &session, from.conn, max);
             return Some(Response::Messages(batch));
@@ -1656,6 +1730,7 @@ impl Broker {
             });
         }
         let count = seqs.len() as u32;
+        self.counters.acknowledged += u64::from(count);
         self.journal.removed(seqs);
         Response::Acked { count }
     }
@@ -1786,6 +1861,9 @@ impl Broker {
                 },
             );
         }
+        self.counters.expired += expired.len() as u64;
+        self.counters.dead_lettered += dead.len() as u64;
+        self.counters.redelivered += again.len() as u64;
         self.journal.removed(expired);
         if !dead.is_empty() {
             self.journal.push(|| Record::DeadLettered { ids: dead });
@@ -1928,8 +2006,9 @@ impl Broker {
         self.forgotten_history = forgotten;
         let idle = self.config.idle_mailbox_timeout;
         let journal = &mut self.journal;
+        let counters = &mut self.counters;
         self.mailboxes.retain(|_, mailbox| {
-            drop_all_expired(mailbox, now, journal);
+            drop_all_expired(mailbox, now, journal, counters);
             !(mailbox.is_idle() && now.saturating_duration_since(mailbox.last_active) >= idle)
         });
         self.dedup.retain(|_, (_, until)| *until > now);
@@ -2005,7 +2084,7 @@ impl Broker {
         let Some(mailbox) = self.mailboxes.get_mut(session) else {
             return;
         };
-        drop_expired(mailbox, now, &mut self.journal);
+        drop_expired(mailbox, now, &mut self.journal, &mut self.counters);
         if mailbox.ready.is_empty() || mailbox.paused {
             return;
         }
@@ -2032,7 +2111,7 @@ impl Broker {
         max: usize,
     ) -> Vec<Message> {
         let mailbox = self.mailboxes.get_mut(session).expect("caller checked");
-        drop_all_expired(mailbox, now, &mut self.journal);
+        drop_all_expired(mailbox, now, &mut self.journal, &mut self.counters);
         // Only when some channel has a priority is there anything to sort: the x0
         // poll does not scan its batch for one.
         let prioritised = self.prioritised && mailbox.ready.iter().any(|s| s.priority != 0);
@@ -2049,6 +2128,7 @@ impl Broker {
             }
             all
         };
+        self.counters.delivered += taken.len() as u64;
         match self.config.delivery {
             DeliveryMode::X0 => {
                 self.journal.removed(taken.iter().map(|s| s.seq));
@@ -2155,7 +2235,8 @@ fn acting_session(request: &Request) -> Option<&str> {
         | Request::CancelPoll { .. }
         | Request::DeadLetters(_)
         | Request::Presence { .. }
-        | Request::Kick { .. } => None,
+        | Request::Kick { .. }
+        | Request::Metrics => None,
     }
 }
 
@@ -2248,15 +2329,26 @@ fn stored_message(clock: ClockAnchor, session: &str, stored: &Stored) -> StoredM
 /// publish and poll, since with one TTL the oldest expire first. What expires
 /// behind a younger head (a returned message got a fresh TTL) goes at the next
 /// [`drop_all_expired`] or when the batch is taken.
-fn drop_expired(mailbox: &mut Mailbox, now: Instant, journal: &mut Journal) {
+fn drop_expired(
+    mailbox: &mut Mailbox,
+    now: Instant,
+    journal: &mut Journal,
+    counters: &mut Counters,
+) {
     let mut gone = Vec::new();
     while mailbox.ready.front().is_some_and(|m| m.expired(now)) {
         gone.push(mailbox.ready.pop_front().expect("checked").seq);
     }
+    counters.expired += gone.len() as u64;
     journal.removed(gone);
 }
 
-fn drop_all_expired(mailbox: &mut Mailbox, now: Instant, journal: &mut Journal) {
+fn drop_all_expired(
+    mailbox: &mut Mailbox,
+    now: Instant,
+    journal: &mut Journal,
+    counters: &mut Counters,
+) {
     let mut gone = Vec::new();
     mailbox.ready.retain(|m| {
         let expired = m.expired(now);
@@ -2265,6 +2357,7 @@ fn drop_all_expired(mailbox: &mut Mailbox, now: Instant, journal: &mut Journal) 
         }
         !expired
     });
+    counters.expired += gone.len() as u64;
     journal.removed(gone);
 }
 
@@ -2583,6 +2676,65 @@ mod tests {
         // ahead of what arrived after it.
         let (to, out) = h.poll(5_002, "b", 0);
         assert_eq!(bodies(&reply_for(&out, to).unwrap()), ["1", "2", "3"]);
+    }
+
+    #[test]
+    fn counters_follow_each_message_through_publish_delivery_redelivery_and_ack() {
+        let mut h = Harness::new(ack_mode());
+        h.publish(0, "b", "1");
+        h.publish(0, "b", "2");
+        let (to, out) = h.poll(1, "b", 0);
+        assert_eq!(bodies(&reply_for(&out, to).unwrap()).len(), 2);
+        h.tick(5_001);
+        // The next poll acknowledges nothing (the batch went back in line) and gets
+        // both again; the one after it acknowledges them.
+        h.poll(5_002, "b", 0);
+        h.poll(5_003, "b", 0);
+        let c = *h.broker.counters();
+        assert_eq!(
+            (c.published, c.delivered, c.redelivered, c.acknowledged),
+            (2, 4, 2, 2)
+        );
+        let metrics = h.broker.metrics();
+        assert_eq!((metrics.ready, metrics.in_flight), (0, 0));
+    }
+
+    #[test]
+    fn refusals_and_drops_are_counted_by_kind() {
+        let mut h = Harness::new(BrokerConfig {
+            mailbox_max_len: 1,
+            max_payload_bytes: 4,
+            ..BrokerConfig::default()
+        });
+        h.publish(0, "b", "1");
+        h.publish(0, "b", "2"); // drops "1"
+        h.publish(0, "b", "too long");
+        let c = *h.broker.counters();
+        assert_eq!((c.published, c.dropped), (2, 1));
+        assert_eq!(c.refused[ErrorKind::PayloadTooLarge as usize], 1);
+        let refused = h.broker.metrics().refused;
+        assert!(refused.contains(&(ErrorKind::PayloadTooLarge, 1)));
+        assert!(refused.contains(&(ErrorKind::MailboxFull, 0)));
+    }
+
+    #[test]
+    fn expired_messages_are_counted_when_dropped() {
+        let mut h = Harness::new(BrokerConfig {
+            message_ttl: Some(Duration::from_secs(1)),
+            ..BrokerConfig::default()
+        });
+        h.publish(0, "b", "1");
+        let (to, out) = h.poll(2_000, "b", 0);
+        assert!(bodies(&reply_for(&out, to).unwrap()).is_empty());
+        assert_eq!(h.broker.counters().expired, 1);
+        assert_eq!(h.broker.counters().delivered, 0);
+    }
+
+    #[test]
+    fn error_kinds_index_the_refusal_table_in_declaration_order() {
+        for (i, kind) in ErrorKind::ALL.iter().enumerate() {
+            assert_eq!(*kind as usize, i, "{kind:?}");
+        }
     }
 
     #[test]

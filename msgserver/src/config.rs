@@ -1,11 +1,17 @@
 //! msgserver's configuration: defaults here, a TOML file over them, `MICROMSG_*`
 //! environment variables over that, and command-line flags over everything.
+//!
+//! A key in the file that no field takes is an error naming it: a typo must not
+//! silently leave a default in force. The environment is read for known keys
+//! only: other `MICROMSG_*` variables are left alone (tools and tests share the
+//! prefix, e.g. `MICROMSG_BIN_DIR`), and `--check-config` lists them.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 use serde::Deserialize;
+use serde::de::DeserializeOwned;
 
 use crate::broker::{BrokerConfig, DeliveryMode, OverflowPolicy};
 use crate::routing::{ChannelSettings, Pattern};
@@ -61,6 +67,17 @@ pub struct ServerConfig {
     pub max_in_flight: usize,
     pub heartbeat_timeout: f64,
     pub log: String,
+    pub log_format: LogFormat,
+}
+
+/// How log lines are written (to stderr either way).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines, coloured on a terminal.
+    Text,
+    /// One JSON object per line and no colour: for journald and log shippers.
+    Json,
 }
 
 /// One `[[channels]]` table.
@@ -133,14 +150,22 @@ impl Default for ServerConfig {
             max_in_flight: 65_536,
             heartbeat_timeout: 15.0,
             log: "info".into(),
+            log_format: LogFormat::Text,
         }
     }
 }
 
 impl ServerConfig {
     pub fn load(file: Option<&std::path::Path>) -> anyhow::Result<Self> {
+        Ok(Self::load_reporting(file)?.0)
+    }
+
+    /// The configuration, and the `MICROMSG_*` environment variables that name no
+    /// key and were therefore ignored.
+    pub fn load_reporting(file: Option<&std::path::Path>) -> anyhow::Result<(Self, Vec<String>)> {
         let mut builder = config::Config::builder();
         if let Some(file) = file {
+            reject_unknown_keys::<ServerConfig>(file, "etc/msgserver.toml")?;
             builder = builder.add_source(config::File::from(file).required(true));
         }
         builder = builder.add_source(
@@ -152,9 +177,27 @@ impl ServerConfig {
                 .with_list_parse_key("admin_uids"),
         );
         let loaded = builder.build().context("reading configuration")?;
-        loaded
-            .try_deserialize()
-            .context("invalid configuration (see etc/msgserver.toml for every key)")
+        let mut ignored = Vec::new();
+        let config = serde_ignored::deserialize(loaded, |key| {
+            ignored.push(format!("MICROMSG_{}", key.to_string().to_uppercase()));
+        })
+        .context("invalid configuration (see etc/msgserver.toml for every key)")?;
+        Ok((config, ignored))
+    }
+
+    /// Everything about the configuration that would stop a start, checked without
+    /// touching a socket or the data directory: what `--check-config` runs, and
+    /// what a start runs first.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        tracing_subscriber::EnvFilter::try_new(&self.log)
+            .with_context(|| format!("log filter {:?}", self.log))?;
+        self.socket_mode()?;
+        self.admin_socket_mode()?;
+        self.broker()?;
+        self.fsync_interval()?;
+        self.heartbeat_timeout()?;
+        anyhow::ensure!(self.max_in_flight > 0, "max_in_flight must be more than 0");
+        Ok(())
     }
 
     pub fn socket_mode(&self) -> anyhow::Result<u32> {
@@ -246,6 +289,31 @@ impl ChannelConfig {
     }
 }
 
+/// Fails naming every key of `file` that no field of `T` takes. The file alone is
+/// read here, so that the environment, which carries unrelated `MICROMSG_*`
+/// variables, cannot trip it.
+pub fn reject_unknown_keys<T: DeserializeOwned>(
+    file: &std::path::Path,
+    documented_in: &str,
+) -> anyhow::Result<()> {
+    let source = config::Config::builder()
+        .add_source(config::File::from(file).required(true))
+        .build()
+        .with_context(|| format!("reading {}", file.display()))?;
+    let mut unknown = Vec::new();
+    let _: T = serde_ignored::deserialize(source, |key| unknown.push(format!("`{key}`")))
+        .with_context(|| format!("invalid configuration in {}", file.display()))?;
+    if !unknown.is_empty() {
+        bail!(
+            "{}: unknown key{} {} (see {documented_in} for every key)",
+            file.display(),
+            if unknown.len() > 1 { "s" } else { "" },
+            unknown.join(", ")
+        );
+    }
+    Ok(())
+}
+
 fn octal_mode(key: &str, text: &str) -> anyhow::Result<u32> {
     let digits = text.trim_start_matches("0o");
     let mode = u32::from_str_radix(digits, 8)
@@ -301,6 +369,131 @@ mod tests {
                 .admin_socket_mode()
                 .is_err()
         );
+    }
+
+    const EXAMPLE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../etc/msgserver.toml");
+
+    /// The field names serde knows for `T`, captured from the `deserialize_struct`
+    /// call its derived impl makes.
+    fn field_names<T: DeserializeOwned>() -> &'static [&'static str] {
+        use serde::de::{self, Visitor};
+        #[derive(Debug)]
+        struct Fields(&'static [&'static str]);
+        impl std::fmt::Display for Fields {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("fields captured")
+            }
+        }
+        impl std::error::Error for Fields {}
+        impl de::Error for Fields {
+            fn custom<M: std::fmt::Display>(_: M) -> Self {
+                Fields(&[])
+            }
+        }
+        struct Capture;
+        impl<'de> de::Deserializer<'de> for Capture {
+            type Error = Fields;
+            fn deserialize_any<V: Visitor<'de>>(self, _: V) -> Result<V::Value, Fields> {
+                Err(Fields(&[]))
+            }
+            fn deserialize_struct<V: Visitor<'de>>(
+                self,
+                _: &'static str,
+                fields: &'static [&'static str],
+                _: V,
+            ) -> Result<V::Value, Fields> {
+                Err(Fields(fields))
+            }
+            serde::forward_to_deserialize_any! {
+                bool i8 i16 i32 i64 u8 u16 u32 u64 f32 f64 char str string bytes
+                byte_buf option unit unit_struct newtype_struct seq tuple tuple_struct
+                map enum identifier ignored_any
+            }
+        }
+        T::deserialize(Capture).map(|_| ()).unwrap_err().0
+    }
+
+    /// The example file with every commented-out `# key = value` line of a
+    /// top-level key switched on.
+    fn example_with_every_key() -> (String, std::collections::BTreeSet<String>) {
+        let fields = field_names::<ServerConfig>();
+        let text = std::fs::read_to_string(EXAMPLE).unwrap();
+        let mut keys = std::collections::BTreeSet::new();
+        let mut out = String::new();
+        for line in text.lines() {
+            let plain = line.strip_prefix("# ").unwrap_or(line);
+            if let Some(table) = plain.strip_prefix("[[").and_then(|t| t.strip_suffix("]]")) {
+                keys.insert(table.to_owned());
+            }
+            let key = plain.split(" = ").next().unwrap_or("").trim();
+            let active = |key: &str| text.lines().any(|l| l.starts_with(&format!("{key} = ")));
+            if plain.contains(" = ") && fields.contains(&key) {
+                // A commented example of a key also set is documentation, not a
+                // second value.
+                if keys.insert(key.to_owned()) && (plain == line || !active(key)) {
+                    out.push_str(plain);
+                } else {
+                    out.push_str(line);
+                }
+            } else {
+                out.push_str(line);
+            }
+            out.push('\n');
+        }
+        (out, keys)
+    }
+
+    #[test]
+    fn the_example_file_has_no_unknown_key_and_documents_every_key() {
+        let path = std::path::Path::new(EXAMPLE);
+        reject_unknown_keys::<ServerConfig>(path, "etc/msgserver.toml").unwrap();
+        ServerConfig::load(Some(path)).unwrap().validate().unwrap();
+        let (all, documented) = example_with_every_key();
+        let dir = tempfile::tempdir().unwrap();
+        let with_all = dir.path().join("all.toml");
+        std::fs::write(&with_all, all).unwrap();
+        reject_unknown_keys::<ServerConfig>(&with_all, "etc/msgserver.toml").unwrap();
+        let missing: Vec<_> = field_names::<ServerConfig>()
+            .iter()
+            .filter(|f| !documented.contains(**f))
+            .collect();
+        assert!(missing.is_empty(), "not in etc/msgserver.toml: {missing:?}");
+    }
+
+    #[test]
+    fn an_unknown_key_in_the_file_is_an_error_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("core.toml");
+        std::fs::write(&file, "delivery = \"ack\"\nvisiblity_timeout = 3\n").unwrap();
+        let err = format!("{:#}", ServerConfig::load(Some(&file)).unwrap_err());
+        assert!(err.contains("unknown key `visiblity_timeout`"), "{err}");
+        std::fs::write(&file, "log_format = \"yaml\"\n").unwrap();
+        assert!(ServerConfig::load(Some(&file)).is_err());
+        std::fs::write(&file, "log_format = \"json\"\n").unwrap();
+        let config = ServerConfig::load(Some(&file)).unwrap();
+        assert_eq!(config.log_format, LogFormat::Json);
+    }
+
+    #[test]
+    fn a_bad_value_fails_validation_before_anything_is_bound() {
+        let bad = [
+            ServerConfig {
+                log: "info,=[".into(),
+                ..ServerConfig::default()
+            },
+            ServerConfig {
+                socket_mode: "999".into(),
+                ..ServerConfig::default()
+            },
+            ServerConfig {
+                visibility_timeout: -1.0,
+                ..ServerConfig::default()
+            },
+        ];
+        for config in bad {
+            assert!(config.validate().is_err(), "{config:?}");
+        }
+        ServerConfig::default().validate().unwrap();
     }
 
     #[test]

@@ -43,6 +43,43 @@ pub struct Journal {
     pub done: watch::Receiver<Seq>,
     disk_bytes: Arc<AtomicU64>,
     compact_min_bytes: u64,
+    fsyncs: Arc<FsyncTimes>,
+}
+
+/// Upper bounds of the fsync latency buckets, in microseconds: from what an NVMe
+/// drive's cache flush takes to what a loaded spinning disk does.
+const FSYNC_BOUNDS_US: [u64; 12] = [
+    100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 1_000_000,
+];
+
+/// How long fsyncs took, written by the journal thread and read by the broker task
+/// at a scrape. Atomics because two threads share it; the journal thread is the
+/// only writer, once per fsync, so they are never contended.
+#[derive(Default)]
+struct FsyncTimes {
+    counts: [AtomicU64; FSYNC_BOUNDS_US.len() + 1],
+    sum_us: AtomicU64,
+}
+
+impl FsyncTimes {
+    fn observe(&self, took: Duration) {
+        let us = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
+        let bucket = FSYNC_BOUNDS_US.partition_point(|bound| *bound < us);
+        self.counts[bucket].fetch_add(1, Ordering::Relaxed);
+        self.sum_us.fetch_add(us, Ordering::Relaxed);
+    }
+
+    fn histogram(&self) -> ipc::Histogram {
+        ipc::Histogram {
+            bounds_us: FSYNC_BOUNDS_US.to_vec(),
+            counts: self
+                .counts
+                .iter()
+                .map(|c| c.load(Ordering::Relaxed))
+                .collect(),
+            sum_us: self.sum_us.load(Ordering::Relaxed),
+        }
+    }
 }
 
 impl Journal {
@@ -56,10 +93,16 @@ impl Journal {
         let (done_tx, done) = watch::channel(0);
         let disk_bytes = Arc::new(AtomicU64::new(storage.disk_bytes()));
         let disk = disk_bytes.clone();
+        let fsyncs = Arc::new(FsyncTimes::default());
+        let timed = fsyncs.clone();
         std::thread::Builder::new()
             .name("journal".into())
             .spawn(move || {
-                if let Err(e) = run(&mut *storage, policy, interval, &inbox, &done_tx, &disk) {
+                let shared = Shared {
+                    disk_bytes: &disk,
+                    fsyncs: &timed,
+                };
+                if let Err(e) = run(&mut *storage, policy, interval, &inbox, &done_tx, shared) {
                     // Fail-stop: replies that waited for this write were never sent, so
                     // nothing a client was told is stored is lost; a restart recovers
                     // from what did reach the disk.
@@ -74,6 +117,15 @@ impl Journal {
             done,
             disk_bytes,
             compact_min_bytes,
+            fsyncs,
+        }
+    }
+
+    /// The log's size and the fsync latencies so far, for a metrics scrape.
+    pub fn metrics(&self) -> ipc::StorageMetrics {
+        ipc::StorageMetrics {
+            journal_bytes: self.disk_bytes.load(Ordering::Relaxed),
+            fsync: self.fsyncs.histogram(),
         }
     }
 
@@ -117,13 +169,19 @@ impl Journal {
     }
 }
 
+/// What the journal thread reports to the broker task besides `done`.
+struct Shared<'a> {
+    disk_bytes: &'a AtomicU64,
+    fsyncs: &'a FsyncTimes,
+}
+
 fn run(
     storage: &mut dyn Storage,
     policy: FsyncPolicy,
     interval: Duration,
     inbox: &mpsc::Receiver<Command>,
     done: &watch::Sender<Seq>,
-    disk_bytes: &AtomicU64,
+    shared: Shared<'_>,
 ) -> std::io::Result<()> {
     let mut last_sync = Instant::now();
     let mut unsynced = false;
@@ -170,11 +228,15 @@ fn run(
             FsyncPolicy::Never => false,
         } || (!flushed.is_empty() && unsynced);
         if sync_now {
+            let started = Instant::now();
             storage.sync()?;
             last_sync = Instant::now();
+            shared.fsyncs.observe(last_sync - started);
             unsynced = false;
         }
-        disk_bytes.store(storage.disk_bytes(), Ordering::Relaxed);
+        shared
+            .disk_bytes
+            .store(storage.disk_bytes(), Ordering::Relaxed);
         if let Some(seq) = highest {
             done.send_replace(seq);
         }
@@ -186,4 +248,26 @@ fn run(
         storage.sync()?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_fsync_lands_in_the_first_bucket_whose_bound_it_does_not_exceed() {
+        let times = FsyncTimes::default();
+        times.observe(Duration::from_micros(100));
+        times.observe(Duration::from_micros(101));
+        times.observe(Duration::from_secs(5));
+        let h = times.histogram();
+        assert_eq!(h.counts.len(), h.bounds_us.len() + 1);
+        assert_eq!((h.counts[0], h.counts[1]), (1, 1));
+        assert_eq!(*h.counts.last().unwrap(), 1);
+        assert_eq!(h.count(), 3);
+        assert_eq!(h.sum_us, 5_000_201);
+        let buckets = h.buckets_seconds();
+        assert_eq!(buckets[0], (0.0001, 1));
+        assert_eq!(*buckets.last().unwrap(), (f64::INFINITY, 1));
+    }
 }

@@ -5,6 +5,7 @@
 pub mod broker;
 pub mod config;
 pub mod journal;
+pub mod logging;
 pub mod routing;
 pub mod server;
 pub mod socket;

@@ -42,6 +42,11 @@ struct Cli {
     /// When stored messages reach the disk (overrides `fsync`).
     #[arg(long, value_enum)]
     fsync: Option<FsyncPolicy>,
+    /// Load and validate the configuration (file, environment and flags), print
+    /// "configuration OK" and a summary, and exit without binding anything; exit
+    /// nonzero with the error otherwise.
+    #[arg(long)]
+    check_config: bool,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -63,7 +68,7 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
-    let mut config = ServerConfig::load(cli.config.as_deref())?;
+    let (mut config, ignored_env) = ServerConfig::load_reporting(cli.config.as_deref())?;
     if let Some(socket) = cli.socket {
         config.socket = socket;
     }
@@ -79,19 +84,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             DeliveryArg::Ack => DeliveryMode::Ack,
         };
     }
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_new(&config.log)
-                .with_context(|| format!("log filter {:?}", config.log))?,
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-
-    let broker_config = config.broker()?;
+    config.validate()?;
     // Read before the drop: the admin socket admits whoever started the core.
     let started_by = nix::unistd::getuid().as_raw();
     let admin_peers = socket::AdminPolicy::for_config(&config, started_by)?;
+    if cli.check_config {
+        print_summary(&config, &ignored_env);
+        return Ok(());
+    }
+    msgserver::logging::init(&config.log, config.log_format)?;
+
+    let broker_config = config.broker()?;
     // Everything that needs root happens before the runtime starts any thread. The
     // admin socket first: once the main socket answers, both do.
     let admin_listener = socket::bind_admin(&config)?;
@@ -181,6 +184,34 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
     info!("msgserver stopped");
     Ok(())
+}
+
+/// What `--check-config` prints on success: the settings an operator most often
+/// needs to confirm, not every key.
+fn print_summary(config: &ServerConfig, ignored_env: &[String]) {
+    println!("configuration OK");
+    println!("  socket        {}", config.socket.display());
+    println!("  admin_socket  {}", config.admin_socket().display());
+    println!("  delivery      {:?}", config.delivery);
+    match &config.data_dir {
+        Some(dir) => println!(
+            "  data_dir      {} (fsync {:?})",
+            dir.display(),
+            config.fsync
+        ),
+        None => println!("  data_dir      none: messages are kept in memory only"),
+    }
+    println!(
+        "  channels      {} [[channels]] tables",
+        config.channels.len()
+    );
+    println!(
+        "  log           {:?} as {:?}",
+        config.log, config.log_format
+    );
+    for name in ignored_env {
+        println!("  ignored       {name} (not a configuration key)");
+    }
 }
 
 async fn wait_for_signal() {

@@ -200,11 +200,12 @@ async fn run_broker(
             event = inbox.recv(), if !stopping => {
                 let Some(event) = event else { break };
                 let now = Instant::now();
-                stopping |= apply(&mut broker, &mut connections, now, event, &mut out);
+                let storage = journal.as_ref();
+                stopping |= apply(&mut broker, storage, &mut connections, now, event, &mut out);
                 // Take whatever else is already queued before routing replies: one
                 // wake-up, one clock read, one journal write and one flush per burst.
                 while !stopping && let Ok(event) = inbox.try_recv() {
-                    stopping |= apply(&mut broker, &mut connections, now, event, &mut out);
+                    stopping |= apply(&mut broker, storage, &mut connections, now, event, &mut out);
                 }
             }
             changed = async { done_rx.as_mut().expect("guarded").changed().await }, if done_rx.is_some() => {
@@ -319,6 +320,7 @@ fn route(
 /// Applies one event; returns whether it was the signal to stop.
 fn apply(
     broker: &mut Broker,
+    journal: Option<&Journal>,
     connections: &mut HashMap<ConnId, mpsc::UnboundedSender<ServerFrame>>,
     now: Instant,
     event: Event,
@@ -327,6 +329,19 @@ fn apply(
     match event {
         Event::Connected { conn, replies } => {
             connections.insert(conn, replies);
+        }
+        Event::Request {
+            from,
+            request: Request::Metrics,
+        } => {
+            // Here rather than in the broker: the storage half is the journal's,
+            // which the broker (sans-I/O) knows nothing about.
+            let mut metrics = broker.metrics();
+            metrics.storage = journal.map(Journal::metrics);
+            out.push(Reply {
+                to: from,
+                response: Response::Metrics(Box::new(metrics)),
+            });
         }
         Event::Request { from, request } => broker.handle(now, from, request, out),
         Event::Closed { conn } => {
