@@ -4790,6 +4790,8 @@ mod tests {
             Kick { session: u8 },
             Bind { session: u8, user: u8 },
             Pause { session: u8, paused: bool },
+            PurgeSession { session: u8 },
+            Drain { draining: bool },
         }
 
         fn op() -> impl Strategy<Value = Op> {
@@ -4809,6 +4811,8 @@ mod tests {
                 1 => (0..3u8).prop_map(|session| Op::Kick { session }),
                 1 => (0..3u8, 0..2u8).prop_map(|(session, user)| Op::Bind { session, user }),
                 1 => (0..3u8, any::<bool>()).prop_map(|(session, paused)| Op::Pause { session, paused }),
+                1 => (0..3u8).prop_map(|session| Op::PurgeSession { session }),
+                1 => any::<bool>().prop_map(|draining| Op::Drain { draining }),
             ]
         }
 
@@ -4983,6 +4987,8 @@ mod tests {
                         Op::Kick { session } => h.broker.handle(h.t0 + Duration::from_millis(now), to, Request::Kick { session: name(session), reason: String::new() }, &mut out),
                         Op::Bind { session, user } => h.broker.handle(h.t0 + Duration::from_millis(now), to, Request::Bind { session: name(session), user: format!("u{user}"), exclusive: user == 1 }, &mut out),
                         Op::Pause { session, paused } => h.broker.handle(h.t0 + Duration::from_millis(now), to, Request::SetPaused { session: name(session), paused }, &mut out),
+                        Op::PurgeSession { session } => h.broker.handle(h.t0 + Duration::from_millis(now), to, Request::Admin(AdminRequest::Purge { session: name(session) }), &mut out),
+                        Op::Drain { draining } => h.broker.handle(h.t0 + Duration::from_millis(now), to, Request::Admin(AdminRequest::Drain { draining }), &mut out),
                     }
                     for record in h.broker.take_journal() {
                         journal.apply(record);
