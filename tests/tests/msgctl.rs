@@ -387,3 +387,51 @@ fn admin_subcommands_refuse_a_user_without_permission() {
         "nothing changed"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_requests_are_refused_on_the_handlers_socket() {
+    use futures_util::{SinkExt, StreamExt};
+    use ipc::{
+        AdminRequest, ClientFrame, FrameCodec, Hello, Request, Response, Role, ServerFrame, Welcome,
+    };
+    use tokio_util::codec::{FramedRead, FramedWrite};
+
+    let core = Core::start(CoreOptions::default());
+    // msghandler's own door: whoever can reach it (www-data) must not drain,
+    // purge or peek.
+    let stream = tokio::net::UnixStream::connect(core.socket())
+        .await
+        .unwrap();
+    let (read_half, write_half) = stream.into_split();
+    let mut reader = FramedRead::new(read_half, FrameCodec::<Welcome, Hello>::new());
+    let mut writer = FramedWrite::new(write_half, FrameCodec::<Welcome, Hello>::new());
+    writer.send(Hello::new(Role::Handler)).await.unwrap();
+    let welcome = reader.next().await.unwrap().unwrap();
+    assert!(matches!(welcome, Welcome::Accepted { .. }), "{welcome:?}");
+    let mut reader = reader.map_decoder(|c| c.retype::<ServerFrame, ClientFrame>());
+    let mut writer = writer.map_encoder(|c| c.retype::<ServerFrame, ClientFrame>());
+    for (id, request) in [
+        AdminRequest::Drain { draining: true },
+        AdminRequest::Purge {
+            session: "s".into(),
+        },
+        AdminRequest::Status,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let request = Request::Admin(request);
+        let id = id as u64 + 1;
+        writer.send(ClientFrame { id, request }).await.unwrap();
+        let frame = reader.next().await.unwrap().unwrap();
+        assert_eq!(frame.id, id);
+        match frame.response {
+            Response::Error(e) => {
+                assert_eq!(e.kind, ipc::ErrorKind::InvalidRequest);
+                assert!(e.message.contains("admin socket"), "{}", e.message);
+            }
+            other => panic!("an admin request was served on the main socket: {other:?}"),
+        }
+    }
+    assert_eq!(core.msgctl_json(&["status"])["draining"], false);
+}
