@@ -254,6 +254,13 @@ struct Memo {
     key: Option<String>,
 }
 
+/// Bodies' bytes one peek answers with at most: half a frame, leaving the rest
+/// for the other fields of each message.
+const PEEK_MAX_BYTES: usize = ipc::MAX_FRAME_LEN / 2;
+
+/// A generous bound on a [`SessionSummary`]'s encoding besides its strings.
+const SUMMARY_OVERHEAD: usize = 64;
+
 /// Longest time-to-live a message may ask for: about ten years.
 const MAX_TTL_MS: u64 = 10 * 365 * 24 * 3600 * 1000;
 
@@ -2094,8 +2101,17 @@ impl Broker {
             all.truncate(limit);
         }
         all.sort_unstable_by(order);
+        // As for a peek: a reply over the frame limit would reach nobody.
+        let mut room = PEEK_MAX_BYTES;
         let sessions = all
             .into_iter()
+            .take_while(|(session, mailbox)| {
+                let size =
+                    SUMMARY_OVERHEAD + session.len() + mailbox.user.as_ref().map_or(0, String::len);
+                let fits = size <= room;
+                room = room.saturating_sub(size);
+                fits
+            })
             .map(|(session, mailbox)| SessionSummary {
                 session: session.clone(),
                 ready: mailbox.ready.len() as u64,
@@ -2127,12 +2143,21 @@ impl Broker {
             deliveries: stored.deliveries,
             body: stored.message.body.clone(),
         };
+        // Bounded by bytes as well: a reply over the frame limit would be dropped
+        // with the connection, and the operator would see nothing at all.
+        let mut room = PEEK_MAX_BYTES;
         let messages = mailbox
             .in_flight
             .values()
-            .map(|f| peeked(&f.stored, true))
-            .chain(mailbox.ready.iter().map(|s| peeked(s, false)))
+            .map(|f| (&f.stored, true))
+            .chain(mailbox.ready.iter().map(|s| (s, false)))
             .take(limit)
+            .take_while(|(stored, _)| {
+                let fits = stored.message.body.len() <= room;
+                room = room.saturating_sub(stored.message.body.len());
+                fits
+            })
+            .map(|(stored, in_flight)| peeked(stored, in_flight))
             .collect();
         Response::Peeked {
             messages,
@@ -4559,6 +4584,44 @@ mod tests {
         }
 
         #[test]
+        fn peek_answers_within_one_frame_however_large_the_mailbox() {
+            let mut h = Harness::new(BrokerConfig {
+                max_payload_bytes: 1 << 20,
+                max_queued_bytes: 0,
+                ..BrokerConfig::default()
+            });
+            let big = "x".repeat(1 << 20);
+            for _ in 0..20 {
+                assert!(matches!(
+                    h.publish(0, "b", &big),
+                    Response::Published { .. }
+                ));
+            }
+            let request = AdminRequest::Peek {
+                session: "b".into(),
+                limit: 1000,
+            };
+            let (to, out) = h.send(1, Request::Admin(request));
+            let response = reply_for(&out, to).unwrap();
+            let Response::Peeked { messages, total } = &response else {
+                panic!("{response:?}");
+            };
+            assert_eq!(*total, 20);
+            assert_eq!(messages.len(), PEEK_MAX_BYTES / big.len());
+            let frame = ipc::ServerFrame {
+                id: 1,
+                response: response.clone(),
+            };
+            let mut buf = tokio_util::bytes::BytesMut::new();
+            let encoded = tokio_util::codec::Encoder::encode(
+                &mut ipc::FrameCodec::<ipc::ClientFrame, ipc::ServerFrame>::new(),
+                frame,
+                &mut buf,
+            );
+            assert!(encoded.is_ok(), "{encoded:?}");
+        }
+
+        #[test]
         fn purge_deletes_ready_and_in_flight_and_frees_their_bytes() {
             let mut h = Harness::new(ack_mode());
             h.publish(0, "b", "given");
@@ -4674,6 +4737,40 @@ mod tests {
             assert!(c.parked_poll && !c.paused);
             assert_eq!((a.last_seen_ms, c.last_seen_ms), (3, 3));
             assert_eq!(sessions.last().unwrap().session, "c", "the empty one last");
+        }
+
+        #[test]
+        fn sessions_answer_within_one_frame_whatever_the_limit() {
+            let mut h = Harness::new(BrokerConfig {
+                max_sessions: 0,
+                ..BrokerConfig::default()
+            });
+            let long = "s".repeat(4096);
+            // 5000 of them would take about 20 MiB, over the 16 MiB frame limit.
+            for i in 0..5000 {
+                h.poll(0, &format!("{long}{i}"), 0);
+            }
+            let (to, out) = h.send(
+                1,
+                Request::Admin(AdminRequest::Sessions { limit: u32::MAX }),
+            );
+            let response = reply_for(&out, to).unwrap();
+            let Response::Sessions { sessions, total } = &response else {
+                panic!("{response:?}");
+            };
+            assert_eq!(*total, 5000);
+            assert!(sessions.len() < 5000 && !sessions.is_empty());
+            let frame = ipc::ServerFrame {
+                id: 1,
+                response: response.clone(),
+            };
+            let mut buf = tokio_util::bytes::BytesMut::new();
+            let encoded = tokio_util::codec::Encoder::encode(
+                &mut ipc::FrameCodec::<ipc::ClientFrame, ipc::ServerFrame>::new(),
+                frame,
+                &mut buf,
+            );
+            assert!(encoded.is_ok(), "{encoded:?}");
         }
 
         #[test]

@@ -251,7 +251,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 });
                 print!("{}", table(&["ID", "AGE", "BYTES", "STATE", "BODY"], rows));
                 if (messages.len() as u64) < total {
-                    println!("(first {} shown; --limit shows more)", messages.len());
+                    println!(
+                        "(the first {} shown: --limit, or the size of one reply)",
+                        messages.len()
+                    );
                 }
             }
         }
