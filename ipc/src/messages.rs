@@ -11,7 +11,7 @@ pub type MessageId = u64;
 
 /// What the connecting peer is: the HTTP front, on the main socket, or the operator
 /// CLI, on the admin socket, which is the only place the operator's requests
-/// ([`Request::DeadLetters`]) are served. The core refuses a role on the wrong socket.
+/// ([`Request::DeadLetters`], [`Request::Admin`]) are served. The core refuses a role on the wrong socket.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Role {
     Handler,
@@ -170,6 +170,97 @@ pub enum Request {
     /// served to the handler role, so that the scrape needs no operator socket.
     /// Answered with [`Response::Metrics`].
     Metrics,
+    /// Operator only: inspect and manage the running core (`msgctl`).
+    Admin(AdminRequest),
+}
+
+/// The operator's requests besides the dead-letter queue. Served on the admin
+/// socket only; none of them is a handler's business.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AdminRequest {
+    /// The core's counters and settings. Answered with [`Response::Status`].
+    Status,
+    /// The `limit` sessions with the deepest queues (ready, then in flight), and
+    /// how many sessions there are in all. Answered with [`Response::Sessions`].
+    Sessions { limit: u32 },
+    /// What waits for `session` (in flight first, then ready, oldest first), at
+    /// most `limit`, changing nothing. Answered with [`Response::Peeked`].
+    Peek { session: String, limit: u32 },
+    /// Delete everything waiting for `session`, ready and in flight, for good.
+    /// Answered with [`Response::Count`] of messages deleted.
+    Purge { session: String },
+    /// As [`Request::Kick`]. Answered with [`Response::Count`] of messages dropped.
+    Kick { session: String, reason: String },
+    /// Start (`true`) or end (`false`) draining: while draining, new messages are
+    /// refused with [`ErrorKind::Draining`] and everything else (polls, acks) works,
+    /// so that queues empty. Answered with [`Response::Done`].
+    Drain { draining: bool },
+}
+
+/// The answer to [`AdminRequest::Status`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CoreStatus {
+    /// msgserver's own version (its crate version).
+    pub version: String,
+    pub protocol: u32,
+    pub uptime_ms: u64,
+    /// Sessions present (polled, subscribed or bound within the session timeout).
+    pub sessions: u64,
+    /// Mailboxes held: present sessions and those still holding messages.
+    pub mailboxes: u64,
+    /// Messages waiting to be given.
+    pub ready: u64,
+    /// Messages given and not yet acknowledged (ack mode).
+    pub in_flight: u64,
+    /// Bytes of message bodies held (ready, in flight, dead letters), the total
+    /// `max_queued_bytes` bounds; 0 there means no limit.
+    pub queued_bytes: u64,
+    pub max_queued_bytes: u64,
+    pub parked_polls: u64,
+    pub dead_letters: u64,
+    pub subscriptions: u64,
+    /// Distinct channel patterns subscribed to.
+    pub channels: u64,
+    /// Open connections from msghandler processes.
+    pub handler_connections: u64,
+    /// `None`: messages are kept in memory only.
+    pub storage: Option<StorageStatus>,
+    pub draining: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StorageStatus {
+    pub data_dir: String,
+    /// The log's size on disk.
+    pub log_bytes: u64,
+    /// `always`, `interval` or `never`.
+    pub fsync: String,
+}
+
+/// One session in the answer to [`AdminRequest::Sessions`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionSummary {
+    pub session: String,
+    pub ready: u64,
+    pub in_flight: u64,
+    pub user: Option<String>,
+    /// Since the session's last own request, or the end of its last poll.
+    pub last_seen_ms: u64,
+    pub parked_poll: bool,
+    pub paused: bool,
+    pub subscriptions: u32,
+}
+
+/// One message in the answer to [`AdminRequest::Peek`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeekedMessage {
+    pub id: MessageId,
+    /// Since this core took it in (a restart counts from the recovery).
+    pub age_ms: u64,
+    /// Given to the session and not yet acknowledged (else ready).
+    pub in_flight: bool,
+    pub deliveries: u32,
+    pub body: String,
 }
 
 /// Where a message goes.
@@ -307,6 +398,20 @@ pub enum Response {
     /// Boxed: far larger than every other reply, and rare (one per scrape).
     Metrics(Box<CoreMetrics>),
     Error(Error),
+    // The operator's answers come after Error so that the variants before them
+    // keep their bincode tags: the fuzz corpus (fuzz/regressions) keeps meaning
+    // what it meant.
+    Status(Box<CoreStatus>),
+    Sessions {
+        sessions: Vec<SessionSummary>,
+        /// Sessions in all, listed or not.
+        total: u64,
+    },
+    Peeked {
+        messages: Vec<PeekedMessage>,
+        /// Messages waiting in all (ready and in flight), listed or not.
+        total: u64,
+    },
 }
 
 /// What the core counts, as of the moment it answered [`Request::Metrics`].
@@ -413,6 +518,10 @@ pub enum ErrorKind {
     /// to (`max_sessions`, `max_queued_bytes`): nothing was stored. Retry later;
     /// room comes back as messages are delivered and sessions go away.
     Overloaded,
+    /// An operator is draining the core for maintenance (`msgctl drain`): it takes
+    /// no new messages, while polls and acks go on so that its queues empty. Retry
+    /// later; draining ends when the operator resumes or the core restarts.
+    Draining,
 }
 
 impl ErrorKind {
@@ -437,6 +546,7 @@ impl ErrorKind {
             ErrorKind::Kicked => "Kicked",
             ErrorKind::NoRoute => "NoRoute",
             ErrorKind::Overloaded => "Overloaded",
+            ErrorKind::Draining => "Draining",
         }
     }
 }

@@ -13,8 +13,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use ipc::{
-    AckSelector, DeadLetter, DeadLetterOp, ErrorKind, Message, MessageId, Present, Request,
-    RequestId, Response, Send, Subscription, Target,
+    AckSelector, AdminRequest, CoreStatus, DeadLetter, DeadLetterOp, ErrorKind, Message, MessageId,
+    PeekedMessage, Present, Request, RequestId, Response, Send, SessionSummary, Subscription,
+    Target,
 };
 use serde::Deserialize;
 
@@ -256,6 +257,10 @@ struct Stored {
     given_before: bool,
     /// The publisher's key, kept so that a snapshot can write it back.
     key: Option<String>,
+    /// When this process took it in, for the age an operator peeks at. Not stored:
+    /// after a restart it counts from the recovery, which is worth less than a
+    /// change of the log format.
+    queued_at: Instant,
     /// Its body's bytes in the broker's total, for as long as it exists.
     #[expect(dead_code, reason = "held only for its Drop")]
     charge: Charge,
@@ -281,6 +286,13 @@ struct Memo {
     reply_route: Option<(String, Instant)>,
     key: Option<String>,
 }
+
+/// Bodies' bytes one peek answers with at most: half a frame, leaving the rest
+/// for the other fields of each message.
+const PEEK_MAX_BYTES: usize = ipc::MAX_FRAME_LEN / 2;
+
+/// A generous bound on a [`SessionSummary`]'s encoding besides its strings.
+const SUMMARY_OVERHEAD: usize = 64;
 
 /// Longest time-to-live a message may ask for: about ten years.
 const MAX_TTL_MS: u64 = 10 * 365 * 24 * 3600 * 1000;
@@ -431,6 +443,10 @@ pub struct Broker {
     /// Bytes of every stored copy's body, kept by their [`Charge`]s.
     queued_bytes: Arc<AtomicU64>,
     counters: Counters,
+    /// An operator is draining the core: new messages are refused. Not stored: a
+    /// drain is for one maintenance of one process, and a restart (the usual end
+    /// of a maintenance) should not leave a core refusing work.
+    draining: bool,
 }
 
 impl Broker {
@@ -464,6 +480,7 @@ impl Broker {
             prioritised: config.channels.iter().any(|s| s.priority != 0),
             queued_bytes: Arc::new(AtomicU64::new(0)),
             counters: Counters::default(),
+            draining: false,
             config,
         }
         .with_history_from_now()
@@ -516,6 +533,7 @@ impl Broker {
                 deliveries: 0,
                 given_before: true,
                 key: message.key,
+                queued_at: now,
                 charge,
             };
             if dead {
@@ -780,6 +798,15 @@ impl Broker {
             out.push(Reply { to: from, response });
             return;
         }
+        if self.draining && matches!(request, Request::Publish { .. } | Request::Send(_)) {
+            let response = Response::error(
+                ErrorKind::Draining,
+                "the message server is draining for maintenance and takes no new messages; \
+                 retry later",
+            );
+            out.push(Reply { to: from, response });
+            return;
+        }
         if let Some(response) = self.over_max_sessions(&request) {
             self.counters.answered(&response);
             out.push(Reply { to: from, response });
@@ -882,6 +909,7 @@ impl Broker {
                 self.kick(now, &session, &reason, out);
                 Response::Done
             }
+            Request::Admin(request) => self.admin(now, request, out),
             Request::Release { session } => {
                 self.touch(now, &session, out);
                 let mailbox = self.mailboxes.get_mut(&session).expect("touched");
@@ -1107,6 +1135,7 @@ impl Broker {
                 deliveries: 0,
                 given_before: false,
                 key,
+                queued_at: now,
                 charge,
             };
             return match self.enqueue(now, &recipients[0], stored, max_pending, out) {
@@ -1139,6 +1168,7 @@ impl Broker {
                 deliveries: 0,
                 given_before: false,
                 key: key.clone(),
+                queued_at: now,
                 charge: Charge::new(&self.queued_bytes, &body),
             };
             match self.enqueue(now, session, stored, max_pending, out) {
@@ -1366,6 +1396,7 @@ impl Broker {
                 deliveries: 0,
                 given_before: false,
                 key: None,
+                queued_at: now,
                 charge,
             };
             let clock = self.clock;
@@ -1467,8 +1498,10 @@ impl Broker {
 
     /// Ends a session for good: its poll is told, its messages and subscriptions
     /// go, and its requests are refused for the kick retention.
-    fn kick(&mut self, now: Instant, session: &str, reason: &str, out: &mut Vec<Reply>) {
+    /// Returns how many messages it dropped.
+    fn kick(&mut self, now: Instant, session: &str, reason: &str, out: &mut Vec<Reply>) -> usize {
         let until = now + self.config.kick_retention;
+        let mut dropped = 0;
         self.kicked.insert(session.to_owned(), until);
         let clock = self.clock;
         let user = self.mailboxes.get(session).and_then(|m| m.user.clone());
@@ -1484,6 +1517,7 @@ impl Broker {
             }
             let ids: Vec<MessageId> = mailbox.in_flight.keys().copied().collect();
             let in_flight = take_in_flight(&mut mailbox, &mut self.timers, &ids);
+            dropped = in_flight.len() + mailbox.ready.len();
             self.journal.removed(
                 in_flight
                     .iter()
@@ -1499,6 +1533,7 @@ impl Broker {
         });
         let data = || session_event(session, user.as_deref(), Some(reason));
         self.emit(now, "session.kicked", data, out);
+        dropped
     }
 
     /// The session is no longer present: its subscriptions and user binding go
@@ -1624,6 +1659,7 @@ impl Broker {
             deliveries: 0,
             given_before: false,
             key,
+            queued_at: now,
             charge,
         };
         let clock = self.clock;
@@ -1791,6 +1827,7 @@ impl Broker {
                         deliveries: 0,
                         given_before: false,
                         key: None,
+                        queued_at: now,
                         charge,
                     };
                     self.journal.push(|| copy_record(clock, &session, &stored));
@@ -2080,6 +2117,153 @@ impl Broker {
         }
     }
 
+    fn admin(&mut self, now: Instant, request: AdminRequest, out: &mut Vec<Reply>) -> Response {
+        match request {
+            AdminRequest::Status => Response::Status(Box::new(self.status(now))),
+            AdminRequest::Sessions { limit } => self.sessions(now, limit as usize),
+            AdminRequest::Peek { session, limit } => self.peek(now, &session, limit as usize),
+            AdminRequest::Purge { session } => Response::Count(self.purge(&session) as u64),
+            AdminRequest::Kick { session, reason } => {
+                Response::Count(self.kick(now, &session, &reason, out) as u64)
+            }
+            AdminRequest::Drain { draining } => {
+                self.draining = draining;
+                Response::Done
+            }
+        }
+    }
+
+    /// What the broker knows of the core's state; the shell adds what it knows
+    /// (connections, storage).
+    pub fn status(&self, now: Instant) -> CoreStatus {
+        let stats = self.stats();
+        CoreStatus {
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            protocol: ipc::PROTOCOL_VERSION,
+            uptime_ms: now
+                .saturating_duration_since(self.clock.instant)
+                .as_millis() as u64,
+            sessions: stats.sessions as u64,
+            mailboxes: stats.mailboxes as u64,
+            ready: stats.ready as u64,
+            in_flight: stats.in_flight as u64,
+            queued_bytes: stats.queued_bytes,
+            max_queued_bytes: self.config.max_queued_bytes,
+            parked_polls: stats.parked_polls as u64,
+            dead_letters: stats.dead_letters as u64,
+            subscriptions: stats.subscriptions as u64,
+            channels: self.subscriptions.patterns() as u64,
+            handler_connections: 0,
+            storage: None,
+            draining: self.draining,
+        }
+    }
+
+    /// The `limit` sessions with the deepest queues. A partial selection, so that a
+    /// core with many sessions answers in one pass and a reply of `limit` lines.
+    fn sessions(&self, now: Instant, limit: usize) -> Response {
+        // Deepest ready queue first, then most in flight, then by name so that the
+        // order is stable between two calls.
+        let order = |a: &(&String, &Mailbox), b: &(&String, &Mailbox)| {
+            (b.1.ready.len(), b.1.in_flight.len(), a.0).cmp(&(
+                a.1.ready.len(),
+                a.1.in_flight.len(),
+                b.0,
+            ))
+        };
+        let mut all: Vec<(&String, &Mailbox)> = self.mailboxes.iter().collect();
+        let total = all.len() as u64;
+        if limit < all.len() {
+            if limit > 0 {
+                all.select_nth_unstable_by(limit - 1, order);
+            }
+            all.truncate(limit);
+        }
+        all.sort_unstable_by(order);
+        // As for a peek: a reply over the frame limit would reach nobody.
+        let mut room = PEEK_MAX_BYTES;
+        let sessions = all
+            .into_iter()
+            .take_while(|(session, mailbox)| {
+                let size =
+                    SUMMARY_OVERHEAD + session.len() + mailbox.user.as_ref().map_or(0, String::len);
+                let fits = size <= room;
+                room = room.saturating_sub(size);
+                fits
+            })
+            .map(|(session, mailbox)| SessionSummary {
+                session: session.clone(),
+                ready: mailbox.ready.len() as u64,
+                in_flight: mailbox.in_flight.len() as u64,
+                user: mailbox.user.clone(),
+                last_seen_ms: now.saturating_duration_since(mailbox.last_seen).as_millis() as u64,
+                parked_poll: mailbox.waiter.is_some(),
+                paused: mailbox.paused,
+                subscriptions: mailbox.subscriptions.len() as u32,
+            })
+            .collect();
+        Response::Sessions { sessions, total }
+    }
+
+    /// What waits for `session`, in flight first (given earlier), then ready, each
+    /// oldest first. Reads only: nothing is delivered, touched or journaled, and
+    /// an unknown session is not created.
+    fn peek(&self, now: Instant, session: &str, limit: usize) -> Response {
+        let Some(mailbox) = self.mailboxes.get(session) else {
+            return Response::Peeked {
+                messages: Vec::new(),
+                total: 0,
+            };
+        };
+        let peeked = |stored: &Stored, in_flight: bool| PeekedMessage {
+            id: stored.message.id,
+            age_ms: now.saturating_duration_since(stored.queued_at).as_millis() as u64,
+            in_flight,
+            deliveries: stored.deliveries,
+            body: stored.message.body.clone(),
+        };
+        // Bounded by bytes as well: a reply over the frame limit would be dropped
+        // with the connection, and the operator would see nothing at all.
+        let mut room = PEEK_MAX_BYTES;
+        let messages = mailbox
+            .in_flight
+            .values()
+            .map(|f| (&f.stored, true))
+            .chain(mailbox.ready.iter().map(|s| (s, false)))
+            .take(limit)
+            .take_while(|(stored, _)| {
+                let fits = stored.message.body.len() <= room;
+                room = room.saturating_sub(stored.message.body.len());
+                fits
+            })
+            .map(|(stored, in_flight)| peeked(stored, in_flight))
+            .collect();
+        Response::Peeked {
+            messages,
+            total: (mailbox.in_flight.len() + mailbox.ready.len()) as u64,
+        }
+    }
+
+    /// Deletes everything waiting for `session`, ready and in flight, as acks
+    /// would: journaled as removed, so a restart does not bring it back. The
+    /// session itself (subscriptions, binding, a parked poll) stays.
+    fn purge(&mut self, session: &str) -> usize {
+        let Some(mailbox) = self.mailboxes.get_mut(session) else {
+            return 0;
+        };
+        let ids: Vec<MessageId> = mailbox.in_flight.keys().copied().collect();
+        let in_flight = take_in_flight(mailbox, &mut self.timers, &ids);
+        let ready = std::mem::take(&mut mailbox.ready);
+        let seqs: Vec<MessageId> = in_flight
+            .iter()
+            .chain(ready.iter())
+            .map(|s| s.seq)
+            .collect();
+        let count = seqs.len();
+        self.journal.removed(seqs);
+        count
+    }
+
     fn deliver_if_waiting(&mut self, now: Instant, session: &str, out: &mut Vec<Reply>) {
         let Some(mailbox) = self.mailboxes.get_mut(session) else {
             return;
@@ -2236,7 +2420,8 @@ fn acting_session(request: &Request) -> Option<&str> {
         | Request::DeadLetters(_)
         | Request::Presence { .. }
         | Request::Kick { .. }
-        | Request::Metrics => None,
+        | Request::Metrics
+        | Request::Admin(_) => None,
     }
 }
 
@@ -4432,6 +4617,405 @@ mod tests {
         }
     }
 
+    mod admin {
+        use super::*;
+
+        fn ask(h: &mut Harness, ms: u64, request: AdminRequest) -> Response {
+            let (to, out) = h.send(ms, Request::Admin(request));
+            reply_for(&out, to).expect("answered at once")
+        }
+
+        fn peek(h: &mut Harness, ms: u64, session: &str) -> (Vec<PeekedMessage>, u64) {
+            let request = AdminRequest::Peek {
+                session: session.into(),
+                limit: 100,
+            };
+            match ask(h, ms, request) {
+                Response::Peeked { messages, total } => (messages, total),
+                other => panic!("{other:?}"),
+            }
+        }
+
+        fn count(response: Response) -> u64 {
+            match response {
+                Response::Count(n) => n,
+                other => panic!("expected a count, got {other:?}"),
+            }
+        }
+
+        fn refusal(response: &Response) -> Option<ErrorKind> {
+            match response {
+                Response::Error(e) => Some(e.kind),
+                _ => None,
+            }
+        }
+
+        fn poll_one(h: &mut Harness, ms: u64, session: &str) -> Vec<MessageId> {
+            let (to, out) = h.send(
+                ms,
+                Request::Poll {
+                    session: session.into(),
+                    timeout_ms: 0,
+                    ack_previous: false,
+                    max: 1,
+                },
+            );
+            ids(&reply_for(&out, to).unwrap())
+        }
+
+        fn send_to(session: &str) -> Request {
+            Request::Send(Box::new(Send {
+                src: None,
+                target: Some(Target::Session(session.into())),
+                subject: None,
+                reference: None,
+                data: "{}".into(),
+                ttl_ms: None,
+                key: None,
+                expect_reply_ms: None,
+            }))
+        }
+
+        #[test]
+        fn peek_shows_what_waits_in_flight_first_and_changes_nothing() {
+            let mut h = Harness::durable(ack_mode());
+            h.publish(0, "b", "first");
+            h.publish(100, "b", "second");
+            let given = poll_one(&mut h, 200, "b");
+            h.broker.take_journal();
+            let before = h.broker.stats();
+
+            let (messages, total) = peek(&mut h, 1_000, "b");
+            assert_eq!(total, 2);
+            let seen: Vec<_> = messages
+                .iter()
+                .map(|m| (m.body.as_str(), m.in_flight, m.age_ms, m.deliveries))
+                .collect();
+            assert_eq!(seen, [("first", true, 1_000, 1), ("second", false, 900, 0)]);
+            assert_eq!(messages[0].id, given[0]);
+
+            assert_eq!(h.broker.stats(), before);
+            assert!(h.broker.take_journal().is_empty());
+            // Not even the session's activity: a peek is not the session's request.
+            let (sessions, _) = match ask(&mut h, 1_000, AdminRequest::Sessions { limit: 1 }) {
+                Response::Sessions { sessions, total } => (sessions, total),
+                other => panic!("{other:?}"),
+            };
+            assert_eq!(sessions[0].last_seen_ms, 800);
+            assert_eq!(
+                poll_explicit(&mut h, 1_001, "b").len(),
+                1,
+                "second is still there"
+            );
+        }
+
+        #[test]
+        fn peek_of_an_unknown_session_creates_no_mailbox() {
+            let mut h = Harness::new(BrokerConfig::default());
+            assert_eq!(peek(&mut h, 0, "nobody"), (Vec::new(), 0));
+            assert_eq!(h.broker.stats().mailboxes, 0);
+        }
+
+        #[test]
+        fn peek_is_bounded_by_its_limit_but_tells_the_total() {
+            let mut h = Harness::new(BrokerConfig::default());
+            for i in 0..5 {
+                h.publish(0, "b", &i.to_string());
+            }
+            let request = AdminRequest::Peek {
+                session: "b".into(),
+                limit: 2,
+            };
+            match ask(&mut h, 1, request) {
+                Response::Peeked { messages, total } => {
+                    assert_eq!(messages.len(), 2);
+                    assert_eq!(total, 5);
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+
+        #[test]
+        fn peek_answers_within_one_frame_however_large_the_mailbox() {
+            let mut h = Harness::new(BrokerConfig {
+                max_payload_bytes: 1 << 20,
+                max_queued_bytes: 0,
+                ..BrokerConfig::default()
+            });
+            let big = "x".repeat(1 << 20);
+            for _ in 0..20 {
+                assert!(matches!(
+                    h.publish(0, "b", &big),
+                    Response::Published { .. }
+                ));
+            }
+            let request = AdminRequest::Peek {
+                session: "b".into(),
+                limit: 1000,
+            };
+            let (to, out) = h.send(1, Request::Admin(request));
+            let response = reply_for(&out, to).unwrap();
+            let Response::Peeked { messages, total } = &response else {
+                panic!("{response:?}");
+            };
+            assert_eq!(*total, 20);
+            assert_eq!(messages.len(), PEEK_MAX_BYTES / big.len());
+            let frame = ipc::ServerFrame {
+                id: 1,
+                response: response.clone(),
+            };
+            let mut buf = tokio_util::bytes::BytesMut::new();
+            let encoded = tokio_util::codec::Encoder::encode(
+                &mut ipc::FrameCodec::<ipc::ClientFrame, ipc::ServerFrame>::new(),
+                frame,
+                &mut buf,
+            );
+            assert!(encoded.is_ok(), "{encoded:?}");
+        }
+
+        #[test]
+        fn purge_deletes_ready_and_in_flight_and_frees_their_bytes() {
+            let mut h = Harness::new(ack_mode());
+            h.publish(0, "b", "given");
+            h.publish(0, "b", "ready");
+            h.publish(0, "c", "other");
+            poll_one(&mut h, 1, "b");
+            assert_eq!(h.broker.stats().pending_timers, 1, "a visibility timer");
+
+            let purged = count(ask(
+                &mut h,
+                2,
+                AdminRequest::Purge {
+                    session: "b".into(),
+                },
+            ));
+            assert_eq!(purged, 2);
+            let stats = h.broker.stats();
+            assert_eq!((stats.ready, stats.in_flight), (1, 0), "c keeps its own");
+            assert_eq!(h.broker.queued_bytes(), "other".len() as u64);
+            assert_eq!(stats.pending_timers, 0, "nothing left to redeliver");
+            assert!(h.tick(60_000).is_empty());
+            assert!(poll_explicit(&mut h, 60_001, "b").is_empty());
+        }
+
+        #[test]
+        fn purge_is_journaled_so_a_restart_does_not_bring_it_back() {
+            let mut h = Harness::durable(ack_mode());
+            h.publish(0, "b", "given");
+            h.publish(0, "b", "ready");
+            h.publish(0, "c", "kept");
+            poll_one(&mut h, 1, "b");
+            count(ask(
+                &mut h,
+                2,
+                AdminRequest::Purge {
+                    session: "b".into(),
+                },
+            ));
+            let recovered = replay(&mut h);
+            let mut restored = Harness {
+                broker: Broker::restore(ack_mode(), h.broker.clock, recovered, h.at(3)),
+                t0: h.t0,
+                next_request: 1,
+            };
+            assert!(poll_explicit(&mut restored, 4, "b").is_empty());
+            assert_eq!(poll_explicit(&mut restored, 4, "c").len(), 1);
+        }
+
+        #[test]
+        fn purge_keeps_the_session_and_its_parked_poll() {
+            let mut h = Harness::new(BrokerConfig::default());
+            let (poll, _) = h.poll(0, "b", 10_000);
+            assert_eq!(
+                count(ask(
+                    &mut h,
+                    1,
+                    AdminRequest::Purge {
+                        session: "b".into()
+                    }
+                )),
+                0
+            );
+            let (_, out) = h.send(
+                2,
+                Request::Publish {
+                    src: "a".into(),
+                    dst: "b".into(),
+                    body: "after".into(),
+                    key: None,
+                },
+            );
+            assert_eq!(bodies(&reply_for(&out, poll).unwrap()), ["after"]);
+        }
+
+        #[test]
+        fn sessions_are_listed_deepest_queue_first_and_bounded_by_the_limit() {
+            let mut h = Harness::new(ack_mode());
+            for (session, depth) in [("a", 1), ("b", 3), ("c", 0), ("d", 2), ("e", 2)] {
+                h.poll(0, session, 0);
+                for _ in 0..depth {
+                    h.publish(0, session, "x");
+                }
+            }
+            // In flight breaks the tie between d and e.
+            poll_one(&mut h, 1, "e");
+            h.publish(1, "e", "x");
+            h.poll(2, "c", 10_000);
+            h.send(
+                2,
+                Request::SetPaused {
+                    session: "a".into(),
+                    paused: true,
+                },
+            );
+            let response = ask(&mut h, 5, AdminRequest::Sessions { limit: 3 });
+            let Response::Sessions { sessions, total } = response else {
+                panic!("{response:?}");
+            };
+            assert_eq!(total, 5);
+            let listed: Vec<_> = sessions
+                .iter()
+                .map(|s| (s.session.as_str(), s.ready, s.in_flight))
+                .collect();
+            assert_eq!(listed, [("b", 3, 0), ("e", 2, 1), ("d", 2, 0)]);
+
+            let response = ask(&mut h, 5, AdminRequest::Sessions { limit: 100 });
+            let Response::Sessions { sessions, .. } = response else {
+                panic!("{response:?}");
+            };
+            let a = sessions.iter().find(|s| s.session == "a").unwrap();
+            let c = sessions.iter().find(|s| s.session == "c").unwrap();
+            assert!(a.paused && !a.parked_poll);
+            assert!(c.parked_poll && !c.paused);
+            assert_eq!((a.last_seen_ms, c.last_seen_ms), (3, 3));
+            assert_eq!(sessions.last().unwrap().session, "c", "the empty one last");
+        }
+
+        #[test]
+        fn sessions_answer_within_one_frame_whatever_the_limit() {
+            let mut h = Harness::new(BrokerConfig {
+                max_sessions: 0,
+                ..BrokerConfig::default()
+            });
+            let long = "s".repeat(4096);
+            // 5000 of them would take about 20 MiB, over the 16 MiB frame limit.
+            for i in 0..5000 {
+                h.poll(0, &format!("{long}{i}"), 0);
+            }
+            let (to, out) = h.send(
+                1,
+                Request::Admin(AdminRequest::Sessions { limit: u32::MAX }),
+            );
+            let response = reply_for(&out, to).unwrap();
+            let Response::Sessions { sessions, total } = &response else {
+                panic!("{response:?}");
+            };
+            assert_eq!(*total, 5000);
+            assert!(sessions.len() < 5000 && !sessions.is_empty());
+            let frame = ipc::ServerFrame {
+                id: 1,
+                response: response.clone(),
+            };
+            let mut buf = tokio_util::bytes::BytesMut::new();
+            let encoded = tokio_util::codec::Encoder::encode(
+                &mut ipc::FrameCodec::<ipc::ClientFrame, ipc::ServerFrame>::new(),
+                frame,
+                &mut buf,
+            );
+            assert!(encoded.is_ok(), "{encoded:?}");
+        }
+
+        #[test]
+        fn draining_refuses_new_messages_but_polls_and_acks_go_on() {
+            let mut h = Harness::new(ack_mode());
+            h.publish(0, "b", "1");
+            h.publish(0, "b", "2");
+            assert_eq!(
+                ask(&mut h, 1, AdminRequest::Drain { draining: true }),
+                Response::Done
+            );
+            assert_eq!(refusal(&h.publish(2, "b", "3")), Some(ErrorKind::Draining));
+            let (to, out) = h.send(2, send_to("b"));
+            assert_eq!(
+                refusal(&reply_for(&out, to).unwrap()),
+                Some(ErrorKind::Draining)
+            );
+            assert_eq!(h.broker.stats().ready, 2, "nothing new was stored");
+
+            let given = poll_explicit(&mut h, 3, "b");
+            assert_eq!(given.len(), 2);
+            assert_eq!(ack(&mut h, 4, "b", AckSelector::Ids(given)), 2);
+            let status = h.broker.status(h.at(5));
+            assert!(status.draining);
+            assert_eq!((status.ready, status.in_flight), (0, 0));
+
+            ask(&mut h, 6, AdminRequest::Drain { draining: false });
+            assert!(matches!(h.publish(7, "b", "4"), Response::Published { .. }));
+        }
+
+        #[test]
+        fn admin_kick_answers_the_parked_poll_kicked_and_counts_what_it_dropped() {
+            let mut h = Harness::new(BrokerConfig::default());
+            let (poll, _) = h.poll(0, "b", 10_000);
+            h.publish(0, "c", "1");
+            h.publish(0, "c", "2");
+            let request = |session: &str| AdminRequest::Kick {
+                session: session.into(),
+                reason: "maintenance".into(),
+            };
+            let (to, out) = h.send(1, Request::Admin(request("b")));
+            assert_eq!(reply_for(&out, to), Some(Response::Count(0)));
+            assert_eq!(
+                refusal(&reply_for(&out, poll).unwrap()),
+                Some(ErrorKind::Kicked)
+            );
+            assert_eq!(count(ask(&mut h, 2, request("c"))), 2);
+            assert_eq!(h.broker.queued_bytes(), 0);
+            let (to, out) = h.poll(3, "c", 0);
+            assert_eq!(
+                refusal(&reply_for(&out, to).unwrap()),
+                Some(ErrorKind::Kicked)
+            );
+        }
+
+        #[test]
+        fn status_counts_move_as_messages_flow() {
+            let mut h = Harness::new(ack_mode());
+            let status = h.broker.status(h.at(1_500));
+            assert_eq!(status.uptime_ms, 1_500);
+            assert_eq!(
+                (status.ready, status.queued_bytes, status.draining),
+                (0, 0, false)
+            );
+            h.publish(2_000, "b", "12345");
+            h.publish(2_000, "b", "678");
+            let status = h.broker.status(h.at(2_000));
+            assert_eq!(
+                (status.ready, status.in_flight, status.queued_bytes),
+                (2, 0, 8)
+            );
+            poll_one(&mut h, 2_001, "b");
+            h.poll(2_001, "c", 10_000);
+            h.send(
+                2_001,
+                Request::Subscribe {
+                    session: "c".into(),
+                    subscription: Subscription {
+                        channel: "news".into(),
+                        subject: None,
+                        group: None,
+                    },
+                    since: None,
+                },
+            );
+            let status = h.broker.status(h.at(2_002));
+            assert_eq!((status.ready, status.in_flight), (1, 1));
+            assert_eq!((status.parked_polls, status.sessions), (1, 2));
+            assert_eq!((status.subscriptions, status.channels), (1, 1));
+            assert_eq!(status.version, env!("CARGO_PKG_VERSION"));
+        }
+    }
+
     mod model {
         //! Whatever the broker does, replaying its journal gives exactly the messages
         //! it still holds, and so does replaying a snapshot of it.
@@ -4455,6 +5039,8 @@ mod tests {
             Kick { session: u8 },
             Bind { session: u8, user: u8 },
             Pause { session: u8, paused: bool },
+            PurgeSession { session: u8 },
+            Drain { draining: bool },
         }
 
         fn op() -> impl Strategy<Value = Op> {
@@ -4474,6 +5060,8 @@ mod tests {
                 1 => (0..3u8).prop_map(|session| Op::Kick { session }),
                 1 => (0..3u8, 0..2u8).prop_map(|(session, user)| Op::Bind { session, user }),
                 1 => (0..3u8, any::<bool>()).prop_map(|(session, paused)| Op::Pause { session, paused }),
+                1 => (0..3u8).prop_map(|session| Op::PurgeSession { session }),
+                1 => any::<bool>().prop_map(|draining| Op::Drain { draining }),
             ]
         }
 
@@ -4648,6 +5236,8 @@ mod tests {
                         Op::Kick { session } => h.broker.handle(h.t0 + Duration::from_millis(now), to, Request::Kick { session: name(session), reason: String::new() }, &mut out),
                         Op::Bind { session, user } => h.broker.handle(h.t0 + Duration::from_millis(now), to, Request::Bind { session: name(session), user: format!("u{user}"), exclusive: user == 1 }, &mut out),
                         Op::Pause { session, paused } => h.broker.handle(h.t0 + Duration::from_millis(now), to, Request::SetPaused { session: name(session), paused }, &mut out),
+                        Op::PurgeSession { session } => h.broker.handle(h.t0 + Duration::from_millis(now), to, Request::Admin(AdminRequest::Purge { session: name(session) }), &mut out),
+                        Op::Drain { draining } => h.broker.handle(h.t0 + Duration::from_millis(now), to, Request::Admin(AdminRequest::Drain { draining }), &mut out),
                     }
                     for record in h.broker.take_journal() {
                         journal.apply(record);

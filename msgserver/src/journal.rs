@@ -142,6 +142,11 @@ impl Journal {
         self.sent
     }
 
+    /// The log's size on disk as of the last write.
+    pub fn disk_bytes(&self) -> u64 {
+        self.disk_bytes.load(Ordering::Relaxed)
+    }
+
     /// Whether the log is big enough that a compaction may pay; only then is it
     /// worth asking the broker how much is still pending.
     pub fn compaction_worth_checking(&self) -> bool {

@@ -140,7 +140,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         max_in_flight: config.max_in_flight.max(1),
         heartbeat_timeout: config.heartbeat_timeout()?,
         sweep_interval: Duration::from_secs(1),
-        durable: journal.is_some(),
+        storage: config
+            .data_dir
+            .clone()
+            .map(|data_dir| server::StorageSettings {
+                data_dir,
+                fsync: config.fsync,
+            }),
     };
     info!(
         socket = %config.socket.display(),

@@ -127,6 +127,11 @@ pub enum Change {
 }
 
 impl Subscriptions {
+    /// Distinct patterns subscribed to, for the operator.
+    pub fn patterns(&self) -> usize {
+        self.by_pattern.len()
+    }
+
     /// Adds the subscription unless the session already holds an equal one.
     pub fn add(&mut self, session: &str, subscription: &Subscription) -> Result<Change, String> {
         let pattern = Pattern::parse(&subscription.channel)?;

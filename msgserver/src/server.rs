@@ -17,7 +17,8 @@ use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
 use ipc::{
-    ClientFrame, ErrorKind, FrameCodec, Hello, Request, Response, Role, ServerFrame, Welcome,
+    AdminRequest, ClientFrame, ErrorKind, FrameCodec, Hello, Request, Response, Role, ServerFrame,
+    StorageStatus, Welcome,
 };
 use tokio::net::UnixListener;
 use tokio::net::UnixStream;
@@ -26,6 +27,7 @@ use tokio_util::codec::{FramedRead, FramedWrite};
 use tracing::{Instrument, debug, info, info_span, trace, warn};
 
 use crate::broker::{Broker, ConnId, Reply, ReplyTo};
+use crate::config::FsyncPolicy;
 use crate::journal::{Journal, Seq};
 use crate::socket::{AdminPolicy, PeerPolicy};
 
@@ -44,8 +46,16 @@ pub struct ShellConfig {
     /// A connection that sends nothing (not even a heartbeat) for this long is dropped.
     pub heartbeat_timeout: Duration,
     pub sweep_interval: Duration,
-    /// Told to handlers in the handshake.
-    pub durable: bool,
+    /// Where and how messages are stored; `None`: in memory only. Whether the
+    /// core is durable is told to handlers in the handshake.
+    pub storage: Option<StorageSettings>,
+}
+
+/// What an operator's status shows of durable storage.
+#[derive(Debug, Clone)]
+pub struct StorageSettings {
+    pub data_dir: std::path::PathBuf,
+    pub fsync: FsyncPolicy,
 }
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -72,6 +82,7 @@ const FINAL_WRITE_TIMEOUT: Duration = Duration::from_secs(2);
 enum Event {
     Connected {
         conn: ConnId,
+        door: Door,
         replies: mpsc::UnboundedSender<ServerFrame>,
     },
     Request {
@@ -99,7 +110,7 @@ pub async fn serve(
     // Bounded: when the broker falls behind, connection readers stop reading and the
     // handlers feel it, instead of this queue growing.
     let (events, inbox) = mpsc::channel(4096);
-    let broker_task = tokio::spawn(run_broker(broker, journal, inbox, config.sweep_interval));
+    let broker_task = tokio::spawn(run_broker(broker, journal, inbox, config.clone()));
     let (stop_connections, stopping) = watch::channel(false);
     let mut connections = tokio::task::JoinSet::new();
     let mut next_conn: ConnId = 0;
@@ -172,20 +183,29 @@ pub async fn serve(
     .await;
 }
 
+/// One open connection as the broker task sees it.
+struct Link {
+    replies: mpsc::UnboundedSender<ServerFrame>,
+    /// Only to count handlers apart from operators in a status.
+    door: Door,
+}
+
+type Links = HashMap<ConnId, Link>;
+
 async fn run_broker(
     mut broker: Broker,
     mut journal: Option<Journal>,
     mut inbox: mpsc::Receiver<Event>,
-    sweep_interval: Duration,
+    config: Arc<ShellConfig>,
 ) {
-    let mut connections: HashMap<ConnId, mpsc::UnboundedSender<ServerFrame>> = HashMap::new();
+    let mut connections: Links = HashMap::new();
     let mut out: Vec<Reply> = Vec::new();
     // Replies waiting for their burst's records to be written, oldest first.
     let mut held: VecDeque<(Seq, Vec<Reply>)> = VecDeque::new();
     let mut sent: Seq = 0;
     let mut done: Seq = 0;
     let mut done_rx = journal.as_ref().map(|j| j.done.clone());
-    let mut sweep = tokio::time::interval(sweep_interval);
+    let mut sweep = tokio::time::interval(config.sweep_interval);
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // One timer, re-armed only when the broker's next deadline changes, rather than a
     // fresh sleep per loop turn.
@@ -200,12 +220,12 @@ async fn run_broker(
             event = inbox.recv(), if !stopping => {
                 let Some(event) = event else { break };
                 let now = Instant::now();
-                let storage = journal.as_ref();
-                stopping |= apply(&mut broker, storage, &mut connections, now, event, &mut out);
+                let shell = Shell { config: &config, journal: journal.as_ref() };
+                stopping |= apply(&mut broker, &mut connections, &shell, now, event, &mut out);
                 // Take whatever else is already queued before routing replies: one
                 // wake-up, one clock read, one journal write and one flush per burst.
                 while !stopping && let Ok(event) = inbox.try_recv() {
-                    stopping |= apply(&mut broker, storage, &mut connections, now, event, &mut out);
+                    stopping |= apply(&mut broker, &mut connections, &shell, now, event, &mut out);
                 }
             }
             changed = async { done_rx.as_mut().expect("guarded").changed().await }, if done_rx.is_some() => {
@@ -256,8 +276,8 @@ async fn run_broker(
     // send nothing new here; parked polls are told to go elsewhere, requests still
     // queued are refused (the handlers retry them on the next core), and everything
     // is fsynced whatever the policy before the last replies go out.
-    for conn in connections.values() {
-        let _ = conn.send(ServerFrame {
+    for link in connections.values() {
+        let _ = link.replies.send(ServerFrame {
             id: 0,
             response: Response::error(ErrorKind::ShuttingDown, "the message server is stopping"),
         });
@@ -301,15 +321,12 @@ async fn run_broker(
 }
 
 /// Hands replies to their connections' writers.
-fn route(
-    connections: &HashMap<ConnId, mpsc::UnboundedSender<ServerFrame>>,
-    replies: impl IntoIterator<Item = Reply>,
-) {
+fn route(connections: &Links, replies: impl IntoIterator<Item = Reply>) {
     for reply in replies {
-        if let Some(conn) = connections.get(&reply.to.conn) {
+        if let Some(link) = connections.get(&reply.to.conn) {
             // A send fails only while the connection is closing; its Closed event
             // follows and releases what it parked.
-            let _ = conn.send(ServerFrame {
+            let _ = link.replies.send(ServerFrame {
                 id: reply.to.request,
                 response: reply.response,
             });
@@ -317,18 +334,52 @@ fn route(
     }
 }
 
+/// What the shell knows that the broker does not, for an operator's status.
+struct Shell<'a> {
+    config: &'a ShellConfig,
+    journal: Option<&'a Journal>,
+}
+
+impl Shell<'_> {
+    /// The broker's status with the connections and storage added.
+    fn status(&self, broker: &Broker, connections: &Links, now: Instant) -> Response {
+        let mut status = broker.status(now);
+        status.handler_connections = connections
+            .values()
+            .filter(|link| link.door == Door::Main)
+            .count() as u64;
+        status.storage = self.config.storage.as_ref().map(|storage| StorageStatus {
+            data_dir: storage.data_dir.display().to_string(),
+            log_bytes: self.journal.map_or(0, Journal::disk_bytes),
+            fsync: format!("{:?}", storage.fsync).to_lowercase(),
+        });
+        Response::Status(Box::new(status))
+    }
+}
+
 /// Applies one event; returns whether it was the signal to stop.
 fn apply(
     broker: &mut Broker,
-    journal: Option<&Journal>,
-    connections: &mut HashMap<ConnId, mpsc::UnboundedSender<ServerFrame>>,
+    connections: &mut Links,
+    shell: &Shell<'_>,
     now: Instant,
     event: Event,
     out: &mut Vec<Reply>,
 ) -> bool {
     match event {
-        Event::Connected { conn, replies } => {
-            connections.insert(conn, replies);
+        Event::Connected {
+            conn,
+            door,
+            replies,
+        } => {
+            connections.insert(conn, Link { replies, door });
+        }
+        Event::Request {
+            from,
+            request: Request::Admin(AdminRequest::Status),
+        } => {
+            let response = shell.status(broker, connections, now);
+            out.push(Reply { to: from, response });
         }
         Event::Request {
             from,
@@ -337,7 +388,7 @@ fn apply(
             // Here rather than in the broker: the storage half is the journal's,
             // which the broker (sans-I/O) knows nothing about.
             let mut metrics = broker.metrics();
-            metrics.storage = journal.map(Journal::metrics);
+            metrics.storage = shell.journal.map(Journal::metrics);
             out.push(Reply {
                 to: from,
                 response: Response::Metrics(Box::new(metrics)),
@@ -385,7 +436,7 @@ fn misplaced_role(door: Door, role: Role, config: &ShellConfig) -> Option<String
 
 /// The operator's requests: served on the admin socket and only there.
 fn is_operator_request(request: &Request) -> bool {
-    matches!(request, Request::DeadLetters(_))
+    matches!(request, Request::DeadLetters(_) | Request::Admin(_))
 }
 
 /// Why `request` is refused on `door`, if it is.
@@ -443,7 +494,7 @@ async fn connection(
     if writer
         .send(Welcome::Accepted {
             version: ipc::PROTOCOL_VERSION,
-            durable: config.durable,
+            durable: config.storage.is_some(),
         })
         .await
         .is_err()
@@ -462,6 +513,7 @@ async fn connection(
     if events
         .send(Event::Connected {
             conn,
+            door,
             replies: replies.clone(),
         })
         .await
@@ -581,7 +633,7 @@ mod tests {
             max_in_flight: 1,
             heartbeat_timeout: Duration::from_secs(1),
             sweep_interval: Duration::from_secs(1),
-            durable: false,
+            storage: None,
         }
     }
 
@@ -617,5 +669,8 @@ mod tests {
             "{refused}"
         );
         assert!(misplaced_request(Door::Admin, &handler, &config).is_some());
+        let admin = Request::Admin(AdminRequest::Drain { draining: true });
+        assert_eq!(misplaced_request(Door::Admin, &admin, &config), None);
+        assert!(misplaced_request(Door::Main, &admin, &config).is_some());
     }
 }

@@ -458,6 +458,27 @@ impl Core {
     pub fn msgctl(&self, args: &[&str]) -> (ExitStatus, String) {
         run_for_text(self.msgctl_command().args(args))
     }
+
+    /// `msgctl --json <args>`, which must succeed and print exactly one JSON
+    /// document on stdout (progress and errors go to stderr); returns it.
+    pub fn msgctl_json(&self, args: &[&str]) -> Value {
+        let output = self
+            .msgctl_command()
+            .arg("--json")
+            .args(args)
+            .output()
+            .expect("running msgctl");
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            output.status.success(),
+            "msgctl --json {args:?}: {}\n{stdout}{stderr}",
+            output.status
+        );
+        serde_json::from_str(stdout.trim()).unwrap_or_else(|e| {
+            panic!("msgctl --json {args:?} printed no single JSON document ({e}): {stdout}")
+        })
+    }
 }
 
 /// Runs `cmd` to the end; its exit status and stdout with stderr appended.
