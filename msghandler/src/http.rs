@@ -501,7 +501,8 @@ async fn x0_request(
         return Err(limited.error().into());
     }
     bind_user(app, grant.as_ref()).await?;
-    Ok(execute(app, operation).await?)
+    let poll_timeout = poll_within_token(app.poll_timeout, grant.as_ref());
+    Ok(execute(app, operation, poll_timeout).await?)
 }
 
 async fn v1_request(
@@ -544,7 +545,8 @@ async fn v1_request(
             .map_err(|limited| limited.error())?;
     }
     bind_user(app, grant.as_ref()).await?;
-    Ok(v1_execute(app, operation).await?)
+    let cap = poll_within_token(Duration::MAX, grant.as_ref());
+    Ok(v1_execute(app, operation, cap).await?)
 }
 
 fn authorize(key: Option<&BackendKey>, headers: &HeaderMap) -> Result<(), X0Error> {
@@ -564,14 +566,22 @@ fn authorize(key: Option<&BackendKey>, headers: &HeaderMap) -> Result<(), X0Erro
         })
 }
 
-async fn v1_execute(app: &App, operation: v1::Operation) -> Result<String, X0Error> {
+/// A poll may not outlast the token it was authorised with: it ends (empty) when
+/// the token does, and the client's next request needs a fresh one, as a stream
+/// is closed at its token's expiry.
+fn poll_within_token(timeout: Duration, grant: Option<&Grant>) -> Duration {
+    grant.map_or(timeout, |g| timeout.min(g.remaining()))
+}
+
+/// `cap` bounds a poll's timeout (see [`poll_within_token`]).
+async fn v1_execute(app: &App, operation: v1::Operation, cap: Duration) -> Result<String, X0Error> {
     match operation {
         v1::Operation::Send(send) => match app.core.send(send).await {
             Ok(reply) => v1::Answer::Sent.render(reply),
             Err(e) => Err(core_error(e)),
         },
         v1::Operation::Poll(poll) => {
-            let timeout = poll.timeout.unwrap_or(app.poll_timeout);
+            let timeout = poll.timeout.unwrap_or(app.poll_timeout).min(cap);
             match long_poll(app, &poll.session, timeout, poll.ack_previous, poll.max).await {
                 Ok(messages) => Ok(v1::messages_reply(&messages)),
                 Err(e) => Err(poll_error(e)),
@@ -697,7 +707,13 @@ async fn read_body(
     }
 }
 
-async fn execute(app: &App, operation: Operation) -> Result<String, X0Error> {
+/// `poll_timeout`: how long a GET is held (msghandler's, or less: see
+/// [`poll_within_token`]).
+async fn execute(
+    app: &App,
+    operation: Operation,
+    poll_timeout: Duration,
+) -> Result<String, X0Error> {
     match operation {
         Operation::Set {
             src,
@@ -723,7 +739,7 @@ async fn execute(app: &App, operation: Operation) -> Result<String, X0Error> {
             ack_previous,
         } => {
             let started = tokio::time::Instant::now();
-            match long_poll(app, &session, app.poll_timeout, ack_previous, 0).await {
+            match long_poll(app, &session, poll_timeout, ack_previous, 0).await {
                 Ok(messages) => Ok(x0::messages_reply(&messages)),
                 Err(e) => {
                     // The x0 client polls again at once after any answer, errors

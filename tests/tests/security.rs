@@ -587,3 +587,21 @@ async fn a_session_holds_one_parked_poll_and_a_newer_one_ends_the_older() {
     assert!(answered < Duration::from_millis(1500), "{answered:?}");
     assert_eq!(newer["messages"][0]["to"], "newer", "{newer}");
 }
+
+#[tokio::test]
+async fn a_long_poll_ends_when_its_token_does() {
+    let (_core, h) = start(CoreOptions::default(), token_handler(""));
+    let a = session("a");
+    let short = token(json!({"sid": a, "exp": now() + 2}));
+    let started = std::time::Instant::now();
+    let (status, reply) = v1_as(&h, &short, "/v1/poll", json!({"session": a, "timeout": 20})).await;
+    let lasted = started.elapsed();
+    assert_eq!(status, StatusCode::OK, "{reply}");
+    assert_eq!(reply["messages"], json!([]), "{reply}");
+    assert!(lasted < Duration::from_secs(4), "{lasted:?}");
+    // The next one needs a fresh token (once the second of `exp` is over: JWT
+    // times are whole seconds).
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let again = v1_as(&h, &short, "/v1/poll", json!({"session": a, "timeout": 0})).await;
+    assert_refused(&again, StatusCode::UNAUTHORIZED, "TokenExpired");
+}
