@@ -265,6 +265,20 @@ pub fn secret_text(
     Ok(Some(text))
 }
 
+/// Addresses or networks (`10.0.0.0/8`, `::1`) of the list `key`: a plain
+/// address is the network of just itself.
+pub fn networks(key: &str, entries: &[String]) -> anyhow::Result<Vec<ipnet::IpNet>> {
+    entries
+        .iter()
+        .map(|entry| {
+            entry
+                .parse::<ipnet::IpNet>()
+                .or_else(|_| entry.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                .map_err(|_| anyhow::anyhow!("{key}: {entry:?} is not an IP address or network"))
+        })
+        .collect()
+}
+
 pub fn seconds(key: &str, secs: f64) -> anyhow::Result<Duration> {
     Duration::try_from_secs_f64(secs)
         .with_context(|| format!("{key} = {secs} is not a duration in seconds"))

@@ -91,20 +91,7 @@ impl LimitConfig {
 
 impl Limits {
     pub fn new(config: &LimitConfig) -> anyhow::Result<Self> {
-        let trusted = config
-            .trusted_proxies
-            .iter()
-            .map(|entry| {
-                entry
-                    .parse::<IpNet>()
-                    .or_else(|_| entry.parse::<IpAddr>().map(IpNet::from))
-                    .map_err(|_| {
-                        anyhow::anyhow!(
-                            "trusted_proxies: {entry:?} is not an IP address or network"
-                        )
-                    })
-            })
-            .collect::<anyhow::Result<_>>()?;
+        let trusted = crate::config::networks("trusted_proxies", &config.trusted_proxies)?;
         Ok(Limits {
             trusted,
             per_ip: quota(config.ip_rate, config.ip_burst).map(RateLimiter::keyed),

@@ -190,19 +190,7 @@ pub struct Metrics {
 impl Metrics {
     /// `allow` holds addresses or networks (`metrics_allow`).
     pub fn new(allow: &[String]) -> anyhow::Result<Arc<Self>> {
-        let allow = allow
-            .iter()
-            .map(|entry| {
-                entry
-                    .parse::<IpNet>()
-                    .or_else(|_| entry.parse::<IpAddr>().map(IpNet::from))
-                    .map_err(|_| {
-                        anyhow::anyhow!(
-                            "metrics_allow: {entry:?} is neither an address nor a network"
-                        )
-                    })
-            })
-            .collect::<anyhow::Result<_>>()?;
+        let allow = crate::config::networks("metrics_allow", allow)?;
         Ok(Arc::new(Metrics {
             allow,
             workers: Mutex::new(Vec::new()),
