@@ -21,6 +21,7 @@ async fn metrics_are_refused_by_nginx_and_paths_msghandler_does_not_serve_are_40
     };
     let metrics = h.request(Method::GET, "/metrics", &[], "").await;
     assert_eq!(metrics.status, StatusCode::FORBIDDEN, "{}", metrics.text());
+    assert_error(&metrics.json(), "Forbidden");
     for path in ["/", "/metricsx", "/v2/poll", "/python/Other.py", "/set/"] {
         let reply = h.request(Method::GET, path, &[], "").await;
         assert_eq!(reply.status, StatusCode::NOT_FOUND, "GET {path}");
