@@ -176,38 +176,37 @@ pub async fn handle(
     peer: IpAddr,
     request: Request<Incoming>,
 ) -> Result<Reply, Infallible> {
+    let path = request.uri().path();
     // The x0 paths first: they carry nearly all the traffic.
-    let api = match request.uri().path() {
-        "/python/MsgHandler.py" => Api::X0(Endpoint::Any),
-        "/get" => Api::X0(Endpoint::Get),
-        "/set" => Api::X0(Endpoint::Set),
-        "/del" => Api::X0(Endpoint::Del),
-        "/v1/ws" => Api::WebSocket,
-        "/v1/events" => Api::Events,
-        // The operator's routes: no token, no rate limit, no CORS (a browser page
-        // has no business with them).
-        "/healthz" => return Ok(counted(&app, RouteKind::Health, healthz())),
-        "/readyz" => return Ok(counted(&app, RouteKind::Health, readyz(&app).await)),
-        "/metrics" => {
-            let reply = scrape(&app, peer, &request).await;
-            return Ok(counted(&app, RouteKind::Metrics, reply));
-        }
-        path => match (Route::of(path), Asset::of(path)) {
-            (Some(route), _) => Api::V1(route),
-            (None, Some(asset)) => Api::Asset(asset),
-            (None, None) => {
-                let error = X0Error::new("NotFound", format!("no such path: {path}"));
-                let reply = json(StatusCode::NOT_FOUND, error.to_json());
-                return Ok(counted(&app, RouteKind::Other, reply));
+    let api = match Endpoint::of(path) {
+        Some(endpoint) => Api::X0(endpoint),
+        None => match path {
+            "/v1/ws" => Api::WebSocket,
+            "/v1/events" => Api::Events,
+            // The operator's routes: no token, no rate limit, no CORS (a browser page
+            // has no business with them).
+            "/healthz" => return Ok(counted(&app, RouteKind::Health, healthz())),
+            "/readyz" => return Ok(counted(&app, RouteKind::Health, readyz(&app).await)),
+            "/metrics" => {
+                let reply = scrape(&app, peer, &request).await;
+                return Ok(counted(&app, RouteKind::Metrics, reply));
             }
+            path => match (Route::of(path), Asset::of(path)) {
+                (Some(route), _) => Api::V1(route),
+                (None, Some(asset)) => Api::Asset(asset),
+                (None, None) => {
+                    let error = X0Error::new("NotFound", format!("no such path: {path}"));
+                    let reply = json(StatusCode::NOT_FOUND, error.to_json());
+                    return Ok(counted(&app, RouteKind::Other, reply));
+                }
+            },
         },
     };
     let kind = api.kind();
     // Only this header is needed after the request is consumed (cloning a
     // HeaderValue shares its bytes).
     let origin = request.headers().get(header::ORIGIN).cloned();
-    let client = app.limits.client_ip(peer, request.headers());
-    let mut reply = if let Err(limited) = app.limits.check_ip(client) {
+    let mut reply = if let Err(limited) = app.limits.check_request(peer, request.headers()) {
         match api {
             Api::X0(_) => {
                 // An x0 tab asks again at once after any answer: held until the
@@ -338,9 +337,9 @@ pub fn too_many_connections<B>(request: &Request<B>) -> Reply {
         "TooManyConnections",
         "this address has too many connections open; close some and retry",
     );
-    let mut reply = match request.uri().path() {
-        "/python/MsgHandler.py" | "/get" | "/set" | "/del" => x0_reply(Err(error.into())),
-        _ => refusal(error, "GET, POST, OPTIONS"),
+    let mut reply = match Endpoint::of(request.uri().path()) {
+        Some(_) => x0_reply(Err(error.into())),
+        None => refusal(error, "GET, POST, OPTIONS"),
     };
     reply
         .headers_mut()
@@ -483,19 +482,21 @@ async fn x0_request(
         }
     };
     // Judged on the parsed request, so that a refused poll can be told from the rest.
-    let grant = grant.and_then(|g| match g {
+    let permitted = grant.and_then(|g| match g {
         Some(g) => g.permits_x0(&operation).map(|()| Some(g)),
         None => Ok(None),
     });
-    if let Err(error) = &grant {
-        if matches!(operation, Operation::Get { .. }) {
-            // As for a kicked session: an x0 tab polls again at once after any
-            // answer, so a refusal given at once would make it spin.
-            hold_until(app, started + app.poll_timeout).await;
+    let grant = match permitted {
+        Ok(grant) => grant,
+        Err(error) => {
+            if matches!(operation, Operation::Get { .. }) {
+                // As for a kicked session: an x0 tab polls again at once after any
+                // answer, so a refusal given at once would make it spin.
+                hold_until(app, started + app.poll_timeout).await;
+            }
+            return Err(error.into());
         }
-        return Err(error.clone().into());
-    }
-    let grant = grant.expect("checked above");
+    };
     if let Err(limited) = app.limits.check_session(operation.caller()) {
         hold_until(app, started + limited.wait.min(app.poll_timeout)).await;
         return Err(limited.error().into());

@@ -114,14 +114,16 @@ impl Limits {
         if !self.is_trusted(peer) {
             return peer;
         }
-        let mut forwarded = headers
+        // From the right, without collecting: a request through a trusted proxy
+        // pays for the hops it has, not for an allocation.
+        let hops = headers
             .get_all("x-forwarded-for")
             .iter()
+            .rev()
             .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .map(str::trim)
-            .collect::<Vec<_>>();
-        while let Some(hop) = forwarded.pop() {
+            .flat_map(|v| v.rsplit(','))
+            .map(str::trim);
+        for hop in hops {
             match hop.parse::<IpAddr>() {
                 Ok(ip) if self.is_trusted(ip) => continue,
                 Ok(ip) => return ip,
@@ -131,6 +133,15 @@ impl Limits {
             }
         }
         peer
+    }
+
+    /// Counts a request of the client behind `peer` against `rate_limit_ip`. With
+    /// the limit off (the default) this reads no header at all.
+    pub fn check_request(&self, peer: IpAddr, headers: &HeaderMap) -> Result<(), Limited> {
+        if self.per_ip.is_none() {
+            return Ok(());
+        }
+        self.check_ip(self.client_ip(peer, headers))
     }
 
     pub fn check_ip(&self, ip: IpAddr) -> Result<(), Limited> {

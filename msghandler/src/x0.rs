@@ -58,6 +58,19 @@ pub enum Endpoint {
     Del,
 }
 
+impl Endpoint {
+    /// The x0 endpoint at `path`, if it is one of the four x0 paths.
+    pub fn of(path: &str) -> Option<Endpoint> {
+        Some(match path {
+            "/python/MsgHandler.py" => Endpoint::Any,
+            "/get" => Endpoint::Get,
+            "/set" => Endpoint::Set,
+            "/del" => Endpoint::Del,
+            _ => return None,
+        })
+    }
+}
+
 /// What a request asks for, once understood.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Operation {
