@@ -21,7 +21,8 @@
 --   P:subs:S   set: the session's subscriptions (JSON [pattern, subject, group])
 --   P:poll:S   "<node>|<nonce>" of the poll parked for S, so a publish wakes its node
 --   P:kick:S   exists while S is kicked
--- Shared: P:id (id counter), P:cfg (settings), P:seen (zset of present sessions
+-- Shared: P:id (id counter), P:cfg (settings), P:mailboxes (sessions with a
+-- mailbox stream, for the operator's counts), P:seen (zset of present sessions
 -- by last seen), P:user:U (set), P:pat / P:wild (patterns subscribed / the
 -- wildcard ones), P:m:<pattern> (set of JSON [session, subject, group]),
 -- P:turn:<pattern> (consumer-group turns), P:h:<channel> (history stream) with
@@ -175,9 +176,12 @@ end
 
 local function qkey(P, S) return P .. ':q:' .. S end
 
-local function ensure_group(q)
+local function ensure_group(P, S, q)
   if redis.call('EXISTS', q) == 0 then
     redis.call('XGROUP', 'CREATE', q, 'g', '0', 'MKSTREAM')
+    -- The index the operator's counts walk; a mailbox that expired is dropped
+    -- from it there.
+    redis.call('SADD', P .. ':mailboxes', S)
   end
 end
 
@@ -210,7 +214,7 @@ local function is_kicked(P, S) return redis.call('EXISTS', P .. ':kick:' .. S) =
 -- the ready count when the mailbox is full under the reject policy.
 local function enqueue(P, c, now, S, id, seq, body, channel, prio, expires, max_pending)
   local q = qkey(P, S)
-  ensure_group(q)
+  ensure_group(P, S, q)
   local dropped = 0
   local ready = redis.call('XLEN', q) - pending_count(q)
   if max_pending > 0 and channel ~= '' and ready >= max_pending then
@@ -931,18 +935,19 @@ local function mm_dead(_, a)
   return { #selected }
 end
 
+-- Visits every mailbox: O(mailboxes), for scrapes and operators.
 local function scan_mailboxes(P, visit)
-  local cursor = '0'
-  local prefix = P .. ':q:'
-  repeat
-    local r = redis.call('SCAN', cursor, 'MATCH', prefix .. '*', 'COUNT', '1000', 'TYPE', 'stream')
-    cursor = r[1]
-    for _, q in ipairs(r[2]) do
+  local index = P .. ':mailboxes'
+  for _, S in ipairs(redis.call('SMEMBERS', index)) do
+    local q = qkey(P, S)
+    if redis.call('EXISTS', q) == 0 then
+      redis.call('SREM', index, S)
+    else
       local total = redis.call('XLEN', q)
       local given = pending_count(q)
-      visit(string.sub(q, #prefix + 1), total - given, given)
+      visit(S, total - given, given)
     end
-  until cursor == '0'
+  end
 end
 
 -- P. {sessions, mailboxes, ready, in_flight, dead_letters, subscriptions, channels}
