@@ -1174,26 +1174,8 @@ async fn redis_down_fails_requests_within_the_bound_and_back_they_work_again_not
 
     // Redis back, same directory: the AOF brings back what was answered ok.
     c.redis.restart();
-    let back = Instant::now();
-    for (i, h) in c.handlers().into_iter().enumerate() {
-        loop {
-            let reply = h.set(&a, &session("probe"), &json!({"probe": i})).await;
-            if reply["status"] == "ok" {
-                break;
-            }
-            assert_error(&reply, "StoreUnavailable");
-            assert!(
-                back.elapsed() < Duration::from_secs(10),
-                "pair {} still refuses 10 s after Redis came back: {reply}",
-                node_name(i)
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-    println!(
-        "every pair works again {:?} after Redis restarted",
-        back.elapsed()
-    );
+    let back = every_pair_works_again(&c, &a).await;
+    println!("every pair works again {back:?} after Redis restarted (SIGTERM before)");
     for (i, pid) in core_pids.iter().enumerate() {
         assert_eq!(c.core(i).pid(), *pid, "no pair was restarted");
     }
@@ -1210,8 +1192,84 @@ async fn redis_down_fails_requests_within_the_bound_and_back_they_work_again_not
     );
     let got = c.handler(0).v1_drain(&v, 0.3).await;
     assert_eq!(ids_of(&got), vec![v1_before]);
-    // And new traffic flows across pairs again.
+    assert_wakeups_cross_pairs(&c, &a, "after Redis came back").await;
+
+    // A crash of Redis (SIGKILL) loses nothing answered ok either: appendfsync
+    // always.
     let id = c.handler(1).set_ok(&a, &b, &json!({"n": 4})).await;
+    c.redis.kill();
+    c.redis.restart();
+    let back = every_pair_works_again(&c, &a).await;
+    println!("every pair works again {back:?} after Redis restarted (SIGKILL before)");
     let got = c.handler(0).poll(&b).await;
     assert_eq!(got["ids"], json!([id]), "{got}");
+    assert_wakeups_cross_pairs(&c, &a, "after Redis was killed and came back").await;
+}
+
+/// Sends through each pair until it works (at most 10 s, meanwhile only
+/// `StoreUnavailable`); returns how long that took.
+async fn every_pair_works_again(c: &Cluster, a: &str) -> Duration {
+    let back = Instant::now();
+    for (i, h) in c.handlers().into_iter().enumerate() {
+        loop {
+            let reply = h.set(a, &session("probe"), &json!({"probe": i})).await;
+            if reply["status"] == "ok" {
+                break;
+            }
+            assert_error(&reply, "StoreUnavailable");
+            assert!(
+                back.elapsed() < Duration::from_secs(10),
+                "pair {} still refuses 10 s after Redis came back: {reply}",
+                node_name(i)
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    back.elapsed()
+}
+
+/// A poll parked on each pair is woken by a publish through the next pair,
+/// promptly, not at its timeout: every core listens for wake-ups (again).
+async fn assert_wakeups_cross_pairs(c: &Cluster, a: &str, when: &str) {
+    let woken = join_all((0..PAIRS).map(|i| async move {
+        let s = session(&format!("woken-{i}"));
+        let poll = async {
+            let got = c.handler(i).v1_poll(&s, 4.0).await;
+            (got, Instant::now())
+        };
+        let send = async {
+            tokio::time::sleep(Duration::from_millis(400)).await;
+            publish(
+                c.handler(next(i)),
+                a,
+                json!({"session": s}),
+                json!({"wake": i}),
+            )
+            .await;
+            Instant::now()
+        };
+        let ((got, polled_at), sent_at) = tokio::join!(poll, send);
+        (i, got, polled_at.saturating_duration_since(sent_at))
+    }))
+    .await;
+    for (i, got, latency) in woken {
+        println!(
+            "{when}: a poll parked on pair {} woke {latency:?} after a publish through pair {}",
+            node_name(i),
+            node_name(next(i))
+        );
+        assert_eq!(
+            data_of(&got),
+            [json!({"wake": i})],
+            "{when}, pair {}",
+            node_name(i)
+        );
+        assert!(
+            latency < Duration::from_secs(1),
+            "{when}: the poll parked on pair {} woke only {latency:?} after the publish \
+             through pair {} (poll timeout 4 s)",
+            node_name(i),
+            node_name(next(i))
+        );
+    }
 }
