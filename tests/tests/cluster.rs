@@ -856,6 +856,95 @@ async fn presence_lists_sessions_subscribed_through_different_pairs_on_every_pai
 }
 
 // ---------------------------------------------------------------------------
+// A pair dies with a batch on its way to the tab
+// ---------------------------------------------------------------------------
+
+/// Waits up to 5 s for `check` to hold, asking every 20 ms.
+fn wait_until(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !check() {
+        assert!(Instant::now() < deadline, "{what}: not within 5 s");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_in_flight_on_a_pair_that_dies_is_given_again_through_another_pair() {
+    let Some(mut c) = Cluster::start_with(
+        PAIRS,
+        CoreOptions {
+            delivery: Some("ack".into()),
+            visibility_timeout: Some(1.0),
+            ..CoreOptions::default()
+        },
+        HandlerOptions {
+            poll_timeout: 2.0,
+            ..HandlerOptions::default()
+        },
+    ) else {
+        return;
+    };
+    let (a, tab) = (session("a"), session("tab"));
+    // The tab's GET parks on pair b.
+    let parked = tokio::spawn({
+        let (addr, body) = (c.handler(1).addr(), x0_get_body(&tab));
+        async move { try_post(addr, "/get", body).await }
+    });
+    tokio::task::block_in_place(|| {
+        wait_until("the GET parked on core b", || {
+            c.core(1).msgctl_json(&["status"])["parked_polls"] == 1
+        })
+    });
+    // Pair b's msghandler freezes: what its core hands it goes no further.
+    let frozen = nix::unistd::Pid::from_raw(c.handler(1).pid() as i32);
+    nix::sys::signal::kill(frozen, nix::sys::signal::Signal::SIGSTOP).expect("SIGSTOP");
+    let id = c.handler(0).set_ok(&a, &tab, &json!({"n": 1})).await;
+    // Core b is woken, takes the message for the parked GET (in flight now) and
+    // writes the reply towards its frozen handler; then the host dies.
+    tokio::task::block_in_place(|| {
+        wait_until("the message in flight", || {
+            c.core(0).msgctl_json(&["peek", &tab])["messages"][0]["in_flight"] == true
+        })
+    });
+    tokio::task::block_in_place(|| c.kill_pair(1));
+    match parked.await.expect("the parked GET's task") {
+        Ok(reply) => assert!(
+            reply.get("error").is_some(),
+            "the GET on the killed pair got an answer: {reply}"
+        ),
+        Err(e) => println!("the GET parked on the killed pair b failed: {e}"),
+    }
+
+    // The tab goes on through pair c, the x0 way: each GET acknowledges what the
+    // one before it returned, which, through pair c, is nothing yet.
+    let started = Instant::now();
+    let mut polls = 0;
+    let got = loop {
+        let reply = c.handler(2).poll(&tab).await;
+        polls += 1;
+        if let Some(messages) = messages_of(&reply) {
+            assert_eq!(messages, [json!({"n": 1, "session_src": a})], "{reply}");
+            break reply["ids"].clone();
+        }
+        if started.elapsed() > Duration::from_secs(5) {
+            break Value::Null;
+        }
+    };
+    println!(
+        "through pair c after {polls} GET(s), {:?} after the kill: {got}",
+        started.elapsed()
+    );
+    assert_eq!(
+        got,
+        json!([id]),
+        "the message core b handed out just before pair b died never reached the tab, \
+         and its GETs through pair c (ack mode, visibility timeout 1 s) never got it: the \
+         batch of a dead core must be given again, not acknowledged by the tab's next GET \
+         through another pair"
+    );
+}
+
+// ---------------------------------------------------------------------------
 // A pair killed under load
 // ---------------------------------------------------------------------------
 
@@ -1036,6 +1125,15 @@ async fn killed_pair_s_sessions_go_on_through_the_others_and_nothing_answered_ok
     for task in tasks {
         task.await.expect("load task");
     }
+
+    // The host comes back under its old name and serves the cluster's sessions
+    // again, both ways.
+    tokio::task::block_in_place(|| c.restart_pair(1));
+    let (x, y) = (session("after-restart-x"), session("after-restart-y"));
+    let id = c.handler(1).set_ok(&x, &y, &json!({"via": "b"})).await;
+    assert_eq!(c.handler(0).poll(&y).await["ids"], json!([id]));
+    let id = c.handler(2).set_ok(&y, &x, &json!({"via": "c"})).await;
+    assert_eq!(c.handler(1).poll(&x).await["ids"], json!([id]));
 
     let ledger = load.ledger.lock().unwrap();
     let lost = ledger.lost();
