@@ -239,6 +239,31 @@ async fn user_message_reaches_each_of_three_tabs_on_three_pairs_exactly_once() {
     for (t, envelopes) in &again {
         assert_nothing(&format!("{} (polled again)", tabs[*t]), envelopes);
     }
+
+    // One tab per user: an exclusive bind through pair c kicks the three others,
+    // whichever pair they are on.
+    let only = session("u1-only-tab");
+    let reply = c
+        .handler(2)
+        .backend_ok(
+            "/v1/backend/bind",
+            json!({"session": only, "user": "u1", "exclusive": true}),
+        )
+        .await;
+    assert_eq!(reply, json!({"status": "ok", "kicked": 3}));
+    for (i, tab) in tabs.iter().enumerate() {
+        let reply = c
+            .handler(i)
+            .v1("/v1/poll", json!({"session": tab, "timeout": 0}))
+            .await;
+        assert_v1_error(&reply, StatusCode::FORBIDDEN, "Kicked");
+    }
+    let sent = backend_publish(c.handler(0), json!({"user": "u1"}), json!({"only": 1})).await;
+    assert_eq!(recipients(&sent), 1, "{sent}");
+    assert_eq!(
+        data_of(&c.handler(1).v1_poll(&only, 1.0).await),
+        [json!({"only": 1})]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -430,6 +455,12 @@ async fn consumer_group_members_on_three_pairs_share_messages_none_lost_none_dou
         let jobs = numbers(envelopes, "job");
         println!("{m}: {} of {N} jobs", jobs.len());
         assert!(!jobs.is_empty(), "{m} got none of the {N} jobs");
+        // Members take turns (docs/API.md), wherever they and the producer are.
+        assert!(
+            (15..=25).contains(&jobs.len()),
+            "{m} got {} of {N} jobs, not a fair third",
+            jobs.len()
+        );
         assert!(
             jobs.windows(2).all(|w| w[0] < w[1]),
             "{m} got its share out of order: {jobs:?}"
@@ -542,6 +573,193 @@ async fn rpc_replies_sent_through_other_pairs_reach_the_requester() {
     assert_nothing("responder1", &r1);
     assert_nothing("responder2", &r2);
     assert_nothing("the bystander", &by);
+}
+
+// ---------------------------------------------------------------------------
+// One session, several pairs
+// ---------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn newer_poll_on_another_pair_ends_the_older_one_and_gets_what_comes_next() {
+    let Some(c) = cluster("") else { return };
+    let (a, tab) = (session("a"), session("tab"));
+    let older = async {
+        let got = c.handler(0).v1_poll(&tab, 5.0).await;
+        (got, Instant::now())
+    };
+    let newer = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let started = Instant::now();
+        let got = c.handler(1).v1_poll(&tab, 5.0).await;
+        (got, started, Instant::now())
+    };
+    let send = async {
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        let sent = publish(c.handler(2), &a, json!({"session": tab}), json!({"n": 1})).await;
+        (id_of(&sent), Instant::now())
+    };
+    let ((old_got, old_done), (new_got, new_started, new_done), (id, sent_at)) =
+        tokio::join!(older, newer, send);
+    let ended = old_done.saturating_duration_since(new_started);
+    println!("the poll on pair a ended {ended:?} after the newer one on pair b began");
+    assert_nothing("the older poll (pair a)", &old_got);
+    assert!(
+        ended < Duration::from_millis(800),
+        "the older poll on pair a ended only {ended:?} after the newer one on pair b began"
+    );
+    assert_eq!(
+        ids_of(&new_got),
+        vec![id],
+        "the newer poll (pair b) gets it"
+    );
+    assert!(
+        new_done.saturating_duration_since(sent_at) < Duration::from_millis(500),
+        "the newer poll woke {:?} after the publish",
+        new_done.saturating_duration_since(sent_at)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_retried_through_another_pair_with_its_msg_id_is_stored_once() {
+    let Some(c) = cluster("") else { return };
+    let (a, b) = (session("a"), session("b"));
+    // v1, as a client retrying through the load balancer.
+    let body = json!({"session": a, "target": {"session": b}, "msg_id": "a-1", "data": {"n": 1}});
+    let first = c.handler(0).v1_ok("/v1/publish", body.clone()).await;
+    let second = c.handler(1).v1_ok("/v1/publish", body).await;
+    assert_eq!(second["duplicate"], true, "{second}");
+    assert_eq!(id_of(&second), id_of(&first), "the first message's id");
+    // x0, the same.
+    let set = json!({"session_src": a, "session_dst": b, "payload": {"n": 2}, "msg_id": "a-2"})
+        .to_string();
+    let (_, _, first_set) = c.handler(1).post_json("/set", &set).await;
+    let (_, _, second_set) = c.handler(2).post_json("/set", &set).await;
+    let x0_id = assert_ok_with_id(&first_set, "first SET");
+    assert_eq!(assert_ok_with_id(&second_set, "retried SET"), x0_id);
+    assert_eq!(second_set["duplicate"], true, "{second_set}");
+
+    let reply = c
+        .handler(2)
+        .v1_ok("/v1/poll", json!({"session": b, "timeout": 1}))
+        .await;
+    assert_eq!(
+        reply["ids"],
+        json!([id_of(&first), x0_id]),
+        "once each: {reply}"
+    );
+    assert_nothing("b (polled again)", &c.handler(0).v1_poll(&b, 0.3).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pause_on_one_pair_and_resume_on_another_wakes_the_poll_parked_on_a_third() {
+    let Some(c) = cluster("") else { return };
+    let (tab, sender) = (session("tab"), session("sender"));
+    assert_eq!(
+        c.handler(0)
+            .v1_ok("/v1/pause", json!({"session": tab}))
+            .await,
+        json!({"status": "ok"})
+    );
+    for n in 0..2 {
+        publish(
+            c.handler(1),
+            &sender,
+            json!({"session": tab}),
+            json!({"n": n}),
+        )
+        .await;
+    }
+    let poll_started = Instant::now();
+    let poll = async {
+        let got = c.handler(2).v1_poll(&tab, 5.0).await;
+        (got, Instant::now())
+    };
+    let resume = async {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let at = Instant::now();
+        c.handler(1)
+            .v1_ok("/v1/resume", json!({"session": tab}))
+            .await;
+        at
+    };
+    let ((got, polled_at), resumed_at) = tokio::join!(poll, resume);
+    let latency = polled_at.saturating_duration_since(resumed_at);
+    println!("the poll parked on pair c was answered {latency:?} after the resume on pair b");
+    assert_eq!(numbers(&got, "n"), [0, 1]);
+    assert!(
+        polled_at - poll_started >= Duration::from_millis(350),
+        "answered while paused (paused through pair a)"
+    );
+    assert!(
+        latency < Duration::from_millis(500),
+        "the poll parked on pair c was answered only {latency:?} after the resume on pair b"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sys_events_of_sessions_on_other_pairs_come_once_to_a_watcher() {
+    let Some(c) = cluster("session_timeout = 1\n") else {
+        return;
+    };
+    let (watcher, newcomer, leaver) = (session("watcher"), session("newcomer"), session("leaver"));
+    subscribe(
+        c.handler(0),
+        &watcher,
+        json!({"channel": "$sys", "subject": "session.*"}),
+    )
+    .await;
+    // Joined on pair b, bound on pair c (already joined: no second event), kicked
+    // through pair a; the leaver is bound on pair c and then says nothing.
+    assert_nothing("newcomer", &c.handler(1).v1_poll(&newcomer, 0.0).await);
+    bind(c.handler(2), &newcomer, "u7").await;
+    kick(c.handler(0), &newcomer, "logged out").await;
+    bind(c.handler(2), &leaver, "u9").await;
+    let last_request = Instant::now();
+
+    // The watcher keeps itself present by polling, through pair b.
+    let mut events = Vec::new();
+    while last_request.elapsed() < Duration::from_secs(4) {
+        events.extend(c.handler(1).v1_poll(&watcher, 0.5).await);
+    }
+    let about = |who: &str| -> Vec<(String, Value)> {
+        events
+            .iter()
+            .filter(|e| e["data"]["session"] == who)
+            .map(|e| {
+                assert_eq!(e["source"], Value::Null, "{e}");
+                assert_eq!(e["target"], json!({"channel": "$sys"}), "{e}");
+                (e["subject"].as_str().unwrap().to_owned(), e["data"].clone())
+            })
+            .collect()
+    };
+    assert_eq!(
+        about(&newcomer),
+        [
+            (
+                "session.joined".to_owned(),
+                json!({"session": newcomer, "user": null})
+            ),
+            (
+                "session.kicked".to_owned(),
+                json!({"session": newcomer, "user": "u7", "reason": "logged out"})
+            ),
+        ],
+        "each event once, though three cores sweep and serve"
+    );
+    assert_eq!(
+        about(&leaver),
+        [
+            (
+                "session.joined".to_owned(),
+                json!({"session": leaver, "user": "u9"})
+            ),
+            (
+                "session.left".to_owned(),
+                json!({"session": leaver, "user": "u9"})
+            ),
+        ],
+        "joined once, left once after its session_timeout, though three cores sweep"
+    );
 }
 
 // ---------------------------------------------------------------------------
@@ -660,6 +878,32 @@ async fn unacked_batch_is_redelivered_on_another_pair_acked_on_a_third_and_dead_
                 .await,
         );
     }
+
+    // Released through pair b: given again at once through pair c, without
+    // waiting for the visibility timeout.
+    let m2 = id_of(&publish(c.handler(1), &a, json!({"session": b}), json!({"n": 2})).await);
+    assert_eq!(
+        ids_of(&c.handler(0).v1_poll_with(no_auto_ack(&b)).await),
+        vec![m2]
+    );
+    let released = Instant::now();
+    let reply = c
+        .handler(1)
+        .v1_ok("/v1/release", json!({"session": b}))
+        .await;
+    assert_eq!(reply, json!({"released": 1}));
+    let again = c.handler(2).v1_poll_with(no_auto_ack(&b)).await;
+    assert_eq!(ids_of(&again), vec![m2], "given again after the release");
+    assert!(
+        released.elapsed() < Duration::from_millis(400),
+        "given again only {:?} after the release: the visibility timeout, not the release",
+        released.elapsed()
+    );
+    let acked = c
+        .handler(0)
+        .v1_ok("/v1/ack", json!({"session": b, "cursor": m2}))
+        .await;
+    assert_eq!(acked, json!({"acked": 1}));
 
     // Given max_deliveries (2) times, on two pairs, never acknowledged: a dead
     // letter, which msgctl lists on every pair's core.
