@@ -15,12 +15,14 @@
 --              b (body), e (expiry ms, 0 never), c (channel or ""), p (priority),
 --              t (queued at ms). One consumer group "g" with one consumer "c": the
 --              pending-entry list holds what was given and not yet acknowledged.
---   P:back:S   list: x0-mode messages a handler could not pass on (JSON [id,body,e])
+--   P:back:S   list: x0-mode messages a handler could not pass on (JSON [id, body,
+--              expiry], numbers as strings: cjson keeps only 14 digits)
 --   P:s:S      hash: user, paused
 --   P:subs:S   set: the session's subscriptions (JSON [pattern, subject, group])
 --   P:poll:S   "<node>|<nonce>" of the poll parked for S, so a publish wakes its node
 --   P:kick:S   exists while S is kicked
--- Shared: P:id (id counter), P:cfg (settings), P:seen (zset of present sessions
+-- Shared: P:id (id counter), P:cfg (settings), P:mailboxes (sessions with a
+-- mailbox stream, for the operator's counts), P:seen (zset of present sessions
 -- by last seen), P:user:U (set), P:pat / P:wild (patterns subscribed / the
 -- wildcard ones), P:m:<pattern> (set of JSON [session, subject, group]),
 -- P:turn:<pattern> (consumer-group turns), P:h:<channel> (history stream) with
@@ -174,9 +176,12 @@ end
 
 local function qkey(P, S) return P .. ':q:' .. S end
 
-local function ensure_group(q)
+local function ensure_group(P, S, q)
   if redis.call('EXISTS', q) == 0 then
     redis.call('XGROUP', 'CREATE', q, 'g', '0', 'MKSTREAM')
+    -- The index the operator's counts walk; a mailbox that expired is dropped
+    -- from it there.
+    redis.call('SADD', P .. ':mailboxes', S)
   end
 end
 
@@ -209,7 +214,7 @@ local function is_kicked(P, S) return redis.call('EXISTS', P .. ':kick:' .. S) =
 -- the ready count when the mailbox is full under the reject policy.
 local function enqueue(P, c, now, S, id, seq, body, channel, prio, expires, max_pending)
   local q = qkey(P, S)
-  ensure_group(q)
+  ensure_group(P, S, q)
   local dropped = 0
   local ready = redis.call('XLEN', q) - pending_count(q)
   if max_pending > 0 and channel ~= '' and ready >= max_pending then
@@ -371,10 +376,11 @@ local function take(P, c, now, S, max)
     local keep = {}
     for _, raw in ipairs(items) do
       local m = cjson.decode(raw)
-      if m[3] > 0 and m[3] <= now then
+      local id, e = tonumber(m[1]), tonumber(m[3])
+      if e > 0 and e <= now then
         n.expired = n.expired + 1
       elseif room() then
-        batch[#batch + 1] = { m[1], m[2], 0, 0 }
+        batch[#batch + 1] = { id, m[2], 0, 0 }
       else
         keep[#keep + 1] = raw
       end
@@ -388,7 +394,8 @@ local function take(P, c, now, S, max)
   local gone, delivered = {}, {}
   for _, p in ipairs(pending(q)) do
     local due = (not c.ack) or p[3] >= c.vis_ms
-    if due and room() then
+    -- With priorities every due entry competes for the batch; the rest goes back.
+    if due and (c.prioritised or room()) then
       if c.ack and c.max_deliveries > 0 and p[4] >= c.max_deliveries then
         local e = redis.call('XRANGE', q, p[1], p[1])[1]
         if e then
@@ -405,7 +412,6 @@ local function take(P, c, now, S, max)
             n.expired = n.expired + 1
             gone[#gone + 1] = p[1]
           else
-            n.redelivered = n.redelivered + 1
             batch[#batch + 1] = { tonumber(f.i), f.b, seq_of(p[1]), tonumber(f.p), p[4] + 1 }
             delivered[#delivered + 1] = p[1]
           end
@@ -413,7 +419,7 @@ local function take(P, c, now, S, max)
       end
     end
   end
-  if room() then
+  if c.prioritised or room() then
     local args = { 'XREADGROUP', 'GROUP', 'g', 'c' }
     -- With priorities everything is read and sorted, the rest handed back below.
     if max > 0 and not c.prioritised then
@@ -449,13 +455,16 @@ local function take(P, c, now, S, max)
     for i = max + 1, #batch do
       local m = batch[i]
       if m[3] == 0 then
-        redis.call('RPUSH', back, json({ m[1], m[2], 0 }))
+        redis.call('RPUSH', back, json({ d(m[1]), m[2], '0' }))
       else
         rest[#rest + 1] = { d(m[3]) .. '-0', 'c', 0, m[5] }
       end
       batch[i] = nil
     end
     make_due(q, rest)
+  end
+  for _, m in ipairs(batch) do
+    if c.ack and m[5] and m[5] > 1 then n.redelivered = n.redelivered + 1 end
   end
   if not c.ack then
     local ids = {}
@@ -687,7 +696,7 @@ local function mm_return(_, a)
     -- Gone from the stream already: they come back with a fresh time to live.
     local back = P .. ':back:' .. S
     local e = expiry(c, now, nil)
-    for i = 3, #a, 2 do redis.call('RPUSH', back, json({ tonumber(a[i]), a[i + 1], e })) end
+    for i = 3, #a, 2 do redis.call('RPUSH', back, json({ a[i], a[i + 1], d(e) })) end
     if c.ttl_ms > 0 then keep_for(back, c.ttl_ms + c.idle_ms) end
   end
   wake(P, S)
@@ -926,18 +935,19 @@ local function mm_dead(_, a)
   return { #selected }
 end
 
+-- Visits every mailbox: O(mailboxes), for scrapes and operators.
 local function scan_mailboxes(P, visit)
-  local cursor = '0'
-  local prefix = P .. ':q:'
-  repeat
-    local r = redis.call('SCAN', cursor, 'MATCH', prefix .. '*', 'COUNT', '1000', 'TYPE', 'stream')
-    cursor = r[1]
-    for _, q in ipairs(r[2]) do
+  local index = P .. ':mailboxes'
+  for _, S in ipairs(redis.call('SMEMBERS', index)) do
+    local q = qkey(P, S)
+    if redis.call('EXISTS', q) == 0 then
+      redis.call('SREM', index, S)
+    else
       local total = redis.call('XLEN', q)
       local given = pending_count(q)
-      visit(string.sub(q, #prefix + 1), total - given, given)
+      visit(S, total - given, given)
     end
-  until cursor == '0'
+  end
 end
 
 -- P. {sessions, mailboxes, ready, in_flight, dead_letters, subscriptions, channels}

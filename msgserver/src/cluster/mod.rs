@@ -43,6 +43,8 @@ const LIBRARY: &str = include_str!("micromsg.lua");
 
 /// How often a core that cannot reach Redis tries again.
 const RECONNECT_PAUSE: Duration = Duration::from_millis(500);
+/// How soon a poll whose call failed is tried again.
+const POLL_RETRY: Duration = Duration::from_secs(1);
 
 /// The settings of the Redis backend (`backend = "redis"` in msgserver.toml).
 #[derive(Debug, Clone)]
@@ -380,6 +382,14 @@ struct Parked {
     /// Withdrawn (CancelPoll, superseded here, or its connection closed) while a
     /// call was out: messages it brings are handed back to Redis.
     cancelled: bool,
+    /// Its last call failed (Redis unreachable): tried again shortly, and this is
+    /// the answer at its deadline if Redis stays away. Held rather than answered
+    /// at once, so that a client that polls again at once (x0's) does not spin.
+    failed: Option<Response>,
+    /// A call registered it in Redis: later calls resume it (and never acknowledge
+    /// again); until then they are the first poll again, acknowledging as asked.
+    registered: bool,
+    ack_previous: bool,
 }
 
 /// What the tasks that talk to Redis report to the engine's loop.
@@ -721,6 +731,9 @@ impl Engine {
                 in_call: true,
                 woken: false,
                 cancelled: false,
+                failed: None,
+                registered: false,
+                ack_previous,
             },
         );
         self.by_session.insert(session.clone(), from);
@@ -770,7 +783,8 @@ impl Engine {
             .saturating_duration_since(Instant::now())
             .max(Duration::from_millis(1));
         let (session, token, max) = (parked.session.clone(), parked.token.clone(), parked.max);
-        self.call_poll(to, session, token, left, false, max, true);
+        let (resume, ack_previous) = (parked.registered, parked.ack_previous && !parked.registered);
+        self.call_poll(to, session, token, left, ack_previous, max, resume);
     }
 
     /// Ends a parked poll without messages (`answer`: tell its handler so); one
@@ -820,8 +834,11 @@ impl Engine {
                 continue; // its outcome decides, deadline or not
             }
             if parked.deadline <= now {
-                self.forget(to);
-                self.reply(to, Response::Messages(Vec::new()));
+                let parked = self.forget(to).expect("checked above");
+                let response = parked
+                    .failed
+                    .unwrap_or_else(|| Response::Messages(Vec::new()));
+                self.reply(to, response);
             } else if parked.due.is_some_and(|due| due <= now) {
                 self.resume(to);
             }
@@ -875,10 +892,18 @@ impl Engine {
         let session = parked.session.clone();
         match outcome {
             Err(e) => {
-                self.forget(to);
-                if !cancelled {
-                    self.reply(to, e.response());
+                let now = Instant::now();
+                if cancelled || parked.deadline <= now {
+                    self.forget(to);
+                    if !cancelled {
+                        self.reply(to, e.response());
+                    }
+                    return;
                 }
+                parked.failed = Some(e.response());
+                let retry = (now + POLL_RETRY).min(parked.deadline);
+                parked.due = Some(retry);
+                self.add_timer(retry, to);
             }
             Ok(Polled::Kicked) => {
                 self.forget(to);
@@ -915,6 +940,8 @@ impl Engine {
                 self.counters.tally.acknowledged += acknowledged;
                 let now = Instant::now();
                 let parked = self.parked.get_mut(&to).expect("checked above");
+                parked.registered = true;
+                parked.failed = None;
                 if cancelled || parked.deadline <= now {
                     self.forget(to);
                     if !cancelled {
