@@ -364,8 +364,17 @@ impl Cluster {
     /// address then refuses connections (or, through nginx, answers 502).
     pub fn kill_pair(&mut self, i: usize) {
         let pair = &mut self.pairs[i];
-        pair.handler.kill();
+        // Both signalled before either is reaped, the core first: when a host
+        // dies, its core gets no chance to tidy up after a handler connection that
+        // dropped (which it would, seeing msghandler go first).
+        if let Some(core) = pair.core.child.as_ref() {
+            signal(core, Signal::SIGKILL);
+        }
+        if let Some(handler) = pair.handler.child.as_ref() {
+            signal(handler, Signal::SIGKILL);
+        }
         pair.core.kill();
+        pair.handler.kill();
     }
 
     /// Starts the core of pair `i` again (same socket, same configuration) after a
