@@ -29,18 +29,13 @@
 -- wildcard ones), P:m:<pattern> (set of JSON [session, subject, group]),
 -- P:turn:<pattern> (consumer-group turns), P:h:<channel> (history stream) with
 -- P:hmeta:<channel>, P:hists (channels with history), P:reply:<id>, P:key:<src>\0<key>,
--- P:dead (dead letters stream), P:alive:<member> (exists while that core lives),
--- P:acking (sessions with implicit acknowledgements waiting, by when to settle).
+-- P:dead (dead letters stream), P:wake:<member> (the pub/sub channel each core
+-- listens on while it lives).
 
 local SYS = '$sys'
--- Consumer names besides the cores' own ("<node>.<incarnation>"): entries due for
--- redelivery at once, and entries whose implicit acknowledgement waits to learn
--- whether the core that gave them out is still alive ("acking:<consumer>").
+-- The consumer of entries due for redelivery at once; the cores read mailboxes
+-- as consumers of their own ("<node>.<incarnation>").
 local DUE_CONSUMER = 'due'
-local ACKING = 'acking:'
--- How long an implicit acknowledgement of another core's batch waits: longer than
--- a core's liveness key lives (ALIVE_TTL in mod.rs, renewed every ALIVE_EVERY).
-local ACK_GRACE_MS = 3000
 -- An idle time that makes a pending entry due for redelivery at once.
 local DUE = '1000000000000'
 local MAX_TTL_MS = 10 * 365 * 24 * 3600 * 1000
@@ -376,8 +371,6 @@ end
 -- Takes up to `max` (0: all) ready messages for S: handed back ones first, then
 -- those due for redelivery, then new ones; higher priority first, else oldest.
 -- Returns the batch ({id, body, seq, prio}) and counts.
-local function is_acking(p) return string.sub(p[2], 1, #ACKING) == ACKING end
-
 local function take(P, c, now, S, max, member)
   local q = qkey(P, S)
   local batch, n = {}, { expired = 0, dead = 0, redelivered = 0 }
@@ -406,8 +399,7 @@ local function take(P, c, now, S, max, member)
   if redis.call('EXISTS', q) == 0 then return batch, n end
   local gone, delivered = {}, {}
   for _, p in ipairs(pending(q)) do
-    -- An entry waiting for its implicit acknowledgement is not given again.
-    local due = (not is_acking(p)) and ((not c.ack) or p[3] >= c.vis_ms)
+    local due = (not c.ack) or p[3] >= c.vis_ms
     -- With priorities every due entry competes for the batch; the rest goes back.
     if due and (c.prioritised or room()) then
       if c.ack and c.max_deliveries > 0 and p[4] >= c.max_deliveries then
@@ -496,7 +488,7 @@ local function next_due(c, q)
   local soonest = 0
   for _, p in ipairs(pending(q)) do
     -- Entries already due wait for a resume (a paused session), not a timer.
-    if p[3] < c.vis_ms and not is_acking(p) then
+    if p[3] < c.vis_ms then
       local left = c.vis_ms - p[3]
       if soonest == 0 or left < soonest then soonest = left end
     end
@@ -515,60 +507,37 @@ local function ack_where(q, covers)
   return #ids
 end
 
+-- Whether the core that reads as `consumer` lives: it holds its wake-up
+-- subscription while it runs, and Redis drops that the moment the core's
+-- connection closes, as the kernel closes it when the process dies.
 local function alive(P, consumer)
-  return redis.call('EXISTS', P .. ':alive:' .. consumer) == 1
+  return redis.call('PUBSUB', 'NUMSUB', P .. ':wake:' .. consumer)[2] > 0
 end
 
 -- The x0 rule "asking again acknowledges what was given before", for a poll
--- through core `member`. What this core gave out is acknowledged at once. A batch
--- another core gave out may never have reached the browser: that core may have
--- died with it, and the tab came here because it did. Such entries are parked
--- under "acking:<consumer>" (given to nobody) and settled by the sweep once the
--- giving core's liveness is known: acknowledged if it lives, given again if not.
--- Returns how many were acknowledged now.
-local function ack_previous(P, c, now, S, q, member)
-  local mine, theirs = {}, {}
+-- through core `member`. A batch this core, or another live core, gave out is
+-- acknowledged. One that a core which has died since gave out may never have
+-- reached the browser (the tab asks here because that core failed it): it is due
+-- again at once, and this very poll gives it, as a single core gives again what
+-- went out on a handler connection that closed. Returns how many were acknowledged.
+local function ack_previous(P, c, S, q, member)
+  local done, back, lives = {}, {}, {}
   for _, p in ipairs(pending(q)) do
-    if p[3] < c.vis_ms and not is_acking(p) and p[2] ~= DUE_CONSUMER then
-      if p[2] == member then
-        mine[#mine + 1] = p[1]
+    if p[3] < c.vis_ms and p[2] ~= DUE_CONSUMER then
+      local consumer = p[2]
+      if lives[consumer] == nil then
+        lives[consumer] = consumer == member or alive(P, consumer)
+      end
+      if lives[consumer] then
+        done[#done + 1] = p[1]
       else
-        theirs[#theirs + 1] = p
+        back[#back + 1] = p
       end
     end
   end
-  forget(q, mine)
-  for _, p in ipairs(theirs) do
-    redis.call('XCLAIM', q, 'g', ACKING .. p[2], '0', p[1], 'RETRYCOUNT', d(p[4]), 'JUSTID')
-  end
-  if #theirs > 0 then redis.call('ZADD', P .. ':acking', d(now + ACK_GRACE_MS), S) end
-  return #mine
-end
-
--- Settles the implicit acknowledgements that waited their grace; returns how many
--- entries were given again because the core that gave them out is gone.
-local function settle_acks(P, now)
-  local again = 0
-  local sessions = redis.call('ZRANGEBYSCORE', P .. ':acking', '-inf', d(now), 'LIMIT', '0', '100')
-  for _, S in ipairs(sessions) do
-    redis.call('ZREM', P .. ':acking', S)
-    local q = qkey(P, S)
-    local settled, back = {}, {}
-    for _, p in ipairs(pending(q)) do
-      if is_acking(p) then
-        if alive(P, string.sub(p[2], #ACKING + 1)) then
-          settled[#settled + 1] = p[1]
-        else
-          back[#back + 1] = p
-        end
-      end
-    end
-    forget(q, settled)
-    make_due(q, back)
-    again = again + #back
-    if #back > 0 then wake(P, S) end
-  end
-  return again
+  forget(q, done)
+  make_due(q, back)
+  return #done
 end
 
 -- The functions -------------------------------------------------------------------
@@ -605,7 +574,7 @@ local function mm_poll(_, a)
   local q = qkey(P, S)
   local acked = 0
   local member = string.match(token, '^(.-)|')
-  if c.ack and ack_prev then acked = ack_previous(P, c, now, S, q, member) end
+  if c.ack and ack_prev then acked = ack_previous(P, c, S, q, member) end
   local batch, n = {}, { expired = 0, dead = 0, redelivered = 0 }
   if not is_paused(P, S) then batch, n = take(P, c, now, S, max, member) end
   if #batch == 0 and timeout > 0 then
@@ -946,8 +915,7 @@ local function mm_kick(_, a)
 end
 
 -- P, then sessions with a poll parked on the calling core: they are present.
--- Sessions silent for the session timeout leave, and implicit acknowledgements
--- that waited their grace are settled. {left, given again}
+-- Sessions silent for the session timeout leave. {left}
 local function mm_sweep(_, a)
   local P = a[1]
   local c = cfg(P)
@@ -956,13 +924,7 @@ local function mm_sweep(_, a)
   local gone = redis.call('ZRANGEBYSCORE', P .. ':seen', '-inf', '(' .. d(now - c.session_ms),
     'LIMIT', '0', '1000')
   for _, S in ipairs(gone) do leave(P, c, now, S, true) end
-  return { #gone, settle_acks(P, now) }
-end
-
--- P, member, ttl_ms: the calling core is alive for ttl_ms more.
-local function mm_alive(_, a)
-  redis.call('SET', a[1] .. ':alive:' .. a[2], '1', 'PX', a[3])
-  return { 'ok' }
+  return { #gone }
 end
 
 local function dead_selected(P, ids)
@@ -1125,7 +1087,6 @@ redis.register_function('mm1_presence', mm_presence)
 redis.register_function('mm1_bind', mm_bind)
 redis.register_function('mm1_kick', mm_kick)
 redis.register_function('mm1_sweep', mm_sweep)
-redis.register_function('mm1_alive', mm_alive)
 redis.register_function('mm1_dead', mm_dead)
 redis.register_function('mm1_status', mm_status)
 redis.register_function('mm1_sessions', mm_sessions)

@@ -28,7 +28,7 @@ use ipc::{
 };
 use redis::Value;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use tokio::sync::{OnceCell, mpsc};
+use tokio::sync::{mpsc, watch};
 use tracing::{debug, error, info, warn};
 
 use crate::broker::{
@@ -45,11 +45,6 @@ const LIBRARY: &str = include_str!("micromsg.lua");
 const RECONNECT_PAUSE: Duration = Duration::from_millis(500);
 /// How soon a poll whose call failed is tried again.
 const POLL_RETRY: Duration = Duration::from_secs(1);
-/// A core renews its liveness key this often, and the key lives this long: when a
-/// core dies, the others learn it within ALIVE_TTL, and settle the acknowledgements
-/// of what it gave out after ACK_GRACE_MS (micromsg.lua), which is longer.
-const ALIVE_EVERY: Duration = Duration::from_millis(500);
-const ALIVE_TTL: Duration = Duration::from_millis(2000);
 
 /// The settings of the Redis backend (`backend = "redis"` in msgserver.toml).
 #[derive(Debug, Clone)]
@@ -145,7 +140,7 @@ impl StoreError {
 /// manager reconnects by itself after that.
 #[derive(Clone)]
 struct Store {
-    conn: Arc<OnceCell<ConnectionManager>>,
+    conn: watch::Receiver<Option<ConnectionManager>>,
     settings: Arc<Settings>,
 }
 
@@ -157,13 +152,19 @@ impl Store {
     }
 
     async fn run(&self, cmd: &redis::Cmd) -> Result<Value, StoreError> {
-        let Some(conn) = self.conn.get() else {
-            return Err(StoreError::unavailable(format!(
-                "the message store (Redis at {}) is not reachable yet; retry",
-                self.settings.redacted_url()
-            )));
+        // A core that has not reached Redis yet (it just started) holds the request
+        // for as long as a slow Redis would, instead of refusing it at once.
+        let mut first = self.conn.clone();
+        let ready = first.wait_for(Option::is_some);
+        let mut conn = match tokio::time::timeout(self.settings.timeout, ready).await {
+            Ok(Ok(conn)) => conn.clone().expect("waited for"),
+            _ => {
+                return Err(StoreError::unavailable(format!(
+                    "the message store (Redis at {}) is not reachable yet; retry",
+                    self.settings.redacted_url()
+                )));
+            }
         };
-        let mut conn = conn.clone();
         for attempt in 0..2 {
             let call = cmd.query_async::<Value>(&mut conn);
             match tokio::time::timeout(self.settings.timeout, call).await {
@@ -430,8 +431,9 @@ struct Engine {
     settings: Arc<Settings>,
     /// This process among the cluster's cores: `<node>.<start time>`, so that a
     /// core restarted under the same name is not taken for the one that died. Its
-    /// polls are woken on `<prefix>:wake:<member>`, and it reads mailboxes as the
-    /// consumer of that name.
+    /// polls are woken on `<prefix>:wake:<member>`, it reads mailboxes as the
+    /// consumer of that name, and the other cores take that subscription for the
+    /// sign that it lives.
     member: Arc<str>,
     shell: Arc<ShellConfig>,
     started: Instant,
@@ -466,8 +468,9 @@ pub(crate) async fn run(
             return;
         }
     };
+    let (connected, conn) = watch::channel(None);
     let store = Store {
-        conn: Arc::new(OnceCell::new()),
+        conn,
         settings: settings.clone(),
     };
     let member: Arc<str> = format!(
@@ -478,10 +481,10 @@ pub(crate) async fn run(
             .map_or(0, |d| d.as_micros())
     )
     .into();
-    tokio::spawn(connect(client.clone(), store.clone()));
+    tokio::spawn(connect(client.clone(), settings.clone(), connected));
     let (wake_tx, mut wakes) = mpsc::unbounded_channel();
     let wake_task = tokio::spawn(listen(client, settings.clone(), member.clone(), wake_tx));
-    let alive_task = tokio::spawn(keep_alive(store.clone(), member.clone()));
+
     let (done_tx, mut done) = mpsc::unbounded_channel();
     let now = Instant::now();
     let mut engine = Engine {
@@ -533,13 +536,16 @@ pub(crate) async fn run(
         }
     }
     wake_task.abort();
-    alive_task.abort();
     engine.stop(&mut inbox, &mut done).await;
 }
 
 /// Connects, loads the library and settings, and keeps trying until it works.
-async fn connect(client: redis::Client, store: Store) {
-    let settings = &store.settings;
+async fn connect(
+    client: redis::Client,
+    settings: Arc<Settings>,
+    connected: watch::Sender<Option<ConnectionManager>>,
+) {
+    let settings = &*settings;
     let config = ConnectionManagerConfig::new()
         .set_connection_timeout(Some(settings.timeout))
         .set_response_timeout(Some(settings.timeout))
@@ -560,27 +566,13 @@ async fn connect(client: redis::Client, store: Store) {
                     node = %settings.node,
                     "connected to Redis"
                 );
-                let _ = store.conn.set(conn);
+                let _ = connected.send(Some(conn));
                 return;
             }
             Ok(Err(e)) => note_failure(&mut failures, &e.to_string(), settings),
             Err(_) => note_failure(&mut failures, "timed out", settings),
         }
         tokio::time::sleep(RECONNECT_PAUSE).await;
-    }
-}
-
-/// Tells the other cores that this one lives (see [`ALIVE_TTL`]).
-async fn keep_alive(store: Store, member: Arc<str>) {
-    let mut tick = tokio::time::interval(ALIVE_EVERY);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        let mut cmd = store.fcall("mm1_alive");
-        cmd.arg(&*member).arg(ALIVE_TTL.as_millis() as u64);
-        if let Err(e) = store.run(&cmd).await {
-            debug!(error = %e.message, "liveness not renewed");
-        }
     }
 }
 
