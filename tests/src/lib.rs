@@ -250,9 +250,30 @@ pub struct CoreOptions {
     pub fsync: Option<String>,
     /// Appended verbatim to the TOML file.
     pub extra_toml: String,
+    /// Why this test needs the embedded backend even in a run on Redis (see
+    /// [`CoreOptions::embedded`]).
+    pub embedded_only: Option<&'static str>,
+}
+
+/// The environment variable that runs the end-to-end suite on the Redis backend:
+/// `MICROMSG_E2E_BACKEND=redis` gives every core that is not durable (a data
+/// directory is the embedded backend's) a private redis-server.
+pub const BACKEND_ENV: &str = "MICROMSG_E2E_BACKEND";
+
+/// Whether this run puts cores on the Redis backend.
+pub fn on_redis() -> bool {
+    std::env::var(BACKEND_ENV).is_ok_and(|v| v == "redis")
 }
 
 impl CoreOptions {
+    /// These options, for a test of what only the embedded backend has (a limit
+    /// Redis's maxmemory replaces, a status without Redis in it, no network
+    /// socket): its core stays embedded in a run on Redis, and says `why` there.
+    pub fn embedded(mut self, why: &'static str) -> CoreOptions {
+        self.embedded_only = Some(why);
+        self
+    }
+
     fn toml(&self, socket: &Path) -> String {
         let mut t = Toml::default();
         t.str("socket", &socket.to_string_lossy());
@@ -289,6 +310,9 @@ pub struct Core {
     options: CoreOptions,
     child: Option<Child>,
     starts: u32,
+    /// The core's private Redis in a run on the Redis backend; declared after
+    /// `child` so that it stops after the core.
+    _redis: Option<Redis>,
 }
 
 impl Core {
@@ -302,6 +326,25 @@ impl Core {
         }
         let socket = dir.path().join("core.sock");
         let config = dir.path().join("msgserver.toml");
+        let mut options = options;
+        let redis = if on_redis()
+            && !options.durable
+            && !options.extra_toml.contains("backend")
+            && options.embedded_only.is_none()
+        {
+            let redis = Redis::start().expect("MICROMSG_E2E_BACKEND=redis needs redis-server");
+            options.extra_toml = format!(
+                "backend = \"redis\"\nredis_url = {}\nredis_timeout = 1.0\n{}",
+                Value::from(redis.url()),
+                options.extra_toml
+            );
+            Some(redis)
+        } else {
+            if let (true, Some(why)) = (on_redis(), options.embedded_only) {
+                println!("this core stays on the embedded backend: {why}");
+            }
+            None
+        };
         std::fs::write(&config, options.toml(&socket)).expect("writing msgserver.toml");
         let log = dir.path().join("msgserver.log");
         let mut core = Core {
@@ -312,6 +355,7 @@ impl Core {
             options,
             child: None,
             starts: 0,
+            _redis: redis,
         };
         core.spawn_and_wait();
         core

@@ -13,6 +13,7 @@ fn limited_core(extra: &str) -> CoreOptions {
         extra_toml: extra.into(),
         ..CoreOptions::default()
     }
+    .embedded("max_sessions and max_queued_bytes are the embedded core's; Redis's maxmemory bounds a cluster")
 }
 
 /// An x0 SET from `src` to `dst` as the x0 client sends it; the raw reply.

@@ -47,13 +47,16 @@ fn line_with<'a>(text: &'a str, what: &str) -> &'a str {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_numbers_move_as_messages_flow() {
-    let (core, h) = start_default();
+    let (core, h) = start(
+        CoreOptions::default().embedded("asserts the status of a memory-only core"),
+        HandlerOptions::default(),
+    );
     let b = session("b");
     let status = core.msgctl_json(&["status"]);
     assert_eq!(status["ready"], 0, "{status}");
     assert_eq!(status["draining"], false, "{status}");
     assert_eq!(status["storage"], Value::Null, "memory only: {status}");
-    assert_eq!(status["protocol"], 7, "{status}");
+    assert_eq!(status["protocol"], ipc::PROTOCOL_VERSION, "{status}");
     assert!(
         status["handler_connections"].as_u64().unwrap() >= 1,
         "{status}"
