@@ -25,7 +25,7 @@ pub use messages::*;
 
 /// Bumped whenever a type in this crate changes shape on the wire. Both sides refuse
 /// a peer with another version instead of misreading its frames.
-pub const PROTOCOL_VERSION: u32 = 7;
+pub const PROTOCOL_VERSION: u32 = 8;
 
 /// First bytes of every handshake, so that something that is not micromsg at all
 /// (a stray client, a different program on a reused socket path) is told so plainly.

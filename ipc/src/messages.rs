@@ -522,11 +522,15 @@ pub enum ErrorKind {
     /// no new messages, while polls and acks go on so that its queues empty. Retry
     /// later; draining ends when the operator resumes or the core restarts.
     Draining,
+    /// The core's shared store (the Redis backend) did not answer within
+    /// `redis_timeout`: nothing was carried out, or a publish may have been stored
+    /// (retry it with its key). Retry later; the core reconnects by itself.
+    StoreUnavailable,
 }
 
 impl ErrorKind {
     /// Every kind, for tables indexed by kind (`kind as usize`).
-    pub const ALL: [ErrorKind; 7] = [
+    pub const ALL: [ErrorKind; 9] = [
         ErrorKind::MailboxFull,
         ErrorKind::PayloadTooLarge,
         ErrorKind::InvalidRequest,
@@ -534,6 +538,8 @@ impl ErrorKind {
         ErrorKind::Kicked,
         ErrorKind::NoRoute,
         ErrorKind::Overloaded,
+        ErrorKind::Draining,
+        ErrorKind::StoreUnavailable,
     ];
 
     /// The stable name shown to clients (`exception_id` in x0 error bodies).
@@ -547,6 +553,7 @@ impl ErrorKind {
             ErrorKind::NoRoute => "NoRoute",
             ErrorKind::Overloaded => "Overloaded",
             ErrorKind::Draining => "Draining",
+            ErrorKind::StoreUnavailable => "StoreUnavailable",
         }
     }
 }

@@ -691,9 +691,8 @@ pub fn status(kind: &str) -> StatusCode {
         "BodyTooLarge" | "PayloadTooLarge" => StatusCode::PAYLOAD_TOO_LARGE,
         "UnsupportedContentType" => StatusCode::UNSUPPORTED_MEDIA_TYPE,
         "MailboxFull" | "RateLimited" => StatusCode::TOO_MANY_REQUESTS,
-        "CoreUnavailable" | "ShuttingDown" | "TooManyConnections" | "Overloaded" | "Draining" => {
-            StatusCode::SERVICE_UNAVAILABLE
-        }
+        "CoreUnavailable" | "ShuttingDown" | "TooManyConnections" | "Overloaded" | "Draining"
+        | "StoreUnavailable" => StatusCode::SERVICE_UNAVAILABLE,
         _ => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }
@@ -1189,6 +1188,7 @@ mod tests {
             (ErrorKind::NoRoute, StatusCode::NOT_FOUND),
             (ErrorKind::Overloaded, StatusCode::SERVICE_UNAVAILABLE),
             (ErrorKind::Draining, StatusCode::SERVICE_UNAVAILABLE),
+            (ErrorKind::StoreUnavailable, StatusCode::SERVICE_UNAVAILABLE),
         ] {
             let error = Answer::Sent
                 .render(Response::error(kind, "why"))

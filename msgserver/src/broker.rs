@@ -2402,7 +2402,7 @@ fn session_records(session: &str, mailbox: &Mailbox) -> Vec<Record> {
 }
 
 /// The session a request acts as, for the kicked check.
-fn acting_session(request: &Request) -> Option<&str> {
+pub(crate) fn acting_session(request: &Request) -> Option<&str> {
     match request {
         Request::Poll { session, .. }
         | Request::Ack { session, .. }
@@ -2425,7 +2425,7 @@ fn acting_session(request: &Request) -> Option<&str> {
     }
 }
 
-fn kicked_error(session: &str) -> Response {
+pub(crate) fn kicked_error(session: &str) -> Response {
     Response::error(
         ErrorKind::Kicked,
         format!("session {session:?} was kicked; start a new session"),
@@ -2437,7 +2437,7 @@ fn json_string(s: &str) -> String {
 }
 
 /// `{"<key>":"<value>"}`.
-fn object(key: &str, value: &str) -> String {
+pub(crate) fn object(key: &str, value: &str) -> String {
     format!("{{\"{key}\":{}}}", json_string(value))
 }
 
@@ -2456,14 +2456,21 @@ fn session_event(session: &str, user: Option<&str>, reason: Option<&str>) -> Str
 /// The delivered form of a message of the versioned API. `data` is spliced in as
 /// the sender wrote it; the handler has checked that it is JSON.
 fn envelope(id: MessageId, time_ms: u64, send: &Send, target_json: &str) -> String {
-    let mut out = String::with_capacity(send.data.len() + target_json.len() + 96);
-    out.push_str(&format!(r#"{{"id":{id},"time":{time_ms},"source":"#));
+    let (head, tail) = envelope_parts(send);
+    format!(r#"{{"id":{id},"time":{time_ms}{head}{target_json}{tail}"#)
+}
+
+/// An envelope but for its id, time and target, which the Redis backend fills in
+/// inside Redis: what goes between the time and the target, and what follows it.
+pub(crate) fn envelope_parts(send: &Send) -> (String, String) {
+    let mut head = String::with_capacity(32);
+    head.push_str(r#","source":"#);
     match &send.src {
-        Some(src) => out.push_str(&json_string(src)),
-        None => out.push_str("null"),
+        Some(src) => head.push_str(&json_string(src)),
+        None => head.push_str("null"),
     }
-    out.push_str(r#","target":"#);
-    out.push_str(target_json);
+    head.push_str(r#","target":"#);
+    let mut out = String::with_capacity(send.data.len() + 64);
     if let Some(subject) = &send.subject {
         out.push_str(r#","subject":"#);
         out.push_str(&json_string(subject));
@@ -2478,7 +2485,7 @@ fn envelope(id: MessageId, time_ms: u64, send: &Send, target_json: &str) -> Stri
     out.push_str(r#","data":"#);
     out.push_str(&send.data);
     out.push('}');
-    out
+    (head, out)
 }
 
 /// How a message is stored: x0 messages as before, the rest with their storage id

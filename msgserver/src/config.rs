@@ -68,6 +68,25 @@ pub struct ServerConfig {
     pub heartbeat_timeout: f64,
     pub log: String,
     pub log_format: LogFormat,
+    /// Who owns the state: this process (`embedded`), or a Redis shared with other
+    /// cores (`redis`, docs/CLUSTER.md).
+    pub backend: Backend,
+    pub redis_url: String,
+    pub redis_prefix: String,
+    /// Seconds a Redis call may take before its request fails with StoreUnavailable.
+    pub redis_timeout: f64,
+    /// This core's name in the cluster; unset: `<hostname>-<pid>`.
+    pub node_name: Option<String>,
+}
+
+/// Where the core's state lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// In this process: memory only, or the log in `data_dir`.
+    Embedded,
+    /// In Redis, shared by every core with the same `redis_prefix`.
+    Redis,
 }
 
 /// How log lines are written (to stderr either way).
@@ -151,6 +170,11 @@ impl Default for ServerConfig {
             heartbeat_timeout: 15.0,
             log: "info".into(),
             log_format: LogFormat::Text,
+            backend: Backend::Embedded,
+            redis_url: "redis://127.0.0.1:6379/".into(),
+            redis_prefix: "micromsg".into(),
+            redis_timeout: 2.0,
+            node_name: None,
         }
     }
 }
@@ -197,7 +221,51 @@ impl ServerConfig {
         self.fsync_interval()?;
         self.heartbeat_timeout()?;
         anyhow::ensure!(self.max_in_flight > 0, "max_in_flight must be more than 0");
+        if self.backend == Backend::Redis {
+            self.cluster()?;
+        }
         Ok(())
+    }
+
+    /// The Redis backend's settings, checked.
+    pub fn cluster(&self) -> anyhow::Result<crate::cluster::Settings> {
+        anyhow::ensure!(
+            self.data_dir.is_none(),
+            "data_dir is for the embedded backend; with backend = \"redis\" Redis keeps the data"
+        );
+        redis::parse_redis_url(&self.redis_url).with_context(|| {
+            format!(
+                "redis_url {:?} is not a redis:// or redis+unix:// URL",
+                self.redis_url
+            )
+        })?;
+        anyhow::ensure!(
+            !self.redis_prefix.is_empty() && !self.redis_prefix.contains(['*', '?', '[', ' ']),
+            "redis_prefix {:?} must be non-empty, without spaces or glob characters",
+            self.redis_prefix
+        );
+        let node = match &self.node_name {
+            Some(name) => name.clone(),
+            None => format!(
+                "{}-{}",
+                nix::unistd::gethostname()
+                    .ok()
+                    .and_then(|h| h.into_string().ok())
+                    .unwrap_or_else(|| "core".into()),
+                std::process::id()
+            ),
+        };
+        anyhow::ensure!(
+            !node.is_empty() && !node.contains(['|', ' ']),
+            "node_name {node:?} must be non-empty, without '|' or spaces"
+        );
+        Ok(crate::cluster::Settings {
+            url: self.redis_url.clone(),
+            prefix: self.redis_prefix.clone(),
+            timeout: seconds("redis_timeout", self.redis_timeout)?,
+            node,
+            broker: self.broker()?,
+        })
     }
 
     pub fn socket_mode(&self) -> anyhow::Result<u32> {

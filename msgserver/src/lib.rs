@@ -3,6 +3,7 @@
 //! `main` over this; the benchmarks and tests use the parts directly.
 
 pub mod broker;
+pub mod cluster;
 pub mod config;
 pub mod journal;
 pub mod logging;

@@ -14,7 +14,7 @@ use clap::Parser;
 use tracing::{error, info};
 
 use msgserver::broker::{Broker, ClockAnchor, DeliveryMode};
-use msgserver::config::{FsyncPolicy, ServerConfig};
+use msgserver::config::{Backend, FsyncPolicy, ServerConfig};
 use msgserver::journal::Journal;
 use msgserver::storage::wal::Wal;
 use msgserver::{server, socket};
@@ -103,34 +103,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         socket::prepare_data_dir(&config, dir)?;
     }
     socket::drop_privileges(&config)?;
-    let clock = ClockAnchor::now();
-    let (broker, journal) = match &config.data_dir {
-        None => {
-            info!("no data_dir: messages are kept in memory only");
-            (Broker::new(broker_config, clock), None)
-        }
-        Some(dir) => {
-            let started = std::time::Instant::now();
-            let (wal, recovered) =
-                Wal::open(dir).with_context(|| format!("opening storage in {}", dir.display()))?;
-            let broker = Broker::restore(broker_config, clock, recovered, clock.instant);
-            let stats = broker.stats();
+    let engine = match config.backend {
+        Backend::Redis => {
+            let settings = config.cluster()?;
             info!(
-                dir = %dir.display(),
-                fsync = ?config.fsync,
-                ready = stats.ready,
-                dead_letters = stats.dead_letters,
-                elapsed_ms = started.elapsed().as_millis() as u64,
-                "storage recovered"
+                url = %settings.redacted_url(),
+                prefix = %settings.prefix,
+                node = %settings.node,
+                "backend redis: sessions and messages live in Redis, shared with the cluster's other cores"
             );
-            let journal = Journal::start(
-                Box::new(wal),
-                config.fsync,
-                config.fsync_interval()?,
-                config.compact_min_bytes,
-            );
-            (broker, Some(journal))
+            server::Engine::Redis(settings)
         }
+        Backend::Embedded => embedded(&config, broker_config)?,
     };
     let shell = server::ShellConfig {
         peers: socket::PeerPolicy::new(&config, socket_gid),
@@ -140,6 +124,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         max_in_flight: config.max_in_flight.max(1),
         heartbeat_timeout: config.heartbeat_timeout()?,
         sweep_interval: Duration::from_secs(1),
+        durable: config.data_dir.is_some() || config.backend == Backend::Redis,
         storage: config
             .data_dir
             .clone()
@@ -179,7 +164,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         if let Some(period) = sd_notify::watchdog_enabled() {
             tokio::spawn(service_manager::watchdog(period));
         }
-        server::serve(listener, admin_listener, broker, journal, shell, stopped).await;
+        server::serve(listener, admin_listener, engine, shell, stopped).await;
         anyhow::Ok(())
     })?;
     // Best effort: after dropping privileges the directory may not be ours to write.
@@ -192,6 +177,43 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The broker of this process, restored from its log when durable.
+fn embedded(
+    config: &ServerConfig,
+    broker_config: msgserver::broker::BrokerConfig,
+) -> anyhow::Result<server::Engine> {
+    let clock = ClockAnchor::now();
+    let (broker, journal) = match &config.data_dir {
+        None => {
+            info!("no data_dir: messages are kept in memory only");
+            (Broker::new(broker_config, clock), None)
+        }
+        Some(dir) => {
+            let started = std::time::Instant::now();
+            let (wal, recovered) =
+                Wal::open(dir).with_context(|| format!("opening storage in {}", dir.display()))?;
+            let broker = Broker::restore(broker_config, clock, recovered, clock.instant);
+            let stats = broker.stats();
+            info!(
+                dir = %dir.display(),
+                fsync = ?config.fsync,
+                ready = stats.ready,
+                dead_letters = stats.dead_letters,
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "storage recovered"
+            );
+            let journal = Journal::start(
+                Box::new(wal),
+                config.fsync,
+                config.fsync_interval()?,
+                config.compact_min_bytes,
+            );
+            (broker, Some(journal))
+        }
+    };
+    Ok(server::Engine::Embedded { broker, journal })
+}
+
 /// What `--check-config` prints on success: the settings an operator most often
 /// needs to confirm, not every key.
 fn print_summary(config: &ServerConfig, ignored_env: &[String]) {
@@ -199,13 +221,17 @@ fn print_summary(config: &ServerConfig, ignored_env: &[String]) {
     println!("  socket        {}", config.socket.display());
     println!("  admin_socket  {}", config.admin_socket().display());
     println!("  delivery      {:?}", config.delivery);
-    match &config.data_dir {
-        Some(dir) => println!(
+    match (config.backend, &config.data_dir) {
+        (Backend::Redis, _) => println!(
+            "  backend       redis {} prefix {}",
+            config.redis_url, config.redis_prefix
+        ),
+        (_, Some(dir)) => println!(
             "  data_dir      {} (fsync {:?})",
             dir.display(),
             config.fsync
         ),
-        None => println!("  data_dir      none: messages are kept in memory only"),
+        (_, None) => println!("  data_dir      none: messages are kept in memory only"),
     }
     println!(
         "  channels      {} [[channels]] tables",

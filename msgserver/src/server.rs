@@ -31,6 +31,19 @@ use crate::config::FsyncPolicy;
 use crate::journal::{Journal, Seq};
 use crate::socket::{AdminPolicy, PeerPolicy};
 
+/// Who owns the state behind the sockets. Built once per process, so the size of
+/// the embedded broker inline costs nothing.
+#[allow(clippy::large_enum_variant)]
+pub enum Engine {
+    /// The broker in this process, with its log when durable.
+    Embedded {
+        broker: Broker,
+        journal: Option<Journal>,
+    },
+    /// Redis, shared with the other cores of a cluster (`backend = "redis"`).
+    Redis(crate::cluster::Settings),
+}
+
 /// Settings of the shell itself (the broker has its own).
 #[derive(Debug, Clone)]
 pub struct ShellConfig {
@@ -49,6 +62,9 @@ pub struct ShellConfig {
     /// Where and how messages are stored; `None`: in memory only. Whether the
     /// core is durable is told to handlers in the handshake.
     pub storage: Option<StorageSettings>,
+    /// Whether what the core accepts survives its restart (a data directory, or
+    /// Redis), told to handlers in the handshake.
+    pub durable: bool,
 }
 
 /// What an operator's status shows of durable storage.
@@ -78,8 +94,8 @@ pub enum Door {
 /// How long a stopping core waits for its last replies to reach the handlers.
 const FINAL_WRITE_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// What connection tasks tell the broker task.
-enum Event {
+/// What connection tasks tell the broker task (or the Redis backend's engine).
+pub(crate) enum Event {
     Connected {
         conn: ConnId,
         door: Door,
@@ -101,8 +117,7 @@ enum Event {
 pub async fn serve(
     listener: UnixListener,
     admin_listener: UnixListener,
-    broker: Broker,
-    journal: Option<Journal>,
+    engine: Engine,
     config: ShellConfig,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -110,7 +125,14 @@ pub async fn serve(
     // Bounded: when the broker falls behind, connection readers stop reading and the
     // handlers feel it, instead of this queue growing.
     let (events, inbox) = mpsc::channel(4096);
-    let broker_task = tokio::spawn(run_broker(broker, journal, inbox, config.clone()));
+    let broker_task = match engine {
+        Engine::Embedded { broker, journal } => {
+            tokio::spawn(run_broker(broker, journal, inbox, config.clone()))
+        }
+        Engine::Redis(settings) => {
+            tokio::spawn(crate::cluster::run(settings, inbox, config.clone()))
+        }
+    };
     let (stop_connections, stopping) = watch::channel(false);
     let mut connections = tokio::task::JoinSet::new();
     let mut next_conn: ConnId = 0;
@@ -184,13 +206,13 @@ pub async fn serve(
 }
 
 /// One open connection as the broker task sees it.
-struct Link {
-    replies: mpsc::UnboundedSender<ServerFrame>,
+pub(crate) struct Link {
+    pub(crate) replies: mpsc::UnboundedSender<ServerFrame>,
     /// Only to count handlers apart from operators in a status.
-    door: Door,
+    pub(crate) door: Door,
 }
 
-type Links = HashMap<ConnId, Link>;
+pub(crate) type Links = HashMap<ConnId, Link>;
 
 async fn run_broker(
     mut broker: Broker,
@@ -494,7 +516,7 @@ async fn connection(
     if writer
         .send(Welcome::Accepted {
             version: ipc::PROTOCOL_VERSION,
-            durable: config.storage.is_some(),
+            durable: config.durable,
         })
         .await
         .is_err()
@@ -634,6 +656,7 @@ mod tests {
             heartbeat_timeout: Duration::from_secs(1),
             sweep_interval: Duration::from_secs(1),
             storage: None,
+            durable: false,
         }
     }
 
