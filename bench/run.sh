@@ -390,7 +390,7 @@ failures=0
 run_one() {
     local target=$1 label=$2
     shift 2
-    local url watch attempt line rc bench_target
+    local url watch attempt line rc bench_target backend_label
     bench_target=$target
     for attempt in $(seq "$attempts"); do
         if [ "$target" = micromsg ] && [ "${fresh_micromsg:-0}" = 1 ]; then
@@ -418,7 +418,13 @@ run_one() {
                 ;;
             cluster)
                 url=$cluster_urls
-                watch=("${cluster_watch[@]}" --backend "${cluster%% *}")
+                # The backend's column in the report; Redis's fsync policy too
+                # unless it is the one msgserver needs.
+                backend_label=${cluster%% *}
+                if [ "$backend_label" = redis ] && [ "$redis_fsync" != always ]; then
+                    backend_label="redis fsync=$redis_fsync"
+                fi
+                watch=("${cluster_watch[@]}" --backend "$backend_label")
                 ;;
         esac
         rc=0
