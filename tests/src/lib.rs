@@ -15,6 +15,9 @@
 //!
 //! With `MICROMSG_E2E_VIA_NGINX=1` every msghandler gets a private nginx running the
 //! shipped site in front of it, and the tests talk to nginx (module [`nginx`]).
+//!
+//! The cluster tests (issue 9) start a private `redis-server` and several pairs
+//! sharing it (module [`redis`]: [`Redis`], [`Cluster`]).
 
 use std::ffi::OsString;
 use std::fs::File;
@@ -42,6 +45,9 @@ pub use serde_json::json;
 pub mod nginx;
 use nginx::Nginx;
 pub use nginx::via_nginx;
+
+pub mod redis;
+pub use redis::{Cluster, Pair, Redis, node_name};
 
 /// How long a child gets to create its socket or port before the test gives up.
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(10);

@@ -15,19 +15,32 @@
 --              b (body), e (expiry ms, 0 never), c (channel or ""), p (priority),
 --              t (queued at ms). One consumer group "g" with one consumer "c": the
 --              pending-entry list holds what was given and not yet acknowledged.
---   P:back:S   list: x0-mode messages a handler could not pass on (JSON [id,body,e])
+--   P:back:S   list: x0-mode messages a handler could not pass on (JSON [id, body,
+--              expiry], numbers as strings: cjson keeps only 14 digits)
 --   P:s:S      hash: user, paused
 --   P:subs:S   set: the session's subscriptions (JSON [pattern, subject, group])
---   P:poll:S   "<node>|<nonce>" of the poll parked for S, so a publish wakes its node
+--   P:poll:S   "<member>|<nonce>" of the poll parked for S, so a publish wakes the
+--              core: a member is "<node>.<incarnation>", one per core process, and
+--              the consumer name under which that core reads mailboxes
 --   P:kick:S   exists while S is kicked
--- Shared: P:id (id counter), P:cfg (settings), P:seen (zset of present sessions
+-- Shared: P:id (id counter), P:cfg (settings), P:mailboxes (sessions with a
+-- mailbox stream, for the operator's counts), P:seen (zset of present sessions
 -- by last seen), P:user:U (set), P:pat / P:wild (patterns subscribed / the
 -- wildcard ones), P:m:<pattern> (set of JSON [session, subject, group]),
 -- P:turn:<pattern> (consumer-group turns), P:h:<channel> (history stream) with
 -- P:hmeta:<channel>, P:hists (channels with history), P:reply:<id>, P:key:<src>\0<key>,
--- P:dead (dead letters stream).
+-- P:dead (dead letters stream), P:alive:<member> (exists while that core lives),
+-- P:acking (sessions with implicit acknowledgements waiting, by when to settle).
 
 local SYS = '$sys'
+-- Consumer names besides the cores' own ("<node>.<incarnation>"): entries due for
+-- redelivery at once, and entries whose implicit acknowledgement waits to learn
+-- whether the core that gave them out is still alive ("acking:<consumer>").
+local DUE_CONSUMER = 'due'
+local ACKING = 'acking:'
+-- How long an implicit acknowledgement of another core's batch waits: longer than
+-- a core's liveness key lives (ALIVE_TTL in mod.rs, renewed every ALIVE_EVERY).
+local ACK_GRACE_MS = 3000
 -- An idle time that makes a pending entry due for redelivery at once.
 local DUE = '1000000000000'
 local MAX_TTL_MS = 10 * 365 * 24 * 3600 * 1000
@@ -174,9 +187,12 @@ end
 
 local function qkey(P, S) return P .. ':q:' .. S end
 
-local function ensure_group(q)
+local function ensure_group(P, S, q)
   if redis.call('EXISTS', q) == 0 then
     redis.call('XGROUP', 'CREATE', q, 'g', '0', 'MKSTREAM')
+    -- The index the operator's counts walk; a mailbox that expired is dropped
+    -- from it there.
+    redis.call('SADD', P .. ':mailboxes', S)
   end
 end
 
@@ -209,7 +225,7 @@ local function is_kicked(P, S) return redis.call('EXISTS', P .. ':kick:' .. S) =
 -- the ready count when the mailbox is full under the reject policy.
 local function enqueue(P, c, now, S, id, seq, body, channel, prio, expires, max_pending)
   local q = qkey(P, S)
-  ensure_group(q)
+  ensure_group(P, S, q)
   local dropped = 0
   local ready = redis.call('XLEN', q) - pending_count(q)
   if max_pending > 0 and channel ~= '' and ready >= max_pending then
@@ -346,7 +362,7 @@ end
 -- Pending entries ready again at once, without counting a delivery.
 local function make_due(q, entries)
   for _, p in ipairs(entries) do
-    redis.call('XCLAIM', q, 'g', 'c', '0', p[1], 'IDLE', DUE, 'RETRYCOUNT',
+    redis.call('XCLAIM', q, 'g', DUE_CONSUMER, '0', p[1], 'IDLE', DUE, 'RETRYCOUNT',
       d(math.max(p[4] - 1, 0)), 'JUSTID')
   end
 end
@@ -360,7 +376,9 @@ end
 -- Takes up to `max` (0: all) ready messages for S: handed back ones first, then
 -- those due for redelivery, then new ones; higher priority first, else oldest.
 -- Returns the batch ({id, body, seq, prio}) and counts.
-local function take(P, c, now, S, max)
+local function is_acking(p) return string.sub(p[2], 1, #ACKING) == ACKING end
+
+local function take(P, c, now, S, max, member)
   local q = qkey(P, S)
   local batch, n = {}, { expired = 0, dead = 0, redelivered = 0 }
   local function room() return max == 0 or #batch < max end
@@ -371,10 +389,11 @@ local function take(P, c, now, S, max)
     local keep = {}
     for _, raw in ipairs(items) do
       local m = cjson.decode(raw)
-      if m[3] > 0 and m[3] <= now then
+      local id, e = tonumber(m[1]), tonumber(m[3])
+      if e > 0 and e <= now then
         n.expired = n.expired + 1
       elseif room() then
-        batch[#batch + 1] = { m[1], m[2], 0, 0 }
+        batch[#batch + 1] = { id, m[2], 0, 0 }
       else
         keep[#keep + 1] = raw
       end
@@ -387,8 +406,10 @@ local function take(P, c, now, S, max)
   if redis.call('EXISTS', q) == 0 then return batch, n end
   local gone, delivered = {}, {}
   for _, p in ipairs(pending(q)) do
-    local due = (not c.ack) or p[3] >= c.vis_ms
-    if due and room() then
+    -- An entry waiting for its implicit acknowledgement is not given again.
+    local due = (not is_acking(p)) and ((not c.ack) or p[3] >= c.vis_ms)
+    -- With priorities every due entry competes for the batch; the rest goes back.
+    if due and (c.prioritised or room()) then
       if c.ack and c.max_deliveries > 0 and p[4] >= c.max_deliveries then
         local e = redis.call('XRANGE', q, p[1], p[1])[1]
         if e then
@@ -397,7 +418,7 @@ local function take(P, c, now, S, max)
         end
         gone[#gone + 1] = p[1]
       else
-        local e = redis.call('XCLAIM', q, 'g', 'c', '0', p[1])[1]
+        local e = redis.call('XCLAIM', q, 'g', member, '0', p[1])[1]
         if e then
           local f = fields(e)
           local e_ms = tonumber(f.e)
@@ -405,7 +426,6 @@ local function take(P, c, now, S, max)
             n.expired = n.expired + 1
             gone[#gone + 1] = p[1]
           else
-            n.redelivered = n.redelivered + 1
             batch[#batch + 1] = { tonumber(f.i), f.b, seq_of(p[1]), tonumber(f.p), p[4] + 1 }
             delivered[#delivered + 1] = p[1]
           end
@@ -413,8 +433,8 @@ local function take(P, c, now, S, max)
       end
     end
   end
-  if room() then
-    local args = { 'XREADGROUP', 'GROUP', 'g', 'c' }
+  if c.prioritised or room() then
+    local args = { 'XREADGROUP', 'GROUP', 'g', member }
     -- With priorities everything is read and sorted, the rest handed back below.
     if max > 0 and not c.prioritised then
       args[#args + 1] = 'COUNT'
@@ -449,13 +469,16 @@ local function take(P, c, now, S, max)
     for i = max + 1, #batch do
       local m = batch[i]
       if m[3] == 0 then
-        redis.call('RPUSH', back, json({ m[1], m[2], 0 }))
+        redis.call('RPUSH', back, json({ d(m[1]), m[2], '0' }))
       else
-        rest[#rest + 1] = { d(m[3]) .. '-0', 'c', 0, m[5] }
+        rest[#rest + 1] = { d(m[3]) .. '-0', member, 0, m[5] }
       end
       batch[i] = nil
     end
     make_due(q, rest)
+  end
+  for _, m in ipairs(batch) do
+    if c.ack and m[5] and m[5] > 1 then n.redelivered = n.redelivered + 1 end
   end
   if not c.ack then
     local ids = {}
@@ -473,7 +496,7 @@ local function next_due(c, q)
   local soonest = 0
   for _, p in ipairs(pending(q)) do
     -- Entries already due wait for a resume (a paused session), not a timer.
-    if p[3] < c.vis_ms then
+    if p[3] < c.vis_ms and not is_acking(p) then
       local left = c.vis_ms - p[3]
       if soonest == 0 or left < soonest then soonest = left end
     end
@@ -490,6 +513,62 @@ local function ack_where(q, covers)
   end
   forget(q, ids)
   return #ids
+end
+
+local function alive(P, consumer)
+  return redis.call('EXISTS', P .. ':alive:' .. consumer) == 1
+end
+
+-- The x0 rule "asking again acknowledges what was given before", for a poll
+-- through core `member`. What this core gave out is acknowledged at once. A batch
+-- another core gave out may never have reached the browser: that core may have
+-- died with it, and the tab came here because it did. Such entries are parked
+-- under "acking:<consumer>" (given to nobody) and settled by the sweep once the
+-- giving core's liveness is known: acknowledged if it lives, given again if not.
+-- Returns how many were acknowledged now.
+local function ack_previous(P, c, now, S, q, member)
+  local mine, theirs = {}, {}
+  for _, p in ipairs(pending(q)) do
+    if p[3] < c.vis_ms and not is_acking(p) and p[2] ~= DUE_CONSUMER then
+      if p[2] == member then
+        mine[#mine + 1] = p[1]
+      else
+        theirs[#theirs + 1] = p
+      end
+    end
+  end
+  forget(q, mine)
+  for _, p in ipairs(theirs) do
+    redis.call('XCLAIM', q, 'g', ACKING .. p[2], '0', p[1], 'RETRYCOUNT', d(p[4]), 'JUSTID')
+  end
+  if #theirs > 0 then redis.call('ZADD', P .. ':acking', d(now + ACK_GRACE_MS), S) end
+  return #mine
+end
+
+-- Settles the implicit acknowledgements that waited their grace; returns how many
+-- entries were given again because the core that gave them out is gone.
+local function settle_acks(P, now)
+  local again = 0
+  local sessions = redis.call('ZRANGEBYSCORE', P .. ':acking', '-inf', d(now), 'LIMIT', '0', '100')
+  for _, S in ipairs(sessions) do
+    redis.call('ZREM', P .. ':acking', S)
+    local q = qkey(P, S)
+    local settled, back = {}, {}
+    for _, p in ipairs(pending(q)) do
+      if is_acking(p) then
+        if alive(P, string.sub(p[2], #ACKING + 1)) then
+          settled[#settled + 1] = p[1]
+        else
+          back[#back + 1] = p
+        end
+      end
+    end
+    forget(q, settled)
+    make_due(q, back)
+    again = again + #back
+    if #back > 0 then wake(P, S) end
+  end
+  return again
 end
 
 -- The functions -------------------------------------------------------------------
@@ -511,7 +590,7 @@ end
 -- {'msgs', acked, expired, dead, redelivered, id, body, id, body, ...}
 local function mm_poll(_, a)
   local P, S, token = a[1], a[2], a[3]
-  local timeout, ack_previous, max, resume = tonumber(a[4]), a[5] == '1', tonumber(a[6]), a[7] == '1'
+  local timeout, ack_prev, max, resume = tonumber(a[4]), a[5] == '1', tonumber(a[6]), a[7] == '1'
   local c = cfg(P)
   local now = now_ms()
   local pkey = P .. ':poll:' .. S
@@ -525,11 +604,10 @@ local function mm_poll(_, a)
   touch(P, c, now, S)
   local q = qkey(P, S)
   local acked = 0
-  if c.ack and ack_previous then
-    acked = ack_where(q, function(_, p) return p[3] < c.vis_ms end)
-  end
+  local member = string.match(token, '^(.-)|')
+  if c.ack and ack_prev then acked = ack_previous(P, c, now, S, q, member) end
   local batch, n = {}, { expired = 0, dead = 0, redelivered = 0 }
-  if not is_paused(P, S) then batch, n = take(P, c, now, S, max) end
+  if not is_paused(P, S) then batch, n = take(P, c, now, S, max, member) end
   if #batch == 0 and timeout > 0 then
     redis.call('SET', pkey, token, 'PX', d(timeout + 5000))
     return { 'park', next_due(c, q), acked }
@@ -687,7 +765,7 @@ local function mm_return(_, a)
     -- Gone from the stream already: they come back with a fresh time to live.
     local back = P .. ':back:' .. S
     local e = expiry(c, now, nil)
-    for i = 3, #a, 2 do redis.call('RPUSH', back, json({ tonumber(a[i]), a[i + 1], e })) end
+    for i = 3, #a, 2 do redis.call('RPUSH', back, json({ a[i], a[i + 1], d(e) })) end
     if c.ttl_ms > 0 then keep_for(back, c.ttl_ms + c.idle_ms) end
   end
   wake(P, S)
@@ -868,7 +946,8 @@ local function mm_kick(_, a)
 end
 
 -- P, then sessions with a poll parked on the calling core: they are present.
--- Sessions silent for the session timeout leave. {left}
+-- Sessions silent for the session timeout leave, and implicit acknowledgements
+-- that waited their grace are settled. {left, given again}
 local function mm_sweep(_, a)
   local P = a[1]
   local c = cfg(P)
@@ -877,7 +956,13 @@ local function mm_sweep(_, a)
   local gone = redis.call('ZRANGEBYSCORE', P .. ':seen', '-inf', '(' .. d(now - c.session_ms),
     'LIMIT', '0', '1000')
   for _, S in ipairs(gone) do leave(P, c, now, S, true) end
-  return { #gone }
+  return { #gone, settle_acks(P, now) }
+end
+
+-- P, member, ttl_ms: the calling core is alive for ttl_ms more.
+local function mm_alive(_, a)
+  redis.call('SET', a[1] .. ':alive:' .. a[2], '1', 'PX', a[3])
+  return { 'ok' }
 end
 
 local function dead_selected(P, ids)
@@ -926,18 +1011,19 @@ local function mm_dead(_, a)
   return { #selected }
 end
 
+-- Visits every mailbox: O(mailboxes), for scrapes and operators.
 local function scan_mailboxes(P, visit)
-  local cursor = '0'
-  local prefix = P .. ':q:'
-  repeat
-    local r = redis.call('SCAN', cursor, 'MATCH', prefix .. '*', 'COUNT', '1000', 'TYPE', 'stream')
-    cursor = r[1]
-    for _, q in ipairs(r[2]) do
+  local index = P .. ':mailboxes'
+  for _, S in ipairs(redis.call('SMEMBERS', index)) do
+    local q = qkey(P, S)
+    if redis.call('EXISTS', q) == 0 then
+      redis.call('SREM', index, S)
+    else
       local total = redis.call('XLEN', q)
       local given = pending_count(q)
-      visit(string.sub(q, #prefix + 1), total - given, given)
+      visit(S, total - given, given)
     end
-  until cursor == '0'
+  end
 end
 
 -- P. {sessions, mailboxes, ready, in_flight, dead_letters, subscriptions, channels}
@@ -1039,6 +1125,7 @@ redis.register_function('mm1_presence', mm_presence)
 redis.register_function('mm1_bind', mm_bind)
 redis.register_function('mm1_kick', mm_kick)
 redis.register_function('mm1_sweep', mm_sweep)
+redis.register_function('mm1_alive', mm_alive)
 redis.register_function('mm1_dead', mm_dead)
 redis.register_function('mm1_status', mm_status)
 redis.register_function('mm1_sessions', mm_sessions)

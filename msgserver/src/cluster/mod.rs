@@ -43,6 +43,13 @@ const LIBRARY: &str = include_str!("micromsg.lua");
 
 /// How often a core that cannot reach Redis tries again.
 const RECONNECT_PAUSE: Duration = Duration::from_millis(500);
+/// How soon a poll whose call failed is tried again.
+const POLL_RETRY: Duration = Duration::from_secs(1);
+/// A core renews its liveness key this often, and the key lives this long: when a
+/// core dies, the others learn it within ALIVE_TTL, and settle the acknowledgements
+/// of what it gave out after ACK_GRACE_MS (micromsg.lua), which is longer.
+const ALIVE_EVERY: Duration = Duration::from_millis(500);
+const ALIVE_TTL: Duration = Duration::from_millis(2000);
 
 /// The settings of the Redis backend (`backend = "redis"` in msgserver.toml).
 #[derive(Debug, Clone)]
@@ -52,8 +59,7 @@ pub struct Settings {
     pub prefix: String,
     /// A call Redis does not answer within this fails its request.
     pub timeout: Duration,
-    /// This core's name among those sharing the prefix; its polls are woken on
-    /// `<prefix>:wake:<node>`.
+    /// This core's name among those sharing the prefix.
     pub node: String,
     pub broker: BrokerConfig,
 }
@@ -380,6 +386,14 @@ struct Parked {
     /// Withdrawn (CancelPoll, superseded here, or its connection closed) while a
     /// call was out: messages it brings are handed back to Redis.
     cancelled: bool,
+    /// Its last call failed (Redis unreachable): tried again shortly, and this is
+    /// the answer at its deadline if Redis stays away. Held rather than answered
+    /// at once, so that a client that polls again at once (x0's) does not spin.
+    failed: Option<Response>,
+    /// A call registered it in Redis: later calls resume it (and never acknowledge
+    /// again); until then they are the first poll again, acknowledging as asked.
+    registered: bool,
+    ack_previous: bool,
 }
 
 /// What the tasks that talk to Redis report to the engine's loop.
@@ -414,6 +428,11 @@ struct GivenOut {
 struct Engine {
     store: Store,
     settings: Arc<Settings>,
+    /// This process among the cluster's cores: `<node>.<start time>`, so that a
+    /// core restarted under the same name is not taken for the one that died. Its
+    /// polls are woken on `<prefix>:wake:<member>`, and it reads mailboxes as the
+    /// consumer of that name.
+    member: Arc<str>,
     shell: Arc<ShellConfig>,
     started: Instant,
     links: Links,
@@ -451,14 +470,24 @@ pub(crate) async fn run(
         conn: Arc::new(OnceCell::new()),
         settings: settings.clone(),
     };
+    let member: Arc<str> = format!(
+        "{}.{}",
+        settings.node,
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros())
+    )
+    .into();
     tokio::spawn(connect(client.clone(), store.clone()));
     let (wake_tx, mut wakes) = mpsc::unbounded_channel();
-    let wake_task = tokio::spawn(listen(client, settings.clone(), wake_tx));
+    let wake_task = tokio::spawn(listen(client, settings.clone(), member.clone(), wake_tx));
+    let alive_task = tokio::spawn(keep_alive(store.clone(), member.clone()));
     let (done_tx, mut done) = mpsc::unbounded_channel();
     let now = Instant::now();
     let mut engine = Engine {
         store,
         settings: settings.clone(),
+        member,
         shell: shell.clone(),
         started: now,
         links: HashMap::new(),
@@ -504,6 +533,7 @@ pub(crate) async fn run(
         }
     }
     wake_task.abort();
+    alive_task.abort();
     engine.stop(&mut inbox, &mut done).await;
 }
 
@@ -540,6 +570,20 @@ async fn connect(client: redis::Client, store: Store) {
     }
 }
 
+/// Tells the other cores that this one lives (see [`ALIVE_TTL`]).
+async fn keep_alive(store: Store, member: Arc<str>) {
+    let mut tick = tokio::time::interval(ALIVE_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let mut cmd = store.fcall("mm1_alive");
+        cmd.arg(&*member).arg(ALIVE_TTL.as_millis() as u64);
+        if let Err(e) = store.run(&cmd).await {
+            debug!(error = %e.message, "liveness not renewed");
+        }
+    }
+}
+
 fn note_failure(failures: &mut u32, why: &str, settings: &Settings) {
     // Every attempt at first, then every 20th: an outage must not flood the log.
     if *failures < 3 || failures.is_multiple_of(20) {
@@ -553,9 +597,10 @@ fn note_failure(failures: &mut u32, why: &str, settings: &Settings) {
 async fn listen(
     client: redis::Client,
     settings: Arc<Settings>,
+    member: Arc<str>,
     wakes: mpsc::UnboundedSender<Wake>,
 ) {
-    let channel = format!("{}:wake:{}", settings.prefix, settings.node);
+    let channel = format!("{}:wake:{member}", settings.prefix);
     let mut failures = 0u32;
     loop {
         let subscribed = async {
@@ -708,7 +753,7 @@ impl Engine {
         }
         let timeout = Duration::from_millis(timeout_ms).min(self.settings.broker.max_poll_timeout);
         self.nonce += 1;
-        let token = format!("{}|{}", self.settings.node, self.nonce);
+        let token = format!("{}|{}", self.member, self.nonce);
         let deadline = Instant::now() + timeout;
         self.parked.insert(
             from,
@@ -721,6 +766,9 @@ impl Engine {
                 in_call: true,
                 woken: false,
                 cancelled: false,
+                failed: None,
+                registered: false,
+                ack_previous,
             },
         );
         self.by_session.insert(session.clone(), from);
@@ -770,7 +818,8 @@ impl Engine {
             .saturating_duration_since(Instant::now())
             .max(Duration::from_millis(1));
         let (session, token, max) = (parked.session.clone(), parked.token.clone(), parked.max);
-        self.call_poll(to, session, token, left, false, max, true);
+        let (resume, ack_previous) = (parked.registered, parked.ack_previous && !parked.registered);
+        self.call_poll(to, session, token, left, ack_previous, max, resume);
     }
 
     /// Ends a parked poll without messages (`answer`: tell its handler so); one
@@ -820,8 +869,11 @@ impl Engine {
                 continue; // its outcome decides, deadline or not
             }
             if parked.deadline <= now {
-                self.forget(to);
-                self.reply(to, Response::Messages(Vec::new()));
+                let parked = self.forget(to).expect("checked above");
+                let response = parked
+                    .failed
+                    .unwrap_or_else(|| Response::Messages(Vec::new()));
+                self.reply(to, response);
             } else if parked.due.is_some_and(|due| due <= now) {
                 self.resume(to);
             }
@@ -875,10 +927,18 @@ impl Engine {
         let session = parked.session.clone();
         match outcome {
             Err(e) => {
-                self.forget(to);
-                if !cancelled {
-                    self.reply(to, e.response());
+                let now = Instant::now();
+                if cancelled || parked.deadline <= now {
+                    self.forget(to);
+                    if !cancelled {
+                        self.reply(to, e.response());
+                    }
+                    return;
                 }
+                parked.failed = Some(e.response());
+                let retry = (now + POLL_RETRY).min(parked.deadline);
+                parked.due = Some(retry);
+                self.add_timer(retry, to);
             }
             Ok(Polled::Kicked) => {
                 self.forget(to);
@@ -915,6 +975,8 @@ impl Engine {
                 self.counters.tally.acknowledged += acknowledged;
                 let now = Instant::now();
                 let parked = self.parked.get_mut(&to).expect("checked above");
+                parked.registered = true;
+                parked.failed = None;
                 if cancelled || parked.deadline <= now {
                     self.forget(to);
                     if !cancelled {
