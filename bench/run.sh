@@ -5,14 +5,16 @@
 #   bench/run.sh            every scenario, each target RUNS times (interleaved),
 #                           medians and ratios as a markdown table
 #   bench/run.sh --quick    CI smoke (same as SMOKE=1): micromsg only, scenario 1 for
-#                           3 s, a fan-out to 50 subscribers for 2 s and S=100 P=4
-#                           over WebSocket for 2 s, once each; fails if anything was
-#                           lost, duplicated or misrouted. Needs no nginx.
+#                           3 s, a fan-out to 50 subscribers for 2 s, S=100 P=4
+#                           over WebSocket for 2 s and, when redis-server is
+#                           installed, S=100 P=4 over 3 pairs sharing one Redis for
+#                           2 s, once each; fails if anything was lost, duplicated
+#                           or misrouted. Needs no nginx and no network.
 #
 # Environment:
 #   DURATION   seconds per run (default 15; 3 in --quick)
 #   RUNS       runs per scenario and target (default 3)
-#   SCENARIOS  which scenarios, in order (default "1 2 3 4 5 6 7 8"; 6, 7 and 8
+#   SCENARIOS  which scenarios, in order (default "1 2 3 4 5 6 7 8 9"; 6 to 9
 #              are micromsg only)
 #   TARGETS    which servers (default "micromsg nchan hello"; scenario 3 skips hello;
 #              nginx is installed and started only when nchan is among them)
@@ -20,16 +22,22 @@
 #   FANOUT     subscribers of the channel in scenario 7 (default 10000)
 #   TRANSPORTS how the subscribers of scenario 8 receive, side by side (default
 #              "poll ws sse": x0 long-poll, WebSocket in fast flow, SSE)
+#   CLUSTERS   what scenario 9 compares, side by side: BACKEND:PAIRS each (default
+#              "embedded:1 redis:1 redis:3"; embedded takes 1 pair only)
+#   REDIS_FSYNC  appendfsync of scenario 9's redis-server (default always: what
+#              msgserver needs so that nothing answered "ok" is lost; everysec, no)
 #   ATTEMPTS   tries per measurement while runs come out disturbed (default 3)
 #   RESULTS    file for the raw JSON lines (default target/bench/results-<time>.jsonl;
 #              the markdown table goes next to it as .md)
 #   KEEP_TMP=1 keep the servers' logs and configs
 #
 # Installs nginx and libnginx-mod-nchan with apt if nchan is a target and they are
-# missing (the system nginx service is not enabled or left running), builds in
+# missing, and redis-server if scenario 9 is to run and it is missing (neither
+# system service is enabled or left running), builds in
 # release mode, starts the targets among micromsg (msgserver + msghandler on a
 # private socket), nginx+nchan (own prefix and config in a temporary directory) and
-# hello, each on a free loopback port, and stops everything it started on exit.
+# hello, each on a free loopback port (scenario 9: a redis-server on a Unix socket
+# and msghandler+msgserver pairs over it), and stops everything it started on exit.
 # Load only ever goes to 127.0.0.1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -55,7 +63,9 @@ runs=${RUNS:-3}
 idle_polls=${IDLE:-10000}
 fanout=${FANOUT:-10000}
 attempts=${ATTEMPTS:-3}
-scenarios=${SCENARIOS:-1 2 3 4 5 6 7 8}
+scenarios=${SCENARIOS:-1 2 3 4 5 6 7 8 9}
+clusters=${CLUSTERS:-embedded:1 redis:1 redis:3}
+redis_fsync=${REDIS_FSYNC:-always}
 transports=${TRANSPORTS:-poll ws sse}
 targets=${TARGETS:-micromsg nchan hello}
 has_target() { [[ " $targets " == *" $1 "* ]]; }
@@ -135,6 +145,31 @@ install_nchan() {
 
 if [ "$quick" = 0 ] && has_target nchan; then
     install_nchan
+fi
+
+install_redis() {
+    command -v redis-server >/dev/null && return
+    log "installing redis-server"
+    local pidfile=/run/redis/redis-server.pid was_running=0
+    if [ -f "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null; then
+        was_running=1
+    fi
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y --no-install-recommends redis-server >"$tmp/apt.log" 2>&1 ||
+        { apt-get update >>"$tmp/apt.log" 2>&1 &&
+            apt-get install -y --no-install-recommends redis-server >>"$tmp/apt.log" 2>&1; } ||
+        { cat "$tmp/apt.log" >&2; exit 1; }
+    # The package may have started the system service (on port 6379): only ours runs.
+    if [ "$was_running" = 0 ] && [ -f "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null; then
+        log "stopping the system redis-server the package started"
+        kill "$(cat "$pidfile")" 2>/dev/null || true
+    fi
+    if command -v systemctl >/dev/null; then
+        systemctl disable redis-server >/dev/null 2>&1 || true
+    fi
+}
+if [ "$quick" = 0 ] && has_target micromsg && [[ " $scenarios " == *" 9 "* ]]; then
+    install_redis
 fi
 
 log "building (release)"
@@ -254,6 +289,89 @@ start_hello() {
     wait_for_port "$hello_port" "$hello_pid" hello
 }
 
+# Scenario 9 (and the cluster smoke): BACKEND PAIRS. embedded: one msghandler +
+# msgserver pair as start_micromsg's; redis: a fresh redis-server on a Unix socket
+# (no TCP port; append-only file with appendfsync $redis_fsync, no snapshots) and
+# PAIRS pairs over it, node names a, b, c..., msghandlers on consecutive free ports.
+# Sets cluster_urls (comma-separated) and cluster_watch (msgbench's --watch and
+# --watch-backend flags).
+cluster_port=$(free_port $((hello_port + 1)))
+cluster_pids=()
+cluster= # "BACKEND PAIRS" for run_one cluster
+start_cluster() { # backend pairs
+    local backend=$1 pairs=$2 names=({a..z}) i name dir socket port pid redis_url
+    local servers=() handlers=() urls=()
+    local redis_dir=$tmp/redis
+    cluster_watch=()
+    if [ "$backend" = redis ]; then
+        rm -rf "$redis_dir"
+        mkdir -p "$redis_dir"
+        chmod 755 "$redis_dir"
+        cat >"$redis_dir/redis.conf" <<EOF
+port 0
+unixsocket $redis_dir/redis.sock
+unixsocketperm 777
+dir $redis_dir
+appendonly yes
+appendfsync $redis_fsync
+save ""
+daemonize no
+EOF
+        redis-server "$redis_dir/redis.conf" >"$tmp/redis.log" 2>&1 &
+        pid=$!
+        started[$pid]=redis-server
+        cluster_pids+=("$pid")
+        for _ in $(seq 200); do [ -S "$redis_dir/redis.sock" ] && break; sleep 0.05; done
+        [ -S "$redis_dir/redis.sock" ] || { log "redis-server did not start"; cat "$tmp/redis.log" >&2; exit 1; }
+        redis_url=redis+unix://$redis_dir/redis.sock
+        cluster_watch+=(--watch-backend "redis-server:$pid")
+    fi
+    port=$cluster_port
+    for i in $(seq 0 $((pairs - 1))); do
+        name=${names[i]}
+        dir=$tmp/pair-$name
+        socket=$dir/msgserver.sock
+        rm -rf "$dir"
+        mkdir -p "$dir"
+        chmod 755 "$dir"
+        if [ "$backend" = redis ]; then
+            MICROMSG_BACKEND=redis MICROMSG_REDIS_URL=$redis_url MICROMSG_NODE_NAME=$name \
+                "$bin/msgserver" --config etc/msgserver.toml --socket "$socket" \
+                >"$tmp/msgserver-$name.log" 2>&1 &
+        else
+            "$bin/msgserver" --config etc/msgserver.toml --socket "$socket" \
+                >"$tmp/msgserver-$name.log" 2>&1 &
+        fi
+        pid=$!
+        started[$pid]=msgserver
+        cluster_pids+=("$pid")
+        servers+=("$pid")
+        for _ in $(seq 200); do [ -S "$socket" ] && break; sleep 0.05; done
+        [ -S "$socket" ] || { log "msgserver $name did not create $socket"; cat "$tmp/msgserver-$name.log" >&2; exit 1; }
+        port=$(free_port "$port")
+        "$bin/msghandler" --config etc/msghandler.toml --socket "$socket" \
+            --listen "127.0.0.1:$port" --poll-timeout 10 >"$tmp/msghandler-$name.log" 2>&1 &
+        pid=$!
+        started[$pid]=msghandler
+        cluster_pids+=("$pid")
+        handlers+=("$pid")
+        wait_for_port "$port" "$pid" "msghandler-$name"
+        urls+=("http://127.0.0.1:$port")
+        port=$((port + 1))
+    done
+    cluster_urls=$(IFS=,; echo "${urls[*]}")
+    cluster_watch=(--watch "msgserver:$(IFS=,; echo "${servers[*]}")"
+        --watch "msghandler:$(IFS=,; echo "${handlers[*]}")" "${cluster_watch[@]}")
+}
+stop_cluster() {
+    local i
+    # The handlers first, then the cores, then Redis: started in the reverse order.
+    for ((i = ${#cluster_pids[@]} - 1; i >= 0; i--)); do
+        stop "${cluster_pids[i]}"
+    done
+    cluster_pids=()
+}
+
 # ---------------------------------------------------------------------------------
 # Runs
 
@@ -266,15 +384,24 @@ failures=0
 # A run disturbed by other load on the machine (or by the hypervisor taking CPU away)
 # is repeated, up to ATTEMPTS runs in all; the last one counts either way and the
 # report says how many of the counted runs were disturbed. With fresh_micromsg=1,
-# every attempt runs on a freshly started micromsg.
+# every attempt runs on a freshly started micromsg. TARGET cluster is micromsg as
+# start_cluster BACKEND PAIRS (cluster="BACKEND PAIRS") starts it, afresh for every
+# attempt.
 run_one() {
     local target=$1 label=$2
     shift 2
-    local url watch attempt line rc
+    local url watch attempt line rc bench_target backend_label
+    bench_target=$target
     for attempt in $(seq "$attempts"); do
         if [ "$target" = micromsg ] && [ "${fresh_micromsg:-0}" = 1 ]; then
             stop_micromsg
             start_micromsg
+        fi
+        if [ "$target" = cluster ]; then
+            stop_cluster
+            # shellcheck disable=SC2086 # "BACKEND PAIRS"
+            start_cluster $cluster
+            bench_target=micromsg
         fi
         case $target in
             micromsg)
@@ -289,9 +416,19 @@ run_one() {
                 url=http://127.0.0.1:$hello_port
                 watch=(--watch "hello:$hello_pid")
                 ;;
+            cluster)
+                url=$cluster_urls
+                # The backend's column in the report; Redis's fsync policy too
+                # unless it is the one msgserver needs.
+                backend_label=${cluster%% *}
+                if [ "$backend_label" = redis ] && [ "$redis_fsync" != always ]; then
+                    backend_label="redis fsync=$redis_fsync"
+                fi
+                watch=("${cluster_watch[@]}" --backend "$backend_label")
+                ;;
         esac
         rc=0
-        line=$("$bin/msgbench" --target "$target" --url "$url" "${watch[@]}" \
+        line=$("$bin/msgbench" --target "$bench_target" --url "$url" "${watch[@]}" \
             --duration "$duration" --label "$label" "$@") || rc=$?
         if [ "$rc" -ge 2 ] || [ -z "$line" ]; then
             log "msgbench failed ($target, $label)"
@@ -316,7 +453,7 @@ run_one() {
 if [ "$quick" = 1 ]; then
     start_micromsg
     rc=0
-    smoke() { # label msgbench flags...
+    smoke() { # label msgbench flags... (against the micromsg started last)
         local label=$1 one=0
         shift
         "$bin/msgbench" --target micromsg --url "http://127.0.0.1:$micromsg_port" \
@@ -332,6 +469,21 @@ if [ "$quick" = 1 ]; then
     stop_micromsg
     start_micromsg
     smoke smoke-ws --subscribers 100 --publishers 4 --duration 2 --transport ws
+    stop_micromsg
+    # Issue 9: every message published on one pair and polled on another; about 3 s
+    # in all with the start of Redis and the pairs.
+    if command -v redis-server >/dev/null; then
+        log "smoke: micromsg, S=100 P=4 over 3 pairs sharing one Redis, 2s"
+        start_cluster redis 3
+        one=0
+        "$bin/msgbench" --target micromsg --url "$cluster_urls" "${cluster_watch[@]}" \
+            --backend redis --label smoke-cluster --subscribers 100 --publishers 4 \
+            --duration 2 >>"$results" || one=$?
+        [ "$one" = 0 ] || { log "smoke smoke-cluster FAILED (exit $one)"; rc=$one; }
+        stop_cluster
+    else
+        log "smoke: redis-server is not installed: no cluster smoke (.ci/run installs it)"
+    fi
     [ "$rc" = 0 ] && log "smoke passed: nothing lost, duplicated or misrouted" ||
         log "smoke FAILED; see $results"
     exit "$rc"
@@ -352,6 +504,7 @@ label_of() {
         6) echo "6: durable, ack delivery, S=100 P=32" ;;
         7) echo "7: fan-out of one channel message to $fanout subscribers" ;;
         8) echo "8: S=100 P=4 over WebSocket and over SSE" ;;
+        9) echo "9: cluster, S=100 P=4 over msghandler+msgserver pairs" ;;
     esac
 }
 flags_of() {
@@ -364,6 +517,7 @@ flags_of() {
         6) echo "--subscribers 100 --publishers 32" ;;
         7) echo "--fanout $fanout" ;;
         8) echo "--subscribers 100 --publishers 4" ;;
+        9) echo "--subscribers 100 --publishers 4" ;;
     esac
 }
 
@@ -426,6 +580,33 @@ run_transports() {
     done
 }
 
+# Scenario 9: micromsg only (issue 9). Scenario 1's load against each of CLUSTERS
+# in turn, interleaved: one pair with the embedded backend, the reference; one pair
+# and three pairs sharing one Redis. With several pairs, subscriber j polls pair
+# j % n and its messages are published via pair (j + 1) % n: every message crosses
+# from one pair to another through Redis. Server CPU is the msgservers' and the
+# msghandlers'; Redis's is reported apart, with its share of the two together.
+# Every attempt on a fresh Redis and fresh pairs.
+run_cluster() {
+    local label=$1 rep c
+    shift
+    for c in $clusters; do
+        if [ "${c%%:*}" = embedded ] && [ "${c#*:}" != 1 ]; then
+            log "CLUSTERS: the embedded backend takes 1 pair only, not $c"
+            exit 2
+        fi
+    done
+    stop_micromsg
+    for rep in $(seq "$runs"); do
+        for c in $clusters; do
+            log "scenario $label: micromsg ${c%%:*}, ${c#*:} pair(s), run $rep/$runs"
+            cluster="${c%%:*} ${c#*:}" run_one cluster "$label" "$@"
+        done
+    done
+    stop_cluster
+    start_micromsg
+}
+
 started_at=$SECONDS
 for scenario in $scenarios; do
     label=$(label_of "$scenario")
@@ -440,6 +621,10 @@ for scenario in $scenarios; do
     fi
     if [ "$scenario" = 8 ]; then
         has_target micromsg && run_transports "$label" "${flags[@]}"
+        continue
+    fi
+    if [ "$scenario" = 9 ]; then
+        has_target micromsg && run_cluster "$label" "${flags[@]}"
         continue
     fi
     # Each scenario starts from freshly started servers.

@@ -1,8 +1,10 @@
 //! Turns msgbench's JSON result lines into markdown: per scenario (the `label`), the
 //! median of each figure per target and transport (a column each: `micromsg` for
 //! long-polling, `micromsg ws`, `micromsg sse`), and the ratios micromsg/nchan,
-//! micromsg/hello, ws/poll and sse/poll. A scenario's rows follow its kind: load,
-//! idle parked polls (`idle`) or fan-out (`fanout`).
+//! micromsg/hello, ws/poll and sse/poll. Runs that name their `backend` (the cluster
+//! scenario) get a column per backend and number of URLs, `micromsg embedded, 1
+//! pair`, `micromsg redis, 3 pairs`, and ratios to the embedded one. A scenario's
+//! rows follow its kind: load, idle parked polls (`idle`) or fan-out (`fanout`).
 
 use std::fmt::Write;
 use std::path::Path;
@@ -28,17 +30,24 @@ pub fn markdown_from_file(path: &Path) -> Result<String> {
 
 const TARGETS: [&str; 3] = ["micromsg", "nchan", "hello"];
 const TRANSPORTS: [&str; 3] = ["poll", "ws", "sse"];
+/// The backend the cluster columns are compared with.
+const EMBEDDED: &str = "embedded";
 
-/// A column of a scenario's table: the runs of one target over one transport.
+/// A column of a scenario's table: the runs of one target over one transport (and
+/// one backend and number of pairs, when the runs name their backend).
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 struct Series {
-    /// Where it goes: targets, then transports, in the order of the constants.
-    rank: (usize, usize),
+    /// Where it goes: targets, then transports, in the order of the constants; then
+    /// the embedded backend before others, then fewer pairs before more.
+    rank: (usize, usize, usize, u64),
     /// The transport and, for a WebSocket in window flow, its window: `poll`, `ws`,
     /// `ws window=32`, `sse`. Runs from before transports existed are `poll`.
     transport: String,
-    /// The column's header: the target, then the transport unless it is `poll`.
+    /// The column's header: the target, then the transport unless it is `poll`, then
+    /// the backend and pairs if named.
     name: String,
+    /// The backend and pairs part of the name (`redis, 3 pairs`), if any.
+    cluster: Option<String>,
 }
 
 impl Series {
@@ -50,14 +59,32 @@ impl Series {
             _ => kind.to_owned(),
         };
         let rank = |list: &[&str], x: &str| list.iter().position(|t| *t == x).unwrap_or(list.len());
+        let mut name = if transport == "poll" {
+            target.to_owned()
+        } else {
+            format!("{target} {transport}")
+        };
+        let backend = run["backend"].as_str().unwrap_or("");
+        let pairs = run["urls"].as_u64().unwrap_or(1);
+        let cluster = (!backend.is_empty()).then(|| {
+            format!(
+                "{backend}, {pairs} pair{}",
+                if pairs == 1 { "" } else { "s" }
+            )
+        });
+        if let Some(cluster) = &cluster {
+            name = format!("{name} {cluster}");
+        }
         Series {
-            rank: (rank(&TARGETS, target), rank(&TRANSPORTS, kind)),
-            name: if transport == "poll" {
-                target.to_owned()
-            } else {
-                format!("{target} {transport}")
-            },
+            rank: (
+                rank(&TARGETS, target),
+                rank(&TRANSPORTS, kind),
+                usize::from(!backend.is_empty() && backend != EMBEDDED),
+                pairs,
+            ),
+            name,
             transport,
+            cluster,
         }
     }
 }
@@ -130,6 +157,27 @@ fn load_rows() -> Vec<Row> {
             1,
             true,
             false,
+        ),
+        row(
+            "Redis CPU µs per delivered msg (not in the server CPU above)",
+            |v| at(v, "/backend_cpu_us_per_msg"),
+            1,
+            true,
+            true,
+        ),
+        row(
+            "**Redis CPU share** (% of servers + Redis)",
+            |v| at(v, "/backend_cpu_share").map(|x| x * 100.0),
+            1,
+            false,
+            true,
+        ),
+        row(
+            "servers + Redis CPU µs per delivered msg",
+            |v| at(v, "/server_and_backend_cpu_us_per_msg"),
+            1,
+            true,
+            true,
         ),
         row(
             "server CPU µs per HTTP request",
@@ -447,6 +495,19 @@ pub fn markdown(runs: &[Value]) -> String {
                 ratios.push((format!("micromsg/{other}"), "micromsg".into(), other.into()));
             }
         }
+        let reference = format!("micromsg {EMBEDDED}, 1 pair");
+        if has(&reference) {
+            for s in series
+                .iter()
+                .filter(|s| s.cluster.is_some() && s.name != reference)
+            {
+                ratios.push((
+                    format!("{}/embedded", s.cluster.as_deref().unwrap_or("")),
+                    s.name.clone(),
+                    reference.clone(),
+                ));
+            }
+        }
         if has("micromsg") {
             for s in &pushed {
                 ratios.push((
@@ -626,6 +687,46 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("publishers' alone"), "{text}");
+    }
+
+    #[test]
+    fn backends_and_pairs_get_a_column_each_and_ratios_to_embedded() {
+        let run = |backend: &str, urls: u64, rate: f64, share: Option<f64>| {
+            let mut run = json!({"label": "9: cluster", "target": "micromsg", "idle": 0,
+                   "transport": "poll", "backend": backend, "urls": urls,
+                   "rate_per_s": rate, "server_cpu_us_per_unit": 20.0,
+                   "lost": 0, "disturbed": false});
+            if let Some(share) = share {
+                run["backend_cpu_share"] = json!(share);
+                run["backend_cpu_us_per_msg"] = json!(share * 40.0);
+            }
+            run
+        };
+        let runs = vec![
+            run("redis", 3, 6000.0, Some(0.25)),
+            run("embedded", 1, 20000.0, None),
+            run("redis", 1, 10000.0, Some(0.2)),
+        ];
+        let text = markdown(&runs);
+        assert!(
+            text.contains(
+                "| figure | micromsg embedded, 1 pair | micromsg redis, 1 pair \
+                 | micromsg redis, 3 pairs | redis, 1 pair/embedded | redis, 3 pairs/embedded |"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "| delivered msg/s (hello: requests/s) | 20,000 | 10,000 | 6000 | 0.50× | 0.30× |"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "| **Redis CPU share** (% of servers + Redis) | – | 20.0 | 25.0 | – | – |"
+            ),
+            "{text}"
+        );
     }
 
     #[test]

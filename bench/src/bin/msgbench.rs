@@ -90,9 +90,14 @@ impl Transport {
 struct Args {
     #[arg(long, value_enum, default_value = "micromsg")]
     target: Target,
-    /// Base URL of the server.
-    #[arg(long, default_value = "http://127.0.0.1:8080")]
-    url: String,
+    /// Base URL of the server. Repeated (or comma-separated), the load scenario
+    /// spreads its sessions over several servers sharing one backend (msghandler +
+    /// msgserver pairs over Redis): subscriber j polls URL[j % n], and a message to
+    /// subscriber j is published via URL[(j + 1) % n], so that with n > 1 every
+    /// message crosses from one server to another (each publisher holds a connection
+    /// to every URL).
+    #[arg(long, value_delimiter = ',', default_value = "http://127.0.0.1:8080")]
+    url: Vec<String>,
     /// Subscriber sessions (one long-poll connection each).
     #[arg(long, default_value_t = 100)]
     subscribers: usize,
@@ -136,6 +141,16 @@ struct Args {
     /// that name instead. Repeatable.
     #[arg(long = "watch", value_name = "NAME")]
     watch: Vec<String>,
+    /// Like --watch, for the servers' shared backend (redis-server): its CPU and
+    /// memory are reported apart from the servers' (`backend_*` in the JSON line,
+    /// with its share of servers + backend), not in the server CPU per message.
+    /// Load scenario only. Repeatable.
+    #[arg(long = "watch-backend", value_name = "NAME")]
+    watch_backend: Vec<String>,
+    /// Free text naming the servers' backend (e.g. `embedded`, `redis`), copied into
+    /// the JSON line; the report gives each backend and number of URLs a column.
+    #[arg(long, default_value = "")]
+    backend: String,
     /// After the window: seconds to wait for the messages still under way.
     #[arg(long, default_value_t = 5.0)]
     drain: f64,
@@ -160,6 +175,11 @@ impl Args {
     /// The WebSocket subscribers' flow control.
     fn ws_flow(&self) -> Flow {
         self.ws_window.map_or(Flow::Fast, Flow::Window)
+    }
+
+    /// Publisher connections the run opens: one per publisher and URL.
+    fn publisher_connections(&self) -> usize {
+        self.publishers() * self.url.len().max(1)
     }
 
     /// Subscriber connections the run opens.
@@ -200,7 +220,7 @@ fn main() -> ExitCode {
     };
     // Whatever a server does, a run ends: connecting (10 s per connection, 100 at a
     // time), the window, the drain and a margin.
-    let connections = args.subscriber_connections() + args.publishers();
+    let connections = args.subscriber_connections() + args.publisher_connections();
     let limit = args.duration.max(0.0)
         + args.drain.max(0.0)
         + 10.0 * (connections as f64 / 100.0).ceil()
@@ -298,16 +318,31 @@ async fn run(args: Args) -> Result<bool> {
             bail!("--ws-window must be 1 to {MAX_WS_WINDOW}");
         }
     }
-    let addr = resolve(&args.url).await?;
+    if args.url.len() > 1 && (args.idle > 0 || args.fanout > 0) {
+        bail!("several --url are for the load scenario, not --idle or --fanout");
+    }
+    if !args.watch_backend.is_empty() && (args.idle > 0 || args.fanout > 0) {
+        bail!("--watch-backend is for the load scenario, not --idle or --fanout");
+    }
+    let mut addrs = Vec::with_capacity(args.url.len());
+    for url in &args.url {
+        addrs.push(resolve(url).await?);
+    }
+    let addr = addrs[0];
     let fd_limit = raise_fd_limit().unwrap_or(0);
-    let needed = (args.subscriber_connections() + args.publishers() + 64) as u64;
+    let needed = (args.subscriber_connections() + args.publisher_connections() + 64) as u64;
     if fd_limit < needed {
         eprintln!(
             "msgbench: warning: open-file limit {fd_limit} is below the {needed} this run needs"
         );
     }
     let watched: Vec<Watched> = args.watch.iter().map(|n| Watched::find(n)).collect();
-    for w in &watched {
+    let backend: Vec<Watched> = args
+        .watch_backend
+        .iter()
+        .map(|n| Watched::find(n))
+        .collect();
+    for w in watched.iter().chain(&backend) {
         if w.pids.is_empty() {
             eprintln!("msgbench: warning: no process named {:?} to watch", w.name);
         }
@@ -332,7 +367,7 @@ async fn run(args: Args) -> Result<bool> {
     } else if args.fanout > 0 {
         run_fanout(&args, addr, &ctx, &watched).await?
     } else {
-        run_load(&args, addr, &ctx, &watched).await?
+        run_load(&args, &addrs, &ctx, &watched, &backend).await?
     };
     if !args.json {
         eprint!("{}", table(&args, &result));
@@ -561,10 +596,13 @@ struct PubStats {
     first_error: Option<String>,
 }
 
+/// Publisher `index`: closed loop over `connections`, one per URL; the message to
+/// subscriber `dst` goes via `connections[(dst + 1) % len]` (subscriber `dst` polls
+/// URL `dst % len`).
 async fn publisher(
     ctx: Arc<Ctx>,
     index: usize,
-    mut connection: Connection,
+    mut connections: Vec<Connection>,
     end: Instant,
 ) -> PubStats {
     let mut stats = PubStats {
@@ -575,6 +613,8 @@ async fn publisher(
     let mut seq: u64 = 0;
     while Instant::now() < end {
         let dst = (index + seq as usize * p) % s;
+        let via = (dst + 1) % connections.len();
+        let connection = &mut connections[via];
         let ts = unix_micros();
         let body = payload(seq, index, dst, ts, ctx.payload_bytes);
         let (uri, body) = match ctx.target {
@@ -588,7 +628,7 @@ async fn publisher(
         };
         if ctx.preflight {
             stats.requests += 1;
-            if !send_preflight(&mut connection, &uri, "POST", PREFLIGHT_HEADERS).await {
+            if !send_preflight(connection, &uri, "POST", PREFLIGHT_HEADERS).await {
                 stats.errors += 1;
                 note(&mut stats.first_error, || "publish preflight failed".into());
             }
@@ -623,7 +663,7 @@ async fn publisher(
         }
         seq += 1;
     }
-    stats.reconnects = connection.reconnects;
+    stats.reconnects = connections.iter().map(|c| c.reconnects).sum();
     stats
 }
 
@@ -1156,31 +1196,44 @@ fn handle_event(ctx: &Ctx, session: &str, event: &Event, now_us: u64, stats: &mu
 
 async fn run_load(
     args: &Args,
-    addr: SocketAddr,
+    addrs: &[SocketAddr],
     ctx: &Arc<Ctx>,
     watched: &[Watched],
+    backend: &[Watched],
 ) -> Result<(Value, bool)> {
     let s = args.subscribers;
     let p = args.publishers();
-    let connections = SubscriberConnections::open(ctx, addr, s).await?;
-    let pub_connections = connect_many(addr, p).await?;
+    let n = addrs.len();
+    let connections = SubscriberConnections::open(ctx, addrs, s).await?;
+    // Publisher i's connection to URL u is the (i * n + u)-th.
+    let mut opened = open_many(p * n, |k| Connection::open(addrs[k % n]))
+        .await?
+        .into_iter();
+    let pub_connections: Vec<Vec<Connection>> =
+        (0..p).map(|_| opened.by_ref().take(n).collect()).collect();
     let (stop_tx, stop_rx) = watch::channel(false);
-    let subscribers = connections.spawn(ctx, addr, &stop_rx);
+    let subscribers = connections.spawn(ctx, addrs, &stop_rx);
     // Every subscriber's first poll parked before the window starts.
     await_first_polls(ctx, s, Duration::from_secs(10)).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
 
+    // The backend is sampled with the servers, so that its CPU does not count as
+    // other processes' (which would mark the run disturbed), then split off.
+    let all: Vec<Watched> = watched.iter().chain(backend).cloned().collect();
     let (start, end) = open_window(ctx, Duration::from_secs_f64(args.duration));
-    let cpu_before = procfs::cpu_sample(watched);
+    let cpu_before = procfs::cpu_sample(&all);
 
     let mut publishers = JoinSet::new();
-    for (i, connection) in pub_connections.into_iter().enumerate() {
-        publishers.spawn(publisher(ctx.clone(), i, connection, end));
+    for (i, connections) in pub_connections.into_iter().enumerate() {
+        publishers.spawn(publisher(ctx.clone(), i, connections, end));
     }
     tokio::time::sleep_until(end.into()).await;
-    let cpu_after = procfs::cpu_sample(watched);
+    let cpu_after = procfs::cpu_sample(&all);
     let window = start.elapsed().as_secs_f64();
-    let memory = memory_now(watched);
+    let mut memory = memory_now(&all);
+    let backend_memory = memory.split_off(watched.len());
+    let mut cpu = CpuDelta::between(&cpu_before, &cpu_after);
+    let backend_cpu = cpu.watched.split_off(watched.len());
 
     let pub_stats = join_all(publishers).await?;
     let drained = if ctx.target == Target::Hello {
@@ -1195,17 +1248,49 @@ async fn run_load(
     };
     let _ = stop_tx.send(true);
     let sub_stats = join_all(subscribers).await?;
-    Ok(summarize_load(
-        args,
-        ctx,
-        watched,
-        window,
-        drained,
-        &CpuDelta::between(&cpu_before, &cpu_after),
-        &memory,
-        pub_stats,
-        sub_stats,
-    ))
+    let (mut result, ok) = summarize_load(
+        args, ctx, watched, window, drained, &cpu, &memory, pub_stats, sub_stats,
+    );
+    if !backend.is_empty() {
+        add_backend_usage(&mut result, backend, &backend_cpu, &backend_memory, window);
+    }
+    Ok((result, ok))
+}
+
+/// Adds the backend's CPU and memory (`cpu` over the `window`, `memory` at its end)
+/// to a load run's JSON line: per delivered message and as a share of the servers'
+/// and the backend's CPU together.
+fn add_backend_usage(
+    result: &mut Value,
+    backend: &[Watched],
+    cpu: &[f64],
+    memory: &[Memory],
+    window: f64,
+) {
+    let backend_cpu: f64 = cpu.iter().sum();
+    let server_cpu = result["server_cpu_s"].as_f64().unwrap_or(0.0);
+    let delivered = result["delivered_in_window"].as_u64().unwrap_or(0);
+    let per_msg = |cpu: f64| {
+        if delivered > 0 {
+            cpu * 1e6 / delivered as f64
+        } else {
+            0.0
+        }
+    };
+    let both = server_cpu + backend_cpu;
+    let usage = json!({
+        "backend_cpu_s": by_name(backend, cpu, |s| json!(round(*s, 3))),
+        "backend_cpu_total_s": round(backend_cpu, 3),
+        "backend_cores": round(backend_cpu / window, 3),
+        "backend_cpu_us_per_msg": round(per_msg(backend_cpu), 2),
+        "backend_cpu_share": round(if both > 0.0 { backend_cpu / both } else { 0.0 }, 4),
+        "server_and_backend_cpu_us_per_msg": round(per_msg(both), 2),
+        "backend_rss_kb": by_name(backend, memory, |m| json!(m.rss_kb)),
+        "backend_pss_kb": by_name(backend, memory, |m| json!(m.pss_kb)),
+    });
+    if let (Some(result), Value::Object(usage)) = (result.as_object_mut(), usage) {
+        result.extend(usage);
+    }
 }
 
 /// The subscribers' connections of the load scenario, opened (and for a WebSocket
@@ -1217,24 +1302,33 @@ enum SubscriberConnections {
 }
 
 impl SubscriberConnections {
-    /// One per session `sub<j>`, j < `n`, for `ctx`'s transport.
-    async fn open(ctx: &Ctx, addr: SocketAddr, n: usize) -> Result<Self> {
+    /// One per session `sub<j>`, j < `n`, for `ctx`'s transport, to `addrs[j % len]`.
+    async fn open(ctx: &Ctx, addrs: &[SocketAddr], n: usize) -> Result<Self> {
+        let addr_of = |j: usize| addrs[j % addrs.len()];
         Ok(match ctx.transport {
-            Transport::Poll => SubscriberConnections::Poll(connect_many(addr, n).await?),
+            Transport::Poll => {
+                SubscriberConnections::Poll(open_many(n, |j| Connection::open(addr_of(j))).await?)
+            }
             Transport::Ws => {
                 let flow = ctx.ws_flow;
                 SubscriberConnections::Ws(
-                    open_many(n, move |j| async move {
-                        websocket::connect(addr, &format!("sub{j}"), flow, OPEN_LIMIT).await
+                    open_many(n, move |j| {
+                        let addr = addr_of(j);
+                        async move {
+                            websocket::connect(addr, &format!("sub{j}"), flow, OPEN_LIMIT).await
+                        }
                     })
                     .await?,
                 )
             }
             Transport::Sse => SubscriberConnections::Sse(
-                open_many(n, move |j| async move {
-                    let mut connection = Connection::open(addr).await?;
-                    let body = open_events(&mut connection, &format!("sub{j}"), None).await?;
-                    Ok((connection, body))
+                open_many(n, move |j| {
+                    let addr = addr_of(j);
+                    async move {
+                        let mut connection = Connection::open(addr).await?;
+                        let body = open_events(&mut connection, &format!("sub{j}"), None).await?;
+                        Ok((connection, body))
+                    }
                 })
                 .await?,
             ),
@@ -1245,7 +1339,7 @@ impl SubscriberConnections {
     fn spawn(
         self,
         ctx: &Arc<Ctx>,
-        addr: SocketAddr,
+        addrs: &[SocketAddr],
         stop: &watch::Receiver<bool>,
     ) -> JoinSet<SubStats> {
         let mut set = JoinSet::new();
@@ -1265,7 +1359,7 @@ impl SubscriberConnections {
                 for (j, socket) in sockets.into_iter().enumerate() {
                     set.spawn(ws_subscriber(
                         ctx.clone(),
-                        addr,
+                        addrs[j % addrs.len()],
                         session(j),
                         socket,
                         stop.clone(),
@@ -1379,7 +1473,9 @@ fn summarize_load(
         "transport": ctx.transport.name(),
         "ws_flow": if ws { Some(ctx.ws_flow.name()) } else { None },
         "ws_window": if ws { ctx.ws_flow.window() } else { None },
-        "url": args.url,
+        "url": args.url.join(","),
+        "urls": args.url.len(),
+        "backend": args.backend,
         "subscribers": args.subscribers,
         "publishers": args.publishers(),
         "duration_s": round(window, 3),
@@ -1575,7 +1671,7 @@ async fn run_idle(
     let result = json!({
         "label": args.label,
         "target": ctx.target.name(),
-        "url": args.url,
+        "url": args.url.join(","),
         "idle": n,
         "parked": parked,
         "opened_in_s": round(opened_in, 3),
@@ -1994,7 +2090,7 @@ fn summarize_fanout(
     let mut result = json!({
         "label": args.label,
         "target": ctx.target.name(),
-        "url": args.url,
+        "url": args.url.join(","),
         "fanout": n,
         "subscribed": subscribed,
         "publishers": args.publishers(),
@@ -2048,7 +2144,7 @@ fn table(args: &Args, r: &Value) -> String {
         out,
         "── msgbench: {} {}{}",
         r["target"].as_str().unwrap_or(""),
-        args.url,
+        args.url.join(" "),
         if args.label.is_empty() {
             String::new()
         } else {
@@ -2266,6 +2362,17 @@ fn usage_lines(out: &mut String, r: &Value) {
         "  rss MiB           {}",
         by_process(&r["rss_kb"], 1.0 / 1024.0)
     );
+    if r.get("backend_cpu_s").is_some() {
+        let _ = writeln!(
+            out,
+            "  backend cpu s     {}  ({:.2} cores) -> {:.1} µs per delivered message, {:.1}% of servers + backend; rss MiB {}",
+            by_process(&r["backend_cpu_s"], 1.0),
+            f("backend_cores"),
+            f("backend_cpu_us_per_msg"),
+            f("backend_cpu_share") * 100.0,
+            by_process(&r["backend_rss_kb"], 1.0 / 1024.0)
+        );
+    }
 }
 
 /// `name figure` for each process of a `{name: figure}` object, figures × `scale`.
