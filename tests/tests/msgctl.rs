@@ -81,7 +81,8 @@ async fn status_numbers_move_as_messages_flow() {
         "{text}"
     );
     assert!(line_with(&text, "draining").contains("no"), "{text}");
-    assert!(line_with(&text, "version").contains("protocol 7"), "{text}");
+    let protocol = format!("protocol {}", ipc::PROTOCOL_VERSION);
+    assert!(line_with(&text, "version").contains(&protocol), "{text}");
 
     assert_eq!(h.poll_messages(&b).await.map(|m| m.len()), Some(2));
     let status = core.msgctl_json(&["status"]);

@@ -126,6 +126,13 @@ end
 
 local function is_paused(P, S) return redis.call('HGET', P .. ':s:' .. S, 'paused') == '1' end
 
+-- Higher priority first, then oldest first.
+local function by_priority(a, b)
+  if a[4] ~= b[4] then return a[4] > b[4] end
+  if a[1] ~= b[1] then return a[1] < b[1] end
+  return a[3] < b[3]
+end
+
 -- The sessions a message on channel with subject goes to, each once: every plain
 -- subscriber whose subject pattern matches, and one member of each consumer group
 -- in turn, passing over paused members while an unpaused one is there.
@@ -205,8 +212,9 @@ local function pending_count(q)
 end
 
 -- A key that outlives what it holds by the idle timeout, then goes by itself.
-local function keep_for(key, ms)
-  if redis.call('PTTL', key) < ms then redis.call('PEXPIRE', key, d(ms)) end
+-- Extended at most once per `slack` ms: every write is one more for the AOF.
+local function keep_for(key, ms, slack)
+  if redis.call('PTTL', key) < ms - (slack or 0) then redis.call('PEXPIRE', key, d(ms)) end
 end
 
 local function wake(P, S)
@@ -222,7 +230,8 @@ local function enqueue(P, c, now, S, id, seq, body, channel, prio, expires, max_
   local q = qkey(P, S)
   ensure_group(P, S, q)
   local dropped = 0
-  local ready = redis.call('XLEN', q) - pending_count(q)
+  local ready = redis.call('XLEN', q)
+  if c.ack then ready = ready - redis.call('XPENDING', q, 'g')[1] end
   if max_pending > 0 and channel ~= '' and ready >= max_pending then
     local same, oldest = 0, nil
     for _, e in ipairs(redis.call('XRANGE', q, '(' .. last_delivered(q), '+')) do
@@ -250,7 +259,9 @@ local function enqueue(P, c, now, S, id, seq, body, channel, prio, expires, max_
     'p', d(prio), 't', d(now))
   -- Only when every default message expires: a stream's expiry must not take a
   -- message that was to be kept for ever with it.
-  if expires > 0 and c.ttl_ms > 0 then keep_for(q, expires - now + c.idle_ms) end
+  if expires > 0 and c.ttl_ms > 0 then
+    keep_for(q, expires - now + c.idle_ms, math.min(60000, c.idle_ms / 2))
+  end
   wake(P, S)
   return dropped
 end
@@ -286,11 +297,19 @@ local function emit(P, c, now, subject, data)
 end
 
 -- A request from S itself: present from now until silent for the session timeout.
+-- The last-seen time is written at most every twentieth of the session timeout:
+-- a write per request would be an AOF write per request.
 local function touch(P, c, now, S)
-  if redis.call('ZADD', P .. ':seen', d(now), S) == 1 then
-    local user = redis.call('HGET', P .. ':s:' .. S, 'user')
-    emit(P, c, now, 'session.joined', session_event(S, user or nil, nil))
+  local seen = redis.call('ZSCORE', P .. ':seen', S)
+  if seen then
+    if now - tonumber(seen) >= c.session_ms / 20 then
+      redis.call('ZADD', P .. ':seen', d(now), S)
+    end
+    return
   end
+  redis.call('ZADD', P .. ':seen', d(now), S)
+  local user = redis.call('HGET', P .. ':s:' .. S, 'user')
+  emit(P, c, now, 'session.joined', session_event(S, user or nil, nil))
 end
 
 -- Subscriptions -----------------------------------------------------------------
@@ -371,6 +390,43 @@ end
 -- Takes up to `max` (0: all) ready messages for S: handed back ones first, then
 -- those due for redelivery, then new ones; higher priority first, else oldest.
 -- Returns the batch ({id, body, seq, prio}) and counts.
+-- x0 mode: a poll removes what it returns, so messages are read and deleted in
+-- one step; its mailboxes never use the consumer group. `batch` holds the
+-- handed-back ones already.
+local function take_x0(c, now, q, back, max, batch, n)
+  local read = { 'XRANGE', q, '-', '+' }
+  if max > 0 and not c.prioritised then
+    if #batch >= max then return batch, n end
+    read[5] = 'COUNT'
+    read[6] = d(max - #batch)
+  end
+  local gone = {}
+  for _, e in ipairs(redis.call(unpack(read))) do
+    local f = fields(e)
+    local e_ms = tonumber(f.e)
+    if e_ms > 0 and e_ms <= now then
+      n.expired = n.expired + 1
+      gone[#gone + 1] = e[1]
+    else
+      batch[#batch + 1] = { tonumber(f.i), f.b, seq_of(e[1]), tonumber(f.p) }
+    end
+  end
+  table.sort(batch, by_priority)
+  if max > 0 and #batch > max then
+    for i = #batch, max + 1, -1 do
+      local m = batch[i]
+      -- What does not fit stays where it was: in the stream, or handed back.
+      if m[3] == 0 then redis.call('LPUSH', back, json({ d(m[1]), m[2], '0' })) end
+      batch[i] = nil
+    end
+  end
+  for _, m in ipairs(batch) do
+    if m[3] > 0 then gone[#gone + 1] = d(m[3]) .. '-0' end
+  end
+  if #gone > 0 then chunks(gone, function(...) redis.call('XDEL', q, ...) end) end
+  return batch, n
+end
+
 local function take(P, c, now, S, max, member)
   local q = qkey(P, S)
   local batch, n = {}, { expired = 0, dead = 0, redelivered = 0 }
@@ -397,9 +453,10 @@ local function take(P, c, now, S, max, member)
     end
   end
   if redis.call('EXISTS', q) == 0 then return batch, n end
+  if not c.ack then return take_x0(c, now, q, back, max, batch, n) end
   local gone, delivered = {}, {}
   for _, p in ipairs(pending(q)) do
-    local due = (not c.ack) or p[3] >= c.vis_ms
+    local due = p[3] >= c.vis_ms
     -- With priorities every due entry competes for the batch; the rest goes back.
     if due and (c.prioritised or room()) then
       if c.ack and c.max_deliveries > 0 and p[4] >= c.max_deliveries then
@@ -451,11 +508,7 @@ local function take(P, c, now, S, max, member)
     end
   end
   forget(q, gone)
-  table.sort(batch, function(a, b)
-    if a[4] ~= b[4] then return a[4] > b[4] end
-    if a[1] ~= b[1] then return a[1] < b[1] end
-    return a[3] < b[3]
-  end)
+  table.sort(batch, by_priority)
   if max > 0 and #batch > max then
     local rest = {}
     for i = max + 1, #batch do
@@ -470,14 +523,7 @@ local function take(P, c, now, S, max, member)
     make_due(q, rest)
   end
   for _, m in ipairs(batch) do
-    if c.ack and m[5] and m[5] > 1 then n.redelivered = n.redelivered + 1 end
-  end
-  if not c.ack then
-    local ids = {}
-    for _, m in ipairs(batch) do
-      if m[3] > 0 then ids[#ids + 1] = d(m[3]) .. '-0' end
-    end
-    forget(q, ids)
+    if m[5] and m[5] > 1 then n.redelivered = n.redelivered + 1 end
   end
   return batch, n
 end
