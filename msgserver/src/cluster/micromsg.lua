@@ -189,13 +189,15 @@ end
 
 local function qkey(P, S) return P .. ':q:' .. S end
 
-local function ensure_group(P, S, q)
-  if redis.call('EXISTS', q) == 0 then
+-- Called when a mailbox holds nothing: it may not exist yet. Only ack mode reads
+-- through the consumer group; an x0 poll reads and deletes in one step.
+local function ensure_mailbox(P, c, S, q)
+  if c.ack and redis.call('EXISTS', q) == 0 then
     redis.call('XGROUP', 'CREATE', q, 'g', '0', 'MKSTREAM')
-    -- The index the operator's counts walk; a mailbox that expired is dropped
-    -- from it there.
-    redis.call('SADD', P .. ':mailboxes', S)
   end
+  -- The index the operator's counts walk (no write when S is in it already); a
+  -- mailbox that expired is dropped from it there.
+  redis.call('SADD', P .. ':mailboxes', S)
 end
 
 local function last_delivered(q)
@@ -206,9 +208,15 @@ local function last_delivered(q)
   return '0-0'
 end
 
-local function pending_count(q)
-  if redis.call('EXISTS', q) == 0 then return 0 end
+local function pending_count(c, q)
+  if not c.ack or redis.call('EXISTS', q) == 0 then return 0 end
   return redis.call('XPENDING', q, 'g')[1]
+end
+
+-- Where the messages not yet given out start in a mailbox stream.
+local function ready_from(c, q)
+  if c.ack then return '(' .. last_delivered(q) end
+  return '-'
 end
 
 -- A key that outlives what it holds by the idle timeout, then goes by itself.
@@ -228,13 +236,13 @@ local function is_kicked(P, S) return redis.call('EXISTS', P .. ':kick:' .. S) =
 -- the ready count when the mailbox is full under the reject policy.
 local function enqueue(P, c, now, S, id, seq, body, channel, prio, expires, max_pending)
   local q = qkey(P, S)
-  ensure_group(P, S, q)
   local dropped = 0
   local ready = redis.call('XLEN', q)
+  if ready == 0 then ensure_mailbox(P, c, S, q) end
   if c.ack then ready = ready - redis.call('XPENDING', q, 'g')[1] end
   if max_pending > 0 and channel ~= '' and ready >= max_pending then
     local same, oldest = 0, nil
-    for _, e in ipairs(redis.call('XRANGE', q, '(' .. last_delivered(q), '+')) do
+    for _, e in ipairs(redis.call('XRANGE', q, ready_from(c, q), '+')) do
       if fields(e).c == channel then
         same = same + 1
         oldest = oldest or e[1]
@@ -249,7 +257,7 @@ local function enqueue(P, c, now, S, id, seq, body, channel, prio, expires, max_
   if ready >= c.max_len then
     if c.reject then return -1, ready end
     local over = ready - math.max(c.max_len, 1) + 1
-    local oldest = redis.call('XRANGE', q, '(' .. last_delivered(q), '+', 'COUNT', d(over))
+    local oldest = redis.call('XRANGE', q, ready_from(c, q), '+', 'COUNT', d(over))
     for _, e in ipairs(oldest) do
       redis.call('XDEL', q, e[1])
       dropped = dropped + 1
@@ -432,8 +440,8 @@ local function take(P, c, now, S, max, member)
   local batch, n = {}, { expired = 0, dead = 0, redelivered = 0 }
   local function room() return max == 0 or #batch < max end
   local back = P .. ':back:' .. S
-  if redis.call('EXISTS', back) == 1 then
-    local items = redis.call('LRANGE', back, '0', '-1')
+  local items = redis.call('LRANGE', back, '0', '-1')
+  if #items > 0 then
     redis.call('DEL', back)
     local keep = {}
     for _, raw in ipairs(items) do
@@ -452,8 +460,8 @@ local function take(P, c, now, S, max, member)
       if c.ttl_ms > 0 then keep_for(back, c.ttl_ms + c.idle_ms) end
     end
   end
-  if redis.call('EXISTS', q) == 0 then return batch, n end
   if not c.ack then return take_x0(c, now, q, back, max, batch, n) end
+  if redis.call('EXISTS', q) == 0 then return batch, n end
   local gone, delivered = {}, {}
   for _, p in ipairs(pending(q)) do
     local due = p[3] >= c.vis_ms
@@ -642,17 +650,25 @@ local function mm_publish(_, a)
   local P, src, dst, body, key = a[1], a[2], a[3], a[4], a[5]
   local c = cfg(P)
   local now = now_ms()
-  if is_kicked(P, src) then return { 'kicked', src } end
   local kkey = P .. ':key:' .. src .. '\0' .. key
-  if key ~= '' then
-    local id = redis.call('GET', kkey)
+  -- One look for both kicks: on the hot path, neither is.
+  if redis.call('EXISTS', P .. ':kick:' .. src, P .. ':kick:' .. dst) > 0 then
+    if is_kicked(P, src) then return { 'kicked', src } end
+    local id = key ~= '' and redis.call('GET', kkey)
     if id then return { 'ok', tonumber(id), 0, 1 } end
+    return { 'kicked', dst }
   end
-  if is_kicked(P, dst) then return { 'kicked', dst } end
   local id = redis.call('INCR', P .. ':id')
+  if key ~= '' then
+    -- Remembered and checked in one step; forgotten again if the message is refused.
+    local first = redis.call('SET', kkey, d(id), 'PX', d(math.max(c.dedup_ms, 1)), 'NX', 'GET')
+    if first then return { 'ok', tonumber(first), 0, 1 } end
+  end
   local dropped, ready = enqueue(P, c, now, dst, id, id, body, '', 0, expiry(c, now, nil), 0)
-  if dropped < 0 then return { 'full', ready } end
-  if key ~= '' then redis.call('SET', kkey, d(id), 'PX', d(math.max(c.dedup_ms, 1))) end
+  if dropped < 0 then
+    if key ~= '' then redis.call('DEL', kkey) end
+    return { 'full', ready }
+  end
   return { 'ok', id, dropped, 0 }
 end
 
@@ -1021,6 +1037,7 @@ end
 
 -- Visits every mailbox: O(mailboxes), for scrapes and operators.
 local function scan_mailboxes(P, visit)
+  local c = cfg(P)
   local index = P .. ':mailboxes'
   for _, S in ipairs(redis.call('SMEMBERS', index)) do
     local q = qkey(P, S)
@@ -1028,7 +1045,7 @@ local function scan_mailboxes(P, visit)
       redis.call('SREM', index, S)
     else
       local total = redis.call('XLEN', q)
-      local given = pending_count(q)
+      local given = pending_count(c, q)
       visit(S, total - given, given)
     end
   end
@@ -1097,7 +1114,7 @@ local function mm_peek(_, a)
     out[#out + 1] = f.b
   end
   local c = cfg(P)
-  for _, p in ipairs(pending(q)) do
+  for _, p in ipairs(c.ack and pending(q) or {}) do
     given[p[1]] = true
     local e = redis.call('XRANGE', q, p[1], p[1])[1]
     if e then add(e, (c.ack and p[3] < c.vis_ms) and 1 or 0, p[4]) end
