@@ -402,7 +402,6 @@ enum Done {
     Reply {
         to: ReplyTo,
         response: Response,
-        tally: Tally,
     },
     Poll {
         to: ReplyTo,
@@ -685,15 +684,14 @@ impl Engine {
             request => {
                 let store = self.store.clone();
                 let shell = self.shell.clone();
-                let local = self.local_status();
+                // Only the operator's and the scrape's answers carry this core's own
+                // figures: not worth building for every request.
+                let local = matches!(request, Request::Metrics | Request::Admin(_))
+                    .then(|| self.local_status());
                 let done = self.done_tx.clone();
                 tokio::spawn(async move {
-                    let (response, tally) = execute(&store, &shell, local, request).await;
-                    let _ = done.send(Done::Reply {
-                        to: from,
-                        response,
-                        tally,
-                    });
+                    let response = execute(&store, &shell, local, request).await;
+                    let _ = done.send(Done::Reply { to: from, response });
                 });
             }
         }
@@ -890,14 +888,7 @@ impl Engine {
 
     fn done(&mut self, report: Done) {
         match report {
-            Done::Reply {
-                to,
-                response,
-                tally,
-            } => {
-                self.counters.add(tally);
-                self.reply(to, response);
-            }
+            Done::Reply { to, response } => self.reply(to, response),
             Done::Poll { to, token, outcome } => self.polled(to, token, outcome),
         }
     }
@@ -1123,8 +1114,7 @@ impl Engine {
                     from,
                     request: request @ Request::Return { .. },
                 } => {
-                    let (response, _) =
-                        execute(&self.store, &self.shell, self.local_status(), request).await;
+                    let response = execute(&self.store, &self.shell, None, request).await;
                     self.reply(from, response);
                 }
                 Event::Request { from, .. } => self.reply(from, stopping()),
@@ -1195,17 +1185,17 @@ struct Local {
 async fn execute(
     store: &Store,
     shell: &ShellConfig,
-    local: Local,
+    local: Option<Local>,
     request: Request,
-) -> (Response, Tally) {
+) -> Response {
     let acting = acting_session(&request).map(str::to_owned);
     match carry_out(store, shell, local, request).await {
         Ok((status, _)) if status == "kicked" => {
             let who = acting.unwrap_or_default();
-            (kicked_error(&who), Tally::default())
+            kicked_error(&who)
         }
-        Ok((_, response)) => (response, Tally::default()),
-        Err(e) => (e.response(), Tally::default()),
+        Ok((_, response)) => response,
+        Err(e) => e.response(),
     }
 }
 
@@ -1214,9 +1204,15 @@ async fn execute(
 async fn carry_out(
     store: &Store,
     shell: &ShellConfig,
-    local: Local,
+    local: Option<Local>,
     request: Request,
 ) -> Result<(String, Response), StoreError> {
+    // Built by the engine for the requests that need it (Metrics, Admin).
+    let local = || {
+        local
+            .clone()
+            .expect("the engine passes this core's figures")
+    };
     let broker = &store.settings.broker;
     let done = |status: String, response: Response| Ok((status, response));
     match request {
@@ -1409,6 +1405,7 @@ async fn carry_out(
         Request::DeadLetters(op) => dead_letters(store, op).await.map(|r| (String::new(), r)),
         Request::Metrics => {
             let gauges = Gauges::read(store).await?;
+            let local = local();
             let mut metrics = local.counters.clone();
             metrics.ready = gauges.ready;
             metrics.in_flight = gauges.in_flight;
@@ -1418,7 +1415,7 @@ async fn carry_out(
             metrics.parked_polls = local.parked_polls;
             done(String::new(), Response::Metrics(Box::new(metrics)))
         }
-        Request::Admin(admin) => admin_request(store, shell, local, admin)
+        Request::Admin(admin) => admin_request(store, shell, local(), admin)
             .await
             .map(|r| (String::new(), r)),
         // Served by the engine itself; never reaches here.
