@@ -19,9 +19,10 @@
 --              expiry], numbers as strings: cjson keeps only 14 digits)
 --   P:s:S      hash: user, paused
 --   P:subs:S   set: the session's subscriptions (JSON [pattern, subject, group])
---   P:poll:S   "<member>|<nonce>" of the poll parked for S, so a publish wakes the
---              core: a member is "<node>.<incarnation>", one per core process, and
---              the consumer name under which that core reads mailboxes
+--   P:poll:S   "<member>|<nonce>|<max>" of the poll parked for S, so that a
+--              publish hands its messages to that core: a member is
+--              "<node>.<incarnation>", one per core process, and the consumer name
+--              under which that core reads mailboxes
 --   P:kick:S   exists while S is kicked
 -- Shared: P:id (id counter), P:cfg (settings), P:mailboxes (sessions with a
 -- mailbox stream, for the operator's counts), P:seen (zset of present sessions
@@ -225,10 +226,23 @@ local function keep_for(key, ms, slack)
   if redis.call('PTTL', key) < ms - (slack or 0) then redis.call('PEXPIRE', key, d(ms)) end
 end
 
+-- The poll key holds "<member>|<nonce>|<max>": the poll's token, then how many
+-- messages its reply may carry.
+local function poll_token(stored)
+  if not stored then return nil end
+  return string.match(stored, '^(.*)|[^|]*$')
+end
+
+-- Tells the core holding S's parked poll to poll again ("w" + session): for what
+-- it must find out itself (a kick, a resume, a newer poll elsewhere).
 local function wake(P, S)
   local t = redis.call('GET', P .. ':poll:' .. S)
-  if t then redis.call('PUBLISH', P .. ':wake:' .. string.match(t, '^(.-)|'), S) end
+  if t then redis.call('PUBLISH', P .. ':wake:' .. string.match(t, '^(.-)|'), 'w' .. S) end
 end
+
+-- Set below, once take() exists: hands what is ready for S straight to the core
+-- holding S's parked poll.
+local hand_over
 
 local function is_kicked(P, S) return redis.call('EXISTS', P .. ':kick:' .. S) == 1 end
 
@@ -270,7 +284,6 @@ local function enqueue(P, c, now, S, id, seq, body, channel, prio, expires, max_
   if expires > 0 and c.ttl_ms > 0 then
     keep_for(q, expires - now + c.idle_ms, math.min(60000, c.idle_ms / 2))
   end
-  wake(P, S)
   return dropped
 end
 
@@ -301,6 +314,7 @@ local function emit(P, c, now, subject, data)
     local seq = id
     if i > 1 then seq = redis.call('INCR', P .. ':id') end
     enqueue(P, c, now, r, id, seq, body, SYS, 0, expiry(c, now, nil), 0)
+    hand_over(P, c, now, r)
   end
 end
 
@@ -536,6 +550,33 @@ local function take(P, c, now, S, max, member)
   return batch, n
 end
 
+-- A publish hands the messages to the core whose poll is parked for S in the same
+-- step ("m" + JSON [poll key, session, id, body, ...] on its wake-up channel),
+-- instead of waking it to ask for them with a call of its own: one call per
+-- message less. A core that gets them for a poll that has ended meanwhile hands
+-- them back. Nothing is taken for a paused session, nor for a core that no longer
+-- listens (it died; its poll ended with its connection).
+hand_over = function(P, c, now, S)
+  local pkey = P .. ':poll:' .. S
+  local stored = redis.call('GET', pkey)
+  if not stored or is_paused(P, S) then return end
+  local member, max = string.match(stored, '^(.-)|.*|([^|]*)$')
+  local channel = P .. ':wake:' .. member
+  if redis.call('PUBSUB', 'NUMSUB', channel)[2] == 0 then
+    redis.call('DEL', pkey)
+    return
+  end
+  local batch = take(P, c, now, S, tonumber(max), member)
+  if #batch == 0 then return end
+  redis.call('DEL', pkey)
+  local out = { poll_token(stored), S }
+  for _, m in ipairs(batch) do
+    out[#out + 1] = d(m[1])
+    out[#out + 1] = m[2]
+  end
+  redis.call('PUBLISH', channel, 'm' .. cjson.encode(out))
+end
+
 -- Milliseconds until the first message given out becomes due again (0: none).
 local function next_due(c, q)
   if not c.ack then return 0 end
@@ -618,11 +659,11 @@ local function mm_poll(_, a)
   local now = now_ms()
   local pkey = P .. ':poll:' .. S
   if is_kicked(P, S) then return { 'kicked' } end
-  local current = redis.call('GET', pkey)
+  local current = poll_token(redis.call('GET', pkey))
   if resume and current ~= token then return { 'superseded' } end
   if current and current ~= token then
     -- A newer poll ends the older one, parked on whichever core.
-    redis.call('PUBLISH', P .. ':wake:' .. string.match(current, '^(.-)|'), S)
+    redis.call('PUBLISH', P .. ':wake:' .. string.match(current, '^(.-)|'), 'w' .. S)
   end
   touch(P, c, now, S)
   local q = qkey(P, S)
@@ -632,7 +673,7 @@ local function mm_poll(_, a)
   local batch, n = {}, { expired = 0, dead = 0, redelivered = 0 }
   if not is_paused(P, S) then batch, n = take(P, c, now, S, max, member) end
   if #batch == 0 and timeout > 0 then
-    redis.call('SET', pkey, token, 'PX', d(timeout + 5000))
+    redis.call('SET', pkey, token .. '|' .. d(max), 'PX', d(timeout + 5000))
     return { 'park', next_due(c, q), acked }
   end
   redis.call('DEL', pkey)
@@ -669,6 +710,7 @@ local function mm_publish(_, a)
     if key ~= '' then redis.call('DEL', kkey) end
     return { 'full', ready }
   end
+  hand_over(P, c, now, dst)
   return { 'ok', id, dropped, 0 }
 end
 
@@ -730,6 +772,7 @@ local function mm_send(_, a)
     else
       queued = queued + 1
       dropped = dropped + n
+      hand_over(P, c, now, r)
     end
   end
   -- Remembered only once accepted: a refused message is not resumed, answered or
@@ -886,6 +929,7 @@ local function mm_subscribe(_, a)
   for _, m in ipairs(found) do
     enqueue(P, c, now, S, m[1], redis.call('INCR', P .. ':id'), m[2], m[3], m[4], expires, 0)
   end
+  if #found > 0 then hand_over(P, c, now, S) end
   return { 'ok', #found, complete and 1 or 0 }
 end
 
@@ -1025,11 +1069,14 @@ local function mm_dead(_, a)
   if op == 'replay' then
     local c = cfg(P)
     local now = now_ms()
+    local replayed = {}
     for _, s in ipairs(selected) do
       local f = s[2]
+      replayed[f.s] = true
       enqueue(P, c, now, f.s, tonumber(f.i), redis.call('INCR', P .. ':id'), f.b, f.c or '',
         tonumber(f.p or '0'), expiry(c, now, nil), 0)
     end
+    for S in pairs(replayed) do hand_over(P, c, now, S) end
   end
   for _, s in ipairs(selected) do redis.call('XDEL', key, s[1]) end
   return { #selected }

@@ -405,6 +405,7 @@ enum Done {
     },
     Poll {
         to: ReplyTo,
+        session: String,
         token: String,
         outcome: Result<Polled, StoreError>,
     },
@@ -412,9 +413,42 @@ enum Done {
 
 /// What the wake-up subscription reports.
 enum Wake {
+    /// Poll again for this session ("w" + session).
     Session(String),
+    /// A publish took these messages for the poll with this token ("m" + JSON).
+    Delivered {
+        token: String,
+        session: String,
+        messages: Vec<Message>,
+    },
     /// (Re)subscribed: wake-ups may have been missed meanwhile.
     Listening,
+}
+
+impl Wake {
+    fn parse(payload: &[u8]) -> Option<Wake> {
+        match payload.split_first()? {
+            (b'w', session) => Some(Wake::Session(String::from_utf8_lossy(session).into())),
+            (b'm', json) => {
+                let fields: Vec<String> = serde_json::from_slice(json).ok()?;
+                let mut fields = fields.into_iter();
+                let (token, session) = (fields.next()?, fields.next()?);
+                let mut messages = Vec::new();
+                while let (Some(id), Some(body)) = (fields.next(), fields.next()) {
+                    messages.push(Message {
+                        id: id.parse().ok()?,
+                        body,
+                    });
+                }
+                Some(Wake::Delivered {
+                    token,
+                    session,
+                    messages,
+                })
+            }
+            _ => None,
+        }
+    }
 }
 
 /// Messages given out on one connection in ack mode, kept for the visibility
@@ -607,9 +641,13 @@ async fn listen(
                 }
                 let mut messages = pubsub.into_on_message();
                 while let Some(message) = messages.next().await {
-                    let session: String =
-                        String::from_utf8_lossy(message.get_payload_bytes()).into();
-                    if wakes.send(Wake::Session(session)).is_err() {
+                    let Some(wake) = Wake::parse(message.get_payload_bytes()) else {
+                        // Only our functions publish here; a stranger's message is
+                        // no reason to stop listening.
+                        warn!(channel = %channel, "ignored an unknown message on the wake-up channel");
+                        continue;
+                    };
+                    if wakes.send(wake).is_err() {
                         return;
                     }
                 }
@@ -788,7 +826,12 @@ impl Engine {
                 .arg(max)
                 .arg(u8::from(resume));
             let outcome = store.run(&cmd).await.map(polled);
-            let _ = done.send(Done::Poll { to, token, outcome });
+            let _ = done.send(Done::Poll {
+                to,
+                session,
+                token,
+                outcome,
+            });
         });
     }
 
@@ -877,6 +920,11 @@ impl Engine {
                     self.resume(to);
                 }
             }
+            Wake::Delivered {
+                token,
+                session,
+                messages,
+            } => self.delivered(token, session, messages),
             Wake::Listening => {
                 let all: Vec<ReplyTo> = self.parked.keys().copied().collect();
                 for to in all {
@@ -886,28 +934,70 @@ impl Engine {
         }
     }
 
+    /// Messages a publish took for one of this core's parked polls.
+    fn delivered(&mut self, token: String, session: String, messages: Vec<Message>) {
+        let found = self.by_session.get(&session).copied().filter(|to| {
+            self.parked
+                .get(to)
+                .is_some_and(|p| p.token == token && !p.cancelled)
+        });
+        let Some(to) = found else {
+            // That poll ended meanwhile (its timeout, a newer poll, its browser).
+            self.hand_back(session, messages);
+            return;
+        };
+        if !self.links.contains_key(&to.conn) {
+            self.forget(to);
+            self.hand_back(session, messages);
+            return;
+        }
+        let parked = self.parked.get_mut(&to).expect("found above");
+        if parked.in_call {
+            // A call of its own is out too: answered now, and whatever that call
+            // brings is handed back when it comes.
+            parked.cancelled = true;
+        } else {
+            self.forget(to);
+        }
+        self.counters.tally.delivered += messages.len() as u64;
+        if self.settings.broker.delivery == DeliveryMode::Ack {
+            self.remember_given(to.conn, session, &messages);
+        }
+        self.reply(to, Response::Messages(messages));
+    }
+
     fn done(&mut self, report: Done) {
         match report {
             Done::Reply { to, response } => self.reply(to, response),
-            Done::Poll { to, token, outcome } => self.polled(to, token, outcome),
+            Done::Poll {
+                to,
+                session,
+                token,
+                outcome,
+            } => self.polled(to, session, token, outcome),
         }
     }
 
-    fn polled(&mut self, to: ReplyTo, token: String, outcome: Result<Polled, StoreError>) {
+    fn polled(
+        &mut self,
+        to: ReplyTo,
+        session: String,
+        token: String,
+        outcome: Result<Polled, StoreError>,
+    ) {
         let Some(parked) = self.parked.get_mut(&to).filter(|p| p.token == token) else {
-            // Superseded or forgotten meanwhile: what it brings goes back.
+            // Forgotten meanwhile: what it brings goes back.
             if let Ok(Polled::Messages(messages, tally)) = outcome {
                 self.counters.add(Tally {
                     delivered: 0,
                     ..tally
                 });
-                self.hand_back_unknown(messages);
+                self.hand_back(session, messages);
             }
             return;
         };
         parked.in_call = false;
         let cancelled = parked.cancelled;
-        let session = parked.session.clone();
         match outcome {
             Err(e) => {
                 let now = Instant::now();
@@ -1016,14 +1106,6 @@ impl Engine {
                     "could not hand messages back to Redis");
             }
         });
-    }
-
-    fn hand_back_unknown(&self, messages: Vec<Message>) {
-        // Reached only for a poll forgotten between its call and its outcome, which
-        // `withdraw` prevents by marking instead; kept as a safety net.
-        if !messages.is_empty() {
-            warn!(count = messages.len(), "a forgotten poll brought messages");
-        }
     }
 
     fn closed(&mut self, conn: ConnId) {
@@ -1729,6 +1811,34 @@ mod tests {
             Value::Int(0),
         ]);
         assert!(matches!(polled(parked), Polled::Parked { due_ms: 250, .. }));
+    }
+
+    #[test]
+    fn wake_up_messages_decode_into_a_wake_or_a_delivery() {
+        assert!(matches!(Wake::parse(b"wtab-1"), Some(Wake::Session(s)) if s == "tab-1"));
+        // What the functions publish: cjson's escapes (\" \u00e9 \/), ids as strings.
+        let payload =
+            br#"m["a.1796175406252000|7","tab \"1\"","1796175406252957","{\"x\":\"\u00e9\/\"}"]"#;
+        let Some(Wake::Delivered {
+            token,
+            session,
+            messages,
+        }) = Wake::parse(payload)
+        else {
+            panic!("not a delivery");
+        };
+        assert_eq!(token, "a.1796175406252000|7");
+        assert_eq!(session, r#"tab "1""#);
+        assert_eq!(
+            messages,
+            vec![Message {
+                id: 1_796_175_406_252_957,
+                body: "{\"x\":\"\u{e9}/\"}".into()
+            }]
+        );
+        assert!(Wake::parse(b"").is_none());
+        assert!(Wake::parse(b"m[not json").is_none());
+        assert!(Wake::parse(b"xsomething").is_none());
     }
 
     #[test]
