@@ -1729,3 +1729,104 @@ impl Drop for ActivatedHandler {
         }
     }
 }
+
+// ---------------------------------------------------------------------------
+// /v1 helpers shared by the routing and cluster tests
+// ---------------------------------------------------------------------------
+
+/// `/v1/subscribe` for `session` with the keys of `subscription`; must succeed.
+pub async fn subscribe(h: &Handler, session: &str, mut subscription: Value) -> Value {
+    subscription["session"] = json!(session);
+    let reply = h.v1_ok("/v1/subscribe", subscription).await;
+    assert_eq!(reply["subscribed"], true, "subscribe {session}: {reply}");
+    reply
+}
+
+/// `/v1/unsubscribe` for `session`; returns how many subscriptions went.
+pub async fn unsubscribe(h: &Handler, session: &str, mut subscription: Value) -> u64 {
+    subscription["session"] = json!(session);
+    let reply = h.v1_ok("/v1/unsubscribe", subscription).await;
+    reply["unsubscribed"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("unsubscribe {session}: {reply}"))
+}
+
+/// A client publish of `data` from `session` to `target`; must succeed.
+pub async fn publish(h: &Handler, session: &str, target: Value, data: Value) -> Value {
+    h.v1_ok(
+        "/v1/publish",
+        json!({"session": session, "target": target, "data": data}),
+    )
+    .await
+}
+
+/// A backend publish (no source) of `data` to `target`; must succeed.
+pub async fn backend_publish(h: &Handler, target: Value, data: Value) -> Value {
+    h.backend_ok(
+        "/v1/backend/publish",
+        json!({"target": target, "data": data}),
+    )
+    .await
+}
+
+/// The backend binds `session` to `user` (not exclusively).
+pub async fn bind(h: &Handler, session: &str, user: &str) {
+    let reply = h
+        .backend_ok(
+            "/v1/backend/bind",
+            json!({"session": session, "user": user}),
+        )
+        .await;
+    assert_eq!(reply["status"], "ok", "bind {session} to {user}: {reply}");
+}
+
+/// The backend kicks `session`.
+pub async fn kick(h: &Handler, session: &str, reason: &str) {
+    let reply = h
+        .backend_ok(
+            "/v1/backend/kick",
+            json!({"session": session, "reason": reason}),
+        )
+        .await;
+    assert_eq!(reply, json!({"status": "ok"}), "kick {session}");
+}
+
+/// How many sessions a publish reached.
+pub fn recipients(reply: &Value) -> u64 {
+    reply["recipients"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no recipients in {reply}"))
+}
+
+/// `data.<key>` of each envelope as a number.
+pub fn numbers(envelopes: &[Value], key: &str) -> Vec<u64> {
+    data_of(envelopes)
+        .iter()
+        .map(|d| {
+            d[key]
+                .as_u64()
+                .unwrap_or_else(|| panic!("no number {key:?} in {d}"))
+        })
+        .collect()
+}
+
+pub fn assert_nothing(what: &str, envelopes: &[Value]) {
+    assert!(
+        envelopes.is_empty(),
+        "{what} should have got nothing, got {envelopes:?}"
+    );
+}
+
+/// Publishes `data: {"n": n}` for each n in `range` to `channel` from the backend
+/// through `h`; returns the publish replies.
+pub async fn publish_numbered(
+    h: &Handler,
+    channel: &str,
+    range: std::ops::Range<u64>,
+) -> Vec<Value> {
+    let mut replies = Vec::new();
+    for n in range {
+        replies.push(backend_publish(h, json!({"channel": channel}), json!({"n": n})).await);
+    }
+    replies
+}

@@ -40,89 +40,6 @@ fn next(i: usize) -> usize {
     (i + 1) % PAIRS
 }
 
-/// `/v1/subscribe` for `session` with the keys of `subscription`; must succeed.
-async fn subscribe(h: &Handler, session: &str, mut subscription: Value) -> Value {
-    subscription["session"] = json!(session);
-    let reply = h.v1_ok("/v1/subscribe", subscription).await;
-    assert_eq!(reply["subscribed"], true, "subscribe {session}: {reply}");
-    reply
-}
-
-/// `/v1/unsubscribe` for `session`; returns how many subscriptions went.
-async fn unsubscribe(h: &Handler, session: &str, mut subscription: Value) -> u64 {
-    subscription["session"] = json!(session);
-    let reply = h.v1_ok("/v1/unsubscribe", subscription).await;
-    reply["unsubscribed"]
-        .as_u64()
-        .unwrap_or_else(|| panic!("unsubscribe {session}: {reply}"))
-}
-
-/// A client publish of `data` from `session` to `target`; must succeed.
-async fn publish(h: &Handler, session: &str, target: Value, data: Value) -> Value {
-    h.v1_ok(
-        "/v1/publish",
-        json!({"session": session, "target": target, "data": data}),
-    )
-    .await
-}
-
-/// A backend publish (no source) of `data` to `target`; must succeed.
-async fn backend_publish(h: &Handler, target: Value, data: Value) -> Value {
-    h.backend_ok(
-        "/v1/backend/publish",
-        json!({"target": target, "data": data}),
-    )
-    .await
-}
-
-/// The backend binds `session` to `user` (not exclusively).
-async fn bind(h: &Handler, session: &str, user: &str) {
-    let reply = h
-        .backend_ok(
-            "/v1/backend/bind",
-            json!({"session": session, "user": user}),
-        )
-        .await;
-    assert_eq!(reply["status"], "ok", "bind {session} to {user}: {reply}");
-}
-
-/// The backend kicks `session`.
-async fn kick(h: &Handler, session: &str, reason: &str) {
-    let reply = h
-        .backend_ok(
-            "/v1/backend/kick",
-            json!({"session": session, "reason": reason}),
-        )
-        .await;
-    assert_eq!(reply, json!({"status": "ok"}), "kick {session}");
-}
-
-/// How many sessions a publish reached.
-fn recipients(reply: &Value) -> u64 {
-    reply["recipients"]
-        .as_u64()
-        .unwrap_or_else(|| panic!("no recipients in {reply}"))
-}
-
-/// `data.<key>` of each envelope as a number.
-fn numbers(envelopes: &[Value], key: &str) -> Vec<u64> {
-    data_of(envelopes)
-        .iter()
-        .map(|d| {
-            d[key]
-                .as_u64()
-                .unwrap_or_else(|| panic!("no number {key:?} in {d}"))
-        })
-        .collect()
-}
-
-fn assert_nothing(what: &str, envelopes: &[Value]) {
-    assert!(
-        envelopes.is_empty(),
-        "{what} should have got nothing, got {envelopes:?}"
-    );
-}
-
 // ---------------------------------------------------------------------------
 // Sessions (x0)
 // ---------------------------------------------------------------------------
@@ -772,16 +689,6 @@ pattern = "news.>"
 history_len = 100
 history_secs = 600
 "#;
-
-/// Publishes `data: {"n": n}` for each n in `range` to `channel` from the backend
-/// through `h`; returns the publish replies.
-async fn publish_numbered(h: &Handler, channel: &str, range: std::ops::Range<u64>) -> Vec<Value> {
-    let mut replies = Vec::new();
-    for n in range {
-        replies.push(backend_publish(h, json!({"channel": channel}), json!({"n": n})).await);
-    }
-    replies
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resubscribing_with_since_on_another_pair_recovers_exactly_the_missed_messages() {

@@ -635,6 +635,18 @@ local function ack_previous(P, c, S, q, member)
   return #done
 end
 
+-- The start of a request that session a[2] makes itself: nothing when it is
+-- kicked, else the prefix, the session, the settings and the time, with the
+-- session marked present.
+local function acting(a)
+  local P, S = a[1], a[2]
+  if is_kicked(P, S) then return nil end
+  local c = cfg(P)
+  local now = now_ms()
+  touch(P, c, now, S)
+  return P, S, c, now
+end
+
 -- The functions -------------------------------------------------------------------
 
 -- P, settings as field/value pairs. Every core writes its own settings; they must
@@ -798,11 +810,9 @@ end
 
 -- P, S, kind (all|ids|upto), ids.... {'kicked'} | {'ok', count}
 local function mm_ack(_, a)
-  local P, S, kind = a[1], a[2], a[3]
-  local c = cfg(P)
-  local now = now_ms()
-  if is_kicked(P, S) then return { 'kicked' } end
-  touch(P, c, now, S)
+  local P, S, c = acting(a)
+  if not P then return { 'kicked' } end
+  local kind = a[3]
   if not c.ack then return { 'ok', 0 } end
   local q = qkey(P, S)
   local count
@@ -848,11 +858,8 @@ end
 
 -- P, S. Everything given to S and not acknowledged is ready again. {'kicked'} | {'ok', n}
 local function mm_release(_, a)
-  local P, S = a[1], a[2]
-  local c = cfg(P)
-  local now = now_ms()
-  if is_kicked(P, S) then return { 'kicked' } end
-  touch(P, c, now, S)
+  local P, S, c = acting(a)
+  if not P then return { 'kicked' } end
   if not c.ack then return { 'ok', 0 } end
   local q = qkey(P, S)
   local due = {}
@@ -935,20 +942,15 @@ end
 
 -- P, S, pattern, subject, group. {'kicked'} | {'ok', removed}
 local function mm_unsubscribe(_, a)
-  local P, S = a[1], a[2]
-  local c = cfg(P)
-  local now = now_ms()
-  if is_kicked(P, S) then return { 'kicked' } end
-  touch(P, c, now, S)
+  local P, S, c, now = acting(a)
+  if not P then return { 'kicked' } end
   return { 'ok', remove_subscription(P, c, now, S, a[3], a[4], a[5]) }
 end
 
 -- P, S, reference, ttl_ms. {'kicked'} | {'ok'}
 local function mm_await(_, a)
-  local P, S = a[1], a[2]
-  local c = cfg(P)
-  if is_kicked(P, S) then return { 'kicked' } end
-  touch(P, c, now_ms(), S)
+  local P, S, c = acting(a)
+  if not P then return { 'kicked' } end
   local ttl = math.max(math.min(tonumber(a[4]), c.max_reply_ms), 1)
   redis.call('SET', P .. ':reply:' .. a[3], S, 'PX', d(ttl))
   return { 'ok' }
@@ -956,10 +958,8 @@ end
 
 -- P, S, paused (0|1). {'kicked'} | {'ok'}
 local function mm_pause(_, a)
-  local P, S = a[1], a[2]
-  local c = cfg(P)
-  if is_kicked(P, S) then return { 'kicked' } end
-  touch(P, c, now_ms(), S)
+  local P, S = acting(a)
+  if not P then return { 'kicked' } end
   if a[3] == '1' then
     redis.call('HSET', P .. ':s:' .. S, 'paused', '1')
   else
