@@ -1830,3 +1830,35 @@ pub async fn publish_numbered(
     }
     replies
 }
+
+/// A consumer group's share-out of jobs `0..n` (`data.job`): `got[i]` is what
+/// `members[i]` received. Each member got a fair share (a count in `fair`), in
+/// order, and every job went to exactly one member.
+pub fn assert_shared_out(
+    members: &[String],
+    got: &[Vec<Value>],
+    n: usize,
+    fair: std::ops::RangeInclusive<usize>,
+) {
+    let mut copies = vec![0u32; n];
+    for (m, envelopes) in members.iter().zip(got) {
+        let jobs = numbers(envelopes, "job");
+        println!("{m}: {} of {n} jobs", jobs.len());
+        assert!(
+            fair.contains(&jobs.len()),
+            "{m} got {} of {n} jobs, not a fair share ({fair:?})",
+            jobs.len()
+        );
+        assert!(
+            jobs.windows(2).all(|w| w[0] < w[1]),
+            "{m} got its share out of order: {jobs:?}"
+        );
+        for job in jobs {
+            copies[job as usize] += 1;
+        }
+    }
+    let lost: Vec<usize> = (0..n).filter(|&j| copies[j] == 0).collect();
+    let doubled: Vec<usize> = (0..n).filter(|&j| copies[j] > 1).collect();
+    assert!(lost.is_empty(), "jobs given to no member: {lost:?}");
+    assert!(doubled.is_empty(), "jobs given to two members: {doubled:?}");
+}

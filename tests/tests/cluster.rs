@@ -367,29 +367,7 @@ async fn consumer_group_members_on_three_pairs_share_messages_none_lost_none_dou
         (0..N as u64).collect::<Vec<_>>(),
         "the auditor got all, in order"
     );
-    let mut copies = vec![0u32; N];
-    for (m, envelopes) in members.iter().zip(&got) {
-        let jobs = numbers(envelopes, "job");
-        println!("{m}: {} of {N} jobs", jobs.len());
-        assert!(!jobs.is_empty(), "{m} got none of the {N} jobs");
-        // Members take turns (docs/API.md), wherever they and the producer are.
-        assert!(
-            (15..=25).contains(&jobs.len()),
-            "{m} got {} of {N} jobs, not a fair third",
-            jobs.len()
-        );
-        assert!(
-            jobs.windows(2).all(|w| w[0] < w[1]),
-            "{m} got its share out of order: {jobs:?}"
-        );
-        for job in jobs {
-            copies[job as usize] += 1;
-        }
-    }
-    let lost: Vec<usize> = (0..N).filter(|&j| copies[j] == 0).collect();
-    let doubled: Vec<usize> = (0..N).filter(|&j| copies[j] > 1).collect();
-    assert!(lost.is_empty(), "jobs given to no member: {lost:?}");
-    assert!(doubled.is_empty(), "jobs given to two members: {doubled:?}");
+    assert_shared_out(&members, &got, N, 15..=25);
 }
 
 // ---------------------------------------------------------------------------

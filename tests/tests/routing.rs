@@ -374,27 +374,7 @@ async fn consumer_group_of_three_shares_300_messages_fairly_none_lost_none_doubl
         (0..N as u64).collect::<Vec<_>>(),
         "the auditor got all, in order"
     );
-    let mut copies = vec![0u32; N];
-    for (m, envelopes) in members.iter().zip(&got) {
-        let jobs = numbers(envelopes, "job");
-        println!("{m}: {} jobs", jobs.len());
-        assert!(
-            (90..=110).contains(&jobs.len()),
-            "{m} got {} of {N} jobs, not a fair third",
-            jobs.len()
-        );
-        assert!(
-            jobs.windows(2).all(|w| w[0] < w[1]),
-            "{m} got its share out of order: {jobs:?}"
-        );
-        for job in jobs {
-            copies[job as usize] += 1;
-        }
-    }
-    let lost: Vec<usize> = (0..N).filter(|&j| copies[j] == 0).collect();
-    let doubled: Vec<usize> = (0..N).filter(|&j| copies[j] > 1).collect();
-    assert!(lost.is_empty(), "jobs given to no member: {lost:?}");
-    assert!(doubled.is_empty(), "jobs given to two members: {doubled:?}");
+    assert_shared_out(&members, &got, N, 90..=110);
 }
 
 // ---------------------------------------------------------------------------

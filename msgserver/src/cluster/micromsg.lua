@@ -412,6 +412,19 @@ end
 -- Takes up to `max` (0: all) ready messages for S: handed back ones first, then
 -- those due for redelivery, then new ones; higher priority first, else oldest.
 -- Returns the batch ({id, body, seq, prio}) and counts.
+-- Puts an entry read from a mailbox into the batch ({id, body, seq, priority,
+-- deliveries}), or, past its expiry, among the `gone` and counted.
+local function give(batch, n, gone, now, entry, deliveries)
+  local f = fields(entry)
+  local e_ms = tonumber(f.e)
+  if e_ms > 0 and e_ms <= now then
+    n.expired = n.expired + 1
+    gone[#gone + 1] = entry[1]
+  else
+    batch[#batch + 1] = { tonumber(f.i), f.b, seq_of(entry[1]), tonumber(f.p), deliveries }
+  end
+end
+
 -- x0 mode: a poll removes what it returns, so messages are read and deleted in
 -- one step; its mailboxes never use the consumer group. `batch` holds the
 -- handed-back ones already.
@@ -423,16 +436,7 @@ local function take_x0(c, now, q, back, max, batch, n)
     read[6] = d(max - #batch)
   end
   local gone = {}
-  for _, e in ipairs(redis.call(unpack(read))) do
-    local f = fields(e)
-    local e_ms = tonumber(f.e)
-    if e_ms > 0 and e_ms <= now then
-      n.expired = n.expired + 1
-      gone[#gone + 1] = e[1]
-    else
-      batch[#batch + 1] = { tonumber(f.i), f.b, seq_of(e[1]), tonumber(f.p) }
-    end
-  end
+  for _, e in ipairs(redis.call(unpack(read))) do give(batch, n, gone, now, e, 1) end
   table.sort(batch, by_priority)
   if max > 0 and #batch > max then
     for i = #batch, max + 1, -1 do
@@ -476,7 +480,7 @@ local function take(P, c, now, S, max, member)
   end
   if not c.ack then return take_x0(c, now, q, back, max, batch, n) end
   if redis.call('EXISTS', q) == 0 then return batch, n end
-  local gone, delivered = {}, {}
+  local gone = {}
   for _, p in ipairs(pending(q)) do
     local due = p[3] >= c.vis_ms
     -- With priorities every due entry competes for the batch; the rest goes back.
@@ -490,17 +494,7 @@ local function take(P, c, now, S, max, member)
         gone[#gone + 1] = p[1]
       else
         local e = redis.call('XCLAIM', q, 'g', member, '0', p[1])[1]
-        if e then
-          local f = fields(e)
-          local e_ms = tonumber(f.e)
-          if e_ms > 0 and e_ms <= now then
-            n.expired = n.expired + 1
-            gone[#gone + 1] = p[1]
-          else
-            batch[#batch + 1] = { tonumber(f.i), f.b, seq_of(p[1]), tonumber(f.p), p[4] + 1 }
-            delivered[#delivered + 1] = p[1]
-          end
-        end
+        if e then give(batch, n, gone, now, e, p[4] + 1) end
       end
     end
   end
@@ -516,17 +510,7 @@ local function take(P, c, now, S, max, member)
     args[#args + 1] = '>'
     local got = redis.call(unpack(args))
     if got then
-      for _, e in ipairs(got[1][2]) do
-        local f = fields(e)
-        local e_ms = tonumber(f.e)
-        if e_ms > 0 and e_ms <= now then
-          n.expired = n.expired + 1
-          gone[#gone + 1] = e[1]
-        else
-          batch[#batch + 1] = { tonumber(f.i), f.b, seq_of(e[1]), tonumber(f.p), 1 }
-          delivered[#delivered + 1] = e[1]
-        end
-      end
+      for _, e in ipairs(got[1][2]) do give(batch, n, gone, now, e, 1) end
     end
   end
   forget(q, gone)
