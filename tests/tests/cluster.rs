@@ -1502,3 +1502,72 @@ async fn assert_wakeups_cross_pairs(c: &Cluster, a: &str, when: &str) {
         );
     }
 }
+
+/// Redis's `used_memory`, in bytes.
+fn redis_used_memory(c: &Cluster) -> u64 {
+    let info = c.redis.command(&["INFO", "memory"]).expect("INFO memory");
+    info.lines()
+        .find_map(|l| l.strip_prefix("used_memory:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no used_memory in {info}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_redis_refuses_new_messages_with_overloaded_while_polls_drain_it() {
+    let Some(c) = Cluster::start(2, "mailbox_max_len = 100000\n", HandlerOptions::default()) else {
+        return;
+    };
+    // Room for a few hundred messages more than Redis holds now (noeviction: what
+    // docs/CLUSTER.md requires, so that Redis refuses rather than drops).
+    c.redis
+        .command(&["CONFIG", "SET", "maxmemory-policy", "noeviction"])
+        .expect("maxmemory-policy");
+    let limit = (redis_used_memory(&c) + 1_000_000).to_string();
+    c.redis
+        .command(&["CONFIG", "SET", "maxmemory", &limit])
+        .expect("maxmemory");
+    let (writer, reader) = (session("writer"), session("reader"));
+    let pad = "x".repeat(4000);
+    let mut accepted = Vec::new();
+    let refusal = loop {
+        let n = accepted.len() as u64;
+        let reply = c
+            .handler(0)
+            .set(&writer, &reader, &json!({"n": n, "pad": pad}))
+            .await;
+        if reply["status"] != "ok" {
+            break reply;
+        }
+        accepted.push(n);
+        assert!(accepted.len() < 5000, "Redis never filled up");
+    };
+    println!("Redis full after {} messages: {refusal}", accepted.len());
+    assert!(accepted.len() >= 50, "full too early: {}", accepted.len());
+    assert_error(&refusal, "Overloaded");
+    let (status, _, body) = c
+        .handler(1)
+        .post_json(
+            "/v1/publish",
+            &json!({"session": writer, "target": {"session": reader}, "data": {"pad": pad}})
+                .to_string(),
+        )
+        .await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(body["exception_id"], "Overloaded", "{body}");
+
+    // Polls on the other pair still run and give everything that was accepted,
+    // once each and in order; the room they make takes new messages again.
+    let mut got = Vec::new();
+    while let Some(batch) = c.handler(1).poll_messages(&reader).await {
+        if batch.is_empty() {
+            break;
+        }
+        got.extend(batch.iter().map(|m| m["n"].as_u64().expect("n")));
+    }
+    assert_eq!(got, accepted, "everything accepted, once, in order");
+    let id = c
+        .handler(0)
+        .set_ok(&writer, &reader, &json!({"after": "drained"}))
+        .await;
+    assert_eq!(c.handler(1).poll(&reader).await["ids"], json!([id]));
+}

@@ -1166,23 +1166,33 @@ local function mm_purge(_, a)
   return { n }
 end
 
-redis.register_function('mm1_init', mm_init)
-redis.register_function('mm1_poll', mm_poll)
-redis.register_function('mm1_publish', mm_publish)
-redis.register_function('mm1_send', mm_send)
-redis.register_function('mm1_ack', mm_ack)
-redis.register_function('mm1_return', mm_return)
-redis.register_function('mm1_release', mm_release)
-redis.register_function('mm1_subscribe', mm_subscribe)
-redis.register_function('mm1_unsubscribe', mm_unsubscribe)
-redis.register_function('mm1_await', mm_await)
-redis.register_function('mm1_pause', mm_pause)
-redis.register_function('mm1_presence', mm_presence)
-redis.register_function('mm1_bind', mm_bind)
-redis.register_function('mm1_kick', mm_kick)
-redis.register_function('mm1_sweep', mm_sweep)
-redis.register_function('mm1_dead', mm_dead)
-redis.register_function('mm1_status', mm_status)
-redis.register_function('mm1_sessions', mm_sessions)
-redis.register_function('mm1_peek', mm_peek)
-redis.register_function('mm1_purge', mm_purge)
+-- A Redis at maxmemory (noeviction) refuses new messages: the functions that store
+-- one are refused whole and answered Overloaded. Every other function must still
+-- run, or no poll could drain the mailboxes that filled it (and a message handed
+-- back could not come back).
+local function register(name, callback, refused_when_full)
+  local flags = {}
+  if not refused_when_full then flags = { 'allow-oom' } end
+  redis.register_function { function_name = name, callback = callback, flags = flags }
+end
+
+register('mm1_init', mm_init)
+register('mm1_poll', mm_poll)
+register('mm1_publish', mm_publish, true)
+register('mm1_send', mm_send, true)
+register('mm1_ack', mm_ack)
+register('mm1_return', mm_return)
+register('mm1_release', mm_release)
+register('mm1_subscribe', mm_subscribe)
+register('mm1_unsubscribe', mm_unsubscribe)
+register('mm1_await', mm_await)
+register('mm1_pause', mm_pause)
+register('mm1_presence', mm_presence)
+register('mm1_bind', mm_bind)
+register('mm1_kick', mm_kick)
+register('mm1_sweep', mm_sweep)
+register('mm1_dead', mm_dead)
+register('mm1_status', mm_status)
+register('mm1_sessions', mm_sessions)
+register('mm1_peek', mm_peek)
+register('mm1_purge', mm_purge)
