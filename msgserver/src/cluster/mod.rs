@@ -468,7 +468,6 @@ struct Engine {
     /// consumer of that name, and the other cores take that subscription for the
     /// sign that it lives.
     member: Arc<str>,
-    shell: Arc<ShellConfig>,
     started: Instant,
     links: Links,
     parked: HashMap<ReplyTo, Parked>,
@@ -524,7 +523,6 @@ pub(crate) async fn run(
         store,
         settings: settings.clone(),
         member,
-        shell: shell.clone(),
         started: now,
         links: HashMap::new(),
         parked: HashMap::new(),
@@ -721,14 +719,13 @@ impl Engine {
             }
             request => {
                 let store = self.store.clone();
-                let shell = self.shell.clone();
                 // Only the operator's and the scrape's answers carry this core's own
                 // figures: not worth building for every request.
                 let local = matches!(request, Request::Metrics | Request::Admin(_))
                     .then(|| self.local_status());
                 let done = self.done_tx.clone();
                 tokio::spawn(async move {
-                    let response = execute(&store, &shell, local, request).await;
+                    let response = execute(&store, local, request).await;
                     let _ = done.send(Done::Reply { to: from, response });
                 });
             }
@@ -1196,7 +1193,7 @@ impl Engine {
                     from,
                     request: request @ Request::Return { .. },
                 } => {
-                    let response = execute(&self.store, &self.shell, None, request).await;
+                    let response = execute(&self.store, None, request).await;
                     self.reply(from, response);
                 }
                 Event::Request { from, .. } => self.reply(from, stopping()),
@@ -1264,14 +1261,9 @@ struct Local {
 }
 
 /// Carries out a request that needs no parked state: one function call.
-async fn execute(
-    store: &Store,
-    shell: &ShellConfig,
-    local: Option<Local>,
-    request: Request,
-) -> Response {
+async fn execute(store: &Store, local: Option<Local>, request: Request) -> Response {
     let acting = acting_session(&request).map(str::to_owned);
-    match carry_out(store, shell, local, request).await {
+    match carry_out(store, local, request).await {
         Ok((status, _)) if status == "kicked" => {
             let who = acting.unwrap_or_default();
             kicked_error(&who)
@@ -1285,7 +1277,6 @@ async fn execute(
 /// that a refusal of the acting session is answered the same way for all.
 async fn carry_out(
     store: &Store,
-    shell: &ShellConfig,
     local: Option<Local>,
     request: Request,
 ) -> Result<(String, Response), StoreError> {
@@ -1497,7 +1488,7 @@ async fn carry_out(
             metrics.parked_polls = local.parked_polls;
             done(String::new(), Response::Metrics(Box::new(metrics)))
         }
-        Request::Admin(admin) => admin_request(store, shell, local(), admin)
+        Request::Admin(admin) => admin_request(store, local(), admin)
             .await
             .map(|r| (String::new(), r)),
         // Served by the engine itself; never reaches here.
@@ -1671,7 +1662,6 @@ impl Gauges {
 
 async fn admin_request(
     store: &Store,
-    shell: &ShellConfig,
     local: Local,
     request: AdminRequest,
 ) -> Result<Response, StoreError> {
@@ -1763,10 +1753,7 @@ async fn admin_request(
             Ok(Response::Count(kick(store, &session, &reason).await?))
         }
         // Answered by the engine.
-        AdminRequest::Drain { .. } => {
-            let _ = shell;
-            Ok(Response::Done)
-        }
+        AdminRequest::Drain { .. } => Ok(Response::Done),
     }
 }
 
