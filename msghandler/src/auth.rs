@@ -325,6 +325,9 @@ impl Grant {
         }
         match operation {
             v1::Operation::Send(send) => self.may_target(send.target.as_ref()),
+            v1::Operation::Batch(sends) => sends
+                .iter()
+                .try_for_each(|send| self.may_target(send.target.as_ref())),
             v1::Operation::Request(R::Subscribe { subscription, .. }, _) => {
                 self.may_subscribe(&subscription.channel)
             }

@@ -155,6 +155,71 @@ impl CorePool {
         .await
     }
 
+    /// Routes several `/v1` messages, pipelined on one connection: the core takes
+    /// them in the order given, and the whole batch costs about one round trip. Each
+    /// message gets its own answer, as if sent alone; one that has to be retried (its
+    /// connection was lost under a key, or a stopping core refused it) is retried on
+    /// its own, after the rest, as [`Self::send_keyed`] retries.
+    pub async fn send_batch(&self, sends: Vec<ipc::Send>) -> Vec<Result<Response, CoreError>> {
+        let deadline = Instant::now() + self.config.core_wait;
+        let Some(conn) = self.connection(deadline).await else {
+            return sends.iter().map(|_| Err(CoreError::Unavailable)).collect();
+        };
+        let mut replies = Vec::with_capacity(sends.len());
+        let mut keyed = Vec::with_capacity(sends.len());
+        // In chunks the in-flight bound can hold at once, taken as one permit, so that
+        // a batch can neither wait on its own permits nor be overtaken inside a chunk.
+        let chunk_len = self.config.max_in_flight.clamp(1, sends.len().max(1));
+        let mut sends = sends.into_iter().peekable();
+        while sends.peek().is_some() {
+            let chunk: Vec<_> = sends.by_ref().take(chunk_len).collect();
+            let sent = std::time::Instant::now();
+            let permits = conn
+                .in_flight
+                .clone()
+                .acquire_many_owned(chunk.len() as u32)
+                .await;
+            let mut calls = Vec::with_capacity(chunk.len());
+            for mut send in chunk {
+                let mut key = send.key.take();
+                if key.is_none() && conn.durable {
+                    key = Some(self.next_key());
+                }
+                let call = match &permits {
+                    Ok(_) => conn.enqueue(Request::Send(Box::new(ipc::Send {
+                        key: key.clone(),
+                        ..send.clone()
+                    }))),
+                    Err(_) => Err(CoreError::ConnectionLost),
+                };
+                calls.push(call);
+                keyed.push((key, send));
+            }
+            for call in calls {
+                replies.push(match call {
+                    Ok(reply) => reply.await.map_err(|_| CoreError::ConnectionLost),
+                    Err(e) => Err(e),
+                });
+            }
+            self.metrics.round_trip.observe(sent.elapsed());
+        }
+        let mut answers = Vec::with_capacity(replies.len());
+        for (reply, (key, send)) in replies.into_iter().zip(keyed) {
+            answers.push(if should_retry(&reply, key.is_some()) {
+                self.send_keyed(key, |key| {
+                    Request::Send(Box::new(ipc::Send {
+                        key,
+                        ..send.clone()
+                    }))
+                })
+                .await
+            } else {
+                finished(reply)
+            });
+        }
+        answers
+    }
+
     /// Sends a message built by `request` around its idempotency key, retrying on
     /// the next core within `core_wait` when the core went away before answering. A
     /// retry is safe only under a key: the client's, or for a durable core one made
@@ -181,18 +246,8 @@ impl CorePool {
                 Err(e) => Err(e),
             };
             self.metrics.round_trip.observe(sent.elapsed());
-            let retry = match &reply {
-                Err(CoreError::ConnectionLost) => key.is_some(),
-                Ok(Response::Error(e)) => e.kind == ErrorKind::ShuttingDown,
-                _ => false,
-            };
-            if !retry || Instant::now() >= deadline {
-                return match reply {
-                    Ok(Response::Error(e)) if e.kind == ErrorKind::ShuttingDown => {
-                        Err(CoreError::Unavailable)
-                    }
-                    other => other,
-                };
+            if !should_retry(&reply, key.is_some()) || Instant::now() >= deadline {
+                return finished(reply);
             }
             debug!(?key, "retrying a message on the next core");
             // Let the supervisor notice the dead connection before picking again.
@@ -392,6 +447,25 @@ impl CorePool {
     }
 }
 
+/// Whether a message's answer says it was not carried out and may be sent again:
+/// its connection went away under a key, or a stopping core refused it.
+fn should_retry(reply: &Result<Response, CoreError>, keyed: bool) -> bool {
+    match reply {
+        Err(CoreError::ConnectionLost) => keyed,
+        Ok(Response::Error(e)) => e.kind == ErrorKind::ShuttingDown,
+        _ => false,
+    }
+}
+
+/// A message's last answer as its caller sees it: a core that stopped under it is one
+/// that was not there.
+fn finished(reply: Result<Response, CoreError>) -> Result<Response, CoreError> {
+    match reply {
+        Ok(Response::Error(e)) if e.kind == ErrorKind::ShuttingDown => Err(CoreError::Unavailable),
+        other => other,
+    }
+}
+
 /// Holds a poll's place in the parked-polls gauge while it waits, however the
 /// wait ends (an answer, a timeout, or the HTTP request going away).
 struct Parked<'a>(&'a LinkMetrics);
@@ -485,6 +559,24 @@ impl CoreConnection {
             .acquire_owned()
             .await
             .map_err(|_| CoreError::ConnectionLost)?;
+        let (id, reply) = self.register(request, poll_session)?;
+        Ok(Call {
+            id,
+            reply,
+            _permit: permit,
+        })
+    }
+
+    /// Queues a request whose in-flight permit the caller holds.
+    fn enqueue(&self, request: Request) -> Result<oneshot::Receiver<Response>, CoreError> {
+        self.register(request, None).map(|(_, reply)| reply)
+    }
+
+    fn register(
+        &self,
+        request: Request,
+        poll_session: Option<&str>,
+    ) -> Result<(RequestId, oneshot::Receiver<Response>), CoreError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         self.pending.lock().unwrap().insert(
@@ -502,11 +594,7 @@ impl CoreConnection {
             self.pending.lock().unwrap().remove(&id);
             return Err(CoreError::ConnectionLost);
         }
-        Ok(Call {
-            id,
-            reply: rx,
-            _permit: permit,
-        })
+        Ok((id, rx))
     }
 
     /// Fire-and-forget: the core's reply is read and dropped.

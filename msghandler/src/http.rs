@@ -541,9 +541,16 @@ async fn v1_request(
         grant.permits(&operation)?;
     }
     if let Some(session) = operation.caller() {
-        app.limits
-            .check_session(session)
-            .map_err(|limited| limited.error())?;
+        // Each message of a batch counts, as it would sent alone.
+        let messages = match &operation {
+            v1::Operation::Batch(sends) => sends.len(),
+            _ => 1,
+        };
+        for _ in 0..messages {
+            app.limits
+                .check_session(session)
+                .map_err(|limited| limited.error())?;
+        }
     }
     bind_user(app, grant.as_ref()).await?;
     let cap = poll_within_token(Duration::MAX, grant.as_ref());
@@ -581,6 +588,13 @@ async fn v1_execute(app: &App, operation: v1::Operation, cap: Duration) -> Resul
             Ok(reply) => v1::Answer::Sent.render(reply),
             Err(e) => Err(core_error(e)),
         },
+        v1::Operation::Batch(sends) => {
+            let answers = app.core.send_batch(sends).await.into_iter();
+            Ok(v1::batch_reply(answers.map(|reply| match reply {
+                Ok(reply) => v1::Answer::Sent.render(reply),
+                Err(e) => Err(core_error(e)),
+            })))
+        }
         v1::Operation::Poll(poll) => {
             let timeout = poll.timeout.unwrap_or(app.poll_timeout).min(cap);
             match long_poll(app, &poll.session, timeout, poll.ack_previous, poll.max).await {

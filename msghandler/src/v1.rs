@@ -17,6 +17,7 @@ use crate::x0::{self, X0Error, checked_session, describe_parse_error};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Route {
     Publish,
+    PublishBatch,
     Poll,
     Ack,
     Subscribe,
@@ -27,14 +28,16 @@ pub enum Route {
     Release,
     Presence,
     BackendPublish,
+    BackendPublishBatch,
     BackendBind,
     BackendKick,
 }
 
 impl Route {
     /// Every route, for what must cover them all (the fuzz target, tests).
-    pub const ALL: [Route; 13] = [
+    pub const ALL: [Route; 15] = [
         Route::Publish,
+        Route::PublishBatch,
         Route::Poll,
         Route::Ack,
         Route::Subscribe,
@@ -45,6 +48,7 @@ impl Route {
         Route::Release,
         Route::Presence,
         Route::BackendPublish,
+        Route::BackendPublishBatch,
         Route::BackendBind,
         Route::BackendKick,
     ];
@@ -52,6 +56,7 @@ impl Route {
     pub fn of(path: &str) -> Option<Route> {
         Some(match path.strip_prefix("/v1/")? {
             "publish" => Route::Publish,
+            "publish_batch" => Route::PublishBatch,
             "poll" => Route::Poll,
             "ack" => Route::Ack,
             "subscribe" => Route::Subscribe,
@@ -62,6 +67,7 @@ impl Route {
             "resume" => Route::Resume,
             "presence" => Route::Presence,
             "backend/publish" => Route::BackendPublish,
+            "backend/publish_batch" => Route::BackendPublishBatch,
             "backend/bind" => Route::BackendBind,
             "backend/kick" => Route::BackendKick,
             _ => return None,
@@ -71,7 +77,10 @@ impl Route {
     pub fn is_backend(self) -> bool {
         matches!(
             self,
-            Route::BackendPublish | Route::BackendBind | Route::BackendKick
+            Route::BackendPublish
+                | Route::BackendPublishBatch
+                | Route::BackendBind
+                | Route::BackendKick
         )
     }
 
@@ -96,6 +105,9 @@ impl Route {
 pub enum Operation {
     /// A message to route; retried under its key like an x0 SET.
     Send(ipc::Send),
+    /// Messages from one sender (every `src` the same), routed in order, each
+    /// answered as if sent alone.
+    Batch(Vec<ipc::Send>),
     Poll(Poll),
     /// Any other request: sent once, its answer shown as [`Answer`] says.
     Request(ipc::Request, Answer),
@@ -108,6 +120,7 @@ impl Operation {
         use ipc::Request as R;
         match self {
             Operation::Send(send) => send.src.as_deref(),
+            Operation::Batch(sends) => sends.first().and_then(|send| send.src.as_deref()),
             Operation::Poll(poll) => Some(&poll.session),
             Operation::Request(request, _) => match request {
                 R::Ack { session, .. }
@@ -167,6 +180,8 @@ pub fn parse_for(route: Route, json: &[u8], session: Option<&str>) -> Result<Ope
     match route {
         Route::Publish => publish(own(body(json)?, session), Sender::Client),
         Route::BackendPublish => publish(body(json)?, Sender::Backend),
+        Route::PublishBatch => batch(own(body(json)?, session), Sender::Client),
+        Route::BackendPublishBatch => batch(body(json)?, Sender::Backend),
         Route::Poll => poll(own(body(json)?, session)),
         Route::Ack => ack(own(body(json)?, session)),
         Route::Subscribe => subscribe(own(body(json)?, session)),
@@ -198,6 +213,7 @@ macro_rules! caller_session {
 
 caller_session!(
     PublishBody<'_>,
+    BatchBody<'_>,
     PollBody,
     AckBody,
     SubscriptionBody,
@@ -327,6 +343,81 @@ fn publish(body: PublishBody, sender: Sender) -> Result<Operation, X0Error> {
             .map(|s| millis("expect_reply", s))
             .transpose()?,
     }))
+}
+
+/// Most messages one batch may carry.
+pub const MAX_BATCH: usize = 1000;
+
+/// A batch: one sender, its messages shaped as `/v1/publish` bodies.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct BatchBody<'a> {
+    session: Option<String>,
+    #[serde(borrow)]
+    messages: Option<Vec<PublishBody<'a>>>,
+}
+
+/// A batch is refused whole, nothing sent, when any of its messages would be
+/// refused alone: the error names the first such message by its index.
+fn batch(body: BatchBody, sender: Sender) -> Result<Operation, X0Error> {
+    let messages = body
+        .messages
+        .ok_or_else(|| X0Error::new("MissingField", "messages is missing"))?;
+    if messages.is_empty() || messages.len() > MAX_BATCH {
+        return Err(X0Error::new(
+            "InvalidField",
+            format!(
+                "messages must hold 1 to {MAX_BATCH} messages, not {}",
+                messages.len()
+            ),
+        ));
+    }
+    if sender == Sender::Client {
+        checked_session("session", body.session.clone())?;
+    }
+    let mut sends = Vec::with_capacity(messages.len());
+    for (index, mut message) in messages.into_iter().enumerate() {
+        if message.session.is_some() {
+            return Err(X0Error::new(
+                "InvalidField",
+                format!("messages[{index}].session: a batch names its sender once, at the top"),
+            ));
+        }
+        message.session.clone_from(&body.session);
+        match publish(message, sender) {
+            Ok(Operation::Send(send)) => sends.push(send),
+            Ok(_) => unreachable!("publish gives a Send"),
+            Err(e) => {
+                return Err(X0Error::new(
+                    e.kind,
+                    format!("messages[{index}]: {}", e.message),
+                ));
+            }
+        }
+    }
+    Ok(Operation::Batch(sends))
+}
+
+/// The reply to a batch: one entry per message, in order, each what `/v1/publish`
+/// would have answered for it alone (a refusal with its `status` added).
+pub fn batch_reply(answers: impl Iterator<Item = Result<String, X0Error>>) -> String {
+    let mut out = String::from(r#"{"results":["#);
+    for (i, answer) in answers.enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        match answer {
+            Ok(sent) => out.push_str(&sent),
+            Err(e) => {
+                // The error body, one key longer: its closing brace comes after it.
+                let body = e.to_json();
+                out.push_str(&body[..body.len() - 1]);
+                out.push_str(&format!(r#","status":{}}}"#, status(e.kind).as_u16()));
+            }
+        }
+    }
+    out.push_str("]}");
+    out
 }
 
 fn target(body: TargetBody, sender: Sender) -> Result<Target, X0Error> {

@@ -771,9 +771,10 @@ async fn carry_out(app: Arc<App>, operation: v1::Operation, reference: Option<St
     let (answer, reply) = match operation {
         v1::Operation::Send(send) => (Answer::Sent, app.core.send(send).await),
         v1::Operation::Request(request, answer) => (answer, app.core.request(request).await),
-        v1::Operation::Poll(_) => {
-            // frame::parse has no op for it: messages come by themselves here.
-            let error = X0Error::new("UnknownType", "poll is not an op on a WebSocket");
+        // frame::parse has no op for these: messages come by themselves here, and a
+        // socket sends one message per frame.
+        v1::Operation::Poll(_) | v1::Operation::Batch(_) => {
+            let error = X0Error::new("UnknownType", "not an op on a WebSocket");
             return Answered {
                 frame: Some(frame::error(reference, &error)),
                 kicked: false,

@@ -145,6 +145,156 @@ async fn publish_repeated_with_the_same_msg_id_is_stored_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_is_routed_in_order_and_each_message_is_answered_as_if_sent_alone() {
+    let (_core, h) = start_v1("");
+    let (a, b, c) = (session("a"), session("b"), session("c"));
+    let mut messages: Vec<Value> = (0..50)
+        .map(|n| json!({"target": {"session": if n % 2 == 0 { &b } else { &c }}, "data": {"n": n}}))
+        .collect();
+    // One the core refuses (a reply nobody awaits), one repeated under its msg_id.
+    messages.insert(10, json!({"reference": 12345, "data": {"n": "orphan"}}));
+    messages.push(json!({"target": {"session": b}, "msg_id": "k", "data": {"n": 50}}));
+    messages.push(json!({"target": {"session": b}, "msg_id": "k", "data": {"n": 51}}));
+    let reply = h
+        .v1_ok(
+            "/v1/publish_batch",
+            json!({"session": a, "messages": messages}),
+        )
+        .await;
+    let results = reply["results"].as_array().expect("results");
+    assert_eq!(results.len(), 53, "{reply}");
+    assert_eq!(results[10]["exception_id"], "NoRoute", "{reply}");
+    assert_eq!(results[10]["status"], 404, "{reply}");
+    let sent: Vec<&Value> = results
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != 10)
+        .map(|(_, r)| r)
+        .collect();
+    assert!(sent[..51].iter().all(|r| recipients(r) == 1), "{reply}");
+    let ids: Vec<u64> = sent.iter().map(|r| id_of(r)).collect();
+    assert!(
+        ids[..51].windows(2).all(|w| w[0] < w[1]),
+        "ids in batch order: {ids:?}"
+    );
+    assert_eq!(results[52]["duplicate"], true, "{reply}");
+    assert_eq!(ids[51], ids[50], "the repeat is the first message");
+
+    let to_b = h.v1_drain(&b, 0.2).await;
+    let evens: Vec<u64> = (0..50).step_by(2).chain([50]).collect();
+    assert_eq!(
+        numbers(&to_b, "n"),
+        evens,
+        "in order, the repeat stored once"
+    );
+    assert!(to_b.iter().all(|e| e["source"] == json!(a)), "{to_b:?}");
+    let odds: Vec<u64> = (1..50).step_by(2).collect();
+    assert_eq!(numbers(&h.v1_drain(&c, 0.2).await, "n"), odds);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_larger_than_the_in_flight_bound_goes_through_in_order() {
+    let (_core, h) = start(
+        CoreOptions::default(),
+        HandlerOptions {
+            extra_toml: "max_in_flight = 8\n".into(),
+            core_connections: Some(2),
+            ..Default::default()
+        },
+    );
+    let (a, b) = (session("a"), session("b"));
+    let messages: Vec<Value> = (0..1000)
+        .map(|n| json!({"target": {"session": b}, "data": {"n": n}}))
+        .collect();
+    let reply = h
+        .v1_ok(
+            "/v1/publish_batch",
+            json!({"session": a, "messages": messages}),
+        )
+        .await;
+    let results = reply["results"].as_array().expect("results");
+    assert!(results.iter().all(|r| recipients(r) == 1), "{reply}");
+    let expected: Vec<u64> = (0..1000).collect();
+    assert_eq!(numbers(&h.v1_drain(&b, 0.2).await, "n"), expected);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_with_a_message_that_would_be_refused_alone_is_refused_whole() {
+    let (_core, h) = start_v1("");
+    let (a, b) = (session("a"), session("b"));
+    let ok = |n: u64| json!({"target": {"session": b}, "data": {"n": n}});
+    let refusals = [
+        (
+            json!({"session": a, "messages": [ok(0), {"target": {"session": b}}]}),
+            StatusCode::BAD_REQUEST,
+            "MissingField",
+            "messages[1]",
+        ),
+        (
+            json!({"session": a, "messages": [ok(0), {"session": b, "target": {"session": b}, "data": 1}]}),
+            StatusCode::BAD_REQUEST,
+            "InvalidField",
+            "messages[1].session",
+        ),
+        (
+            json!({"session": a, "messages": [ok(0), {"target": {"user": "u1"}, "data": 1}]}),
+            StatusCode::FORBIDDEN,
+            "Forbidden",
+            "messages[1]",
+        ),
+        (
+            json!({"messages": [ok(0)]}),
+            StatusCode::BAD_REQUEST,
+            "MissingField",
+            "session",
+        ),
+        (
+            json!({"session": a, "messages": []}),
+            StatusCode::BAD_REQUEST,
+            "InvalidField",
+            "1 to 1000",
+        ),
+        (
+            json!({"session": a, "messages": vec![ok(0); 1001]}),
+            StatusCode::BAD_REQUEST,
+            "InvalidField",
+            "not 1001",
+        ),
+        (
+            json!({"session": a, "messages": {"n": 1}}),
+            StatusCode::BAD_REQUEST,
+            "InvalidField",
+            "messages",
+        ),
+    ];
+    for (body, status, kind, words) in refusals {
+        let text = assert_v1_error(&h.v1("/v1/publish_batch", body.clone()).await, status, kind);
+        assert!(text.contains(words), "{body}: {text}");
+    }
+    // The backend's batch needs the key and no session; it may reach users.
+    let body = json!({"messages": [ok(7), {"target": {"user": "u1"}, "data": 1}]});
+    assert_v1_error(
+        &h.v1("/v1/backend/publish_batch", body.clone()).await,
+        StatusCode::UNAUTHORIZED,
+        "Unauthorized",
+    );
+    let reply = h.backend_ok("/v1/backend/publish_batch", body).await;
+    assert_eq!(recipients(&reply["results"][0]), 1, "{reply}");
+    assert_eq!(
+        recipients(&reply["results"][1]),
+        0,
+        "nobody is user u1: {reply}"
+    );
+    let delivered = h.v1_drain(&b, 0.2).await;
+    assert_eq!(
+        numbers(&delivered, "n"),
+        vec![7],
+        "nothing of the refused batches"
+    );
+    assert_eq!(delivered[0]["source"], Value::Null);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn x0_and_v1_share_one_mailbox_each_message_in_the_form_it_was_sent() {
     let (_core, h) = start_v1("");
     let (a, b) = (session("a"), session("b"));
