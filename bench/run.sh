@@ -6,7 +6,8 @@
 #                           medians and ratios as a markdown table
 #   bench/run.sh --quick    CI smoke (same as SMOKE=1): micromsg only, scenario 1 for
 #                           3 s, a fan-out to 50 subscribers for 2 s, S=100 P=4
-#                           over WebSocket for 2 s and, when redis-server is
+#                           over WebSocket for 2 s, S=100 P=4 with 50 messages
+#                           per /v1/publish_batch for 2 s and, when redis-server is
 #                           installed, S=100 P=4 over 3 pairs sharing one Redis for
 #                           2 s, once each; fails if anything was lost, duplicated
 #                           or misrouted. Needs no nginx and no network.
@@ -14,8 +15,8 @@
 # Environment:
 #   DURATION   seconds per run (default 15; 3 in --quick)
 #   RUNS       runs per scenario and target (default 3)
-#   SCENARIOS  which scenarios, in order (default "1 2 3 4 5 6 7 8 9"; 6 to 9
-#              are micromsg only)
+#   SCENARIOS  which scenarios, in order (default "1 2 3 4 5 6 7 8 9 10"; 6 to
+#              10 are micromsg only, 10 beside hello)
 #   TARGETS    which servers (default "micromsg nchan hello"; scenario 3 skips hello;
 #              nginx is installed and started only when nchan is among them)
 #   IDLE       parked long-polls in scenario 3 (default 10000)
@@ -63,7 +64,7 @@ runs=${RUNS:-3}
 idle_polls=${IDLE:-10000}
 fanout=${FANOUT:-10000}
 attempts=${ATTEMPTS:-3}
-scenarios=${SCENARIOS:-1 2 3 4 5 6 7 8 9}
+scenarios=${SCENARIOS:-1 2 3 4 5 6 7 8 9 10}
 clusters=${CLUSTERS:-embedded:1 redis:1 redis:3}
 redis_fsync=${REDIS_FSYNC:-always}
 transports=${TRANSPORTS:-poll ws sse}
@@ -469,6 +470,11 @@ if [ "$quick" = 1 ]; then
     stop_micromsg
     start_micromsg
     smoke smoke-ws --subscribers 100 --publishers 4 --duration 2 --transport ws
+    log "smoke: micromsg, S=100 P=4, 50 messages per /v1/publish_batch, 2s"
+    stop_micromsg
+    start_micromsg
+    smoke smoke-batch --subscribers 100 --publishers 4 --duration 2 --publish-batch 50 \
+        --poll-pause-ms 20
     stop_micromsg
     # Issue 9: every message published on one pair and polled on another; about 3 s
     # in all with the start of Redis and the pairs.
@@ -505,6 +511,7 @@ label_of() {
         7) echo "7: fan-out of one channel message to $fanout subscribers" ;;
         8) echo "8: S=100 P=4 over WebSocket and over SSE" ;;
         9) echo "9: cluster, S=100 P=4 over msghandler+msgserver pairs" ;;
+        10) echo "10: backlog, S=100 P=4 with 50 messages per publish, subscribers pause 20 ms" ;;
     esac
 }
 flags_of() {
@@ -518,6 +525,7 @@ flags_of() {
         7) echo "--fanout $fanout" ;;
         8) echo "--subscribers 100 --publishers 4" ;;
         9) echo "--subscribers 100 --publishers 4" ;;
+        10) echo "--subscribers 100 --publishers 4 --publish-batch 50 --poll-pause-ms 20" ;;
     esac
 }
 
@@ -526,22 +534,28 @@ flags_of() {
 # concurrent publishers so that group commit has something to group. Prints the
 # log bytes written per message (compaction held off so the file shows them all).
 run_durable() {
-    local label=$1 policy rep bytes published
+    local label=$1 policy rep bytes published batch name
     shift
     for rep in $(seq "$runs"); do
         for policy in always interval never; do
-            stop_micromsg
-            rm -rf "$tmp/data"
-            msgserver_args=(--data-dir "$tmp/data" --fsync "$policy" --delivery ack)
-            MICROMSG_COMPACT_MIN_BYTES=$((1 << 40)) start_micromsg
-            msgserver_args=()
-            log "scenario $label, fsync $policy: micromsg, run $rep/$runs"
-            # One attempt: a repeated run would append to the same log and spoil the
-            # bytes-per-message figure. The report counts disturbed runs.
-            attempts=1 run_one micromsg "${label/durable/durable fsync=$policy}" "$@"
-            bytes=$(du -sb "$tmp/data" | cut -f1)
-            published=$(tail -n 1 "$results" | python3 -c 'import json,sys; print(json.load(sys.stdin)["published"])')
-            log "fsync $policy: $bytes log bytes for $published messages: $((bytes / (published > 0 ? published : 1))) bytes per message (a Put and a Removed record each)"
+            # One message per x0 SET, then 50 per /v1/publish_batch: the HTTP path
+            # limits the first, the log's group commit the second.
+            for batch in 0 50; do
+                stop_micromsg
+                rm -rf "$tmp/data"
+                msgserver_args=(--data-dir "$tmp/data" --fsync "$policy" --delivery ack)
+                MICROMSG_COMPACT_MIN_BYTES=$((1 << 40)) start_micromsg
+                msgserver_args=()
+                name="${label/durable/durable fsync=$policy}"
+                [ "$batch" = 0 ] || name="$name, $batch messages per publish"
+                log "scenario $name: micromsg, run $rep/$runs"
+                # One attempt: a repeated run would append to the same log and spoil the
+                # bytes-per-message figure. The report counts disturbed runs.
+                attempts=1 run_one micromsg "$name" "$@" --publish-batch "$batch"
+                bytes=$(du -sb "$tmp/data" | cut -f1)
+                published=$(tail -n 1 "$results" | python3 -c 'import json,sys; print(json.load(sys.stdin)["published"])')
+                log "fsync $policy: $bytes log bytes for $published messages: $((bytes / (published > 0 ? published : 1))) bytes per message (a Put and a Removed record each)"
+            done
         done
     done
     stop_micromsg
@@ -607,6 +621,25 @@ run_cluster() {
     start_micromsg
 }
 
+# Scenario 10: micromsg only (nchan has no batch publish). Publishers send 50
+# messages per POST /v1/publish_batch and subscribers pause between polls, so both
+# sides move many messages per request. Compared with hello at full speed (scenario
+# 1's load), the bare request rate that issue 3 asks the delivered rate to beat.
+run_batch() {
+    local label=$1 rep
+    shift
+    for rep in $(seq "$runs"); do
+        if has_target micromsg; then
+            log "scenario $label: micromsg, run $rep/$runs"
+            fresh_micromsg=1 run_one micromsg "$label" "$@"
+        fi
+        if has_target hello; then
+            log "scenario $label: hello (scenario 1's load), run $rep/$runs"
+            run_one hello "$label" --subscribers 100 --publishers 4
+        fi
+    done
+}
+
 started_at=$SECONDS
 for scenario in $scenarios; do
     label=$(label_of "$scenario")
@@ -625,6 +658,10 @@ for scenario in $scenarios; do
     fi
     if [ "$scenario" = 9 ]; then
         has_target micromsg && run_cluster "$label" "${flags[@]}"
+        continue
+    fi
+    if [ "$scenario" = 10 ]; then
+        run_batch "$label" "${flags[@]}"
         continue
     fi
     # Each scenario starts from freshly started servers.

@@ -116,6 +116,11 @@ struct Args {
     /// Subscribers wait this long between polls (backlog scenario).
     #[arg(long, default_value_t = 0)]
     poll_pause_ms: u64,
+    /// Publishers send N messages per request with `POST /v1/publish_batch`
+    /// (micromsg only; subscribers then receive /v1 envelopes) instead of one x0
+    /// `POST /set` per message.
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    publish_batch: usize,
     /// How the load scenario's subscribers receive (micromsg only for ws and sse):
     /// x0 long-poll; one WebSocket per session in fast flow (the server pushes every
     /// message as it comes and counts it acknowledged once written: no acks); or one
@@ -249,6 +254,8 @@ const POLL_LIMIT: Duration = Duration::from_secs(30);
 /// Longest wait for a WebSocket's welcome or an event stream's head, connecting
 /// included.
 const OPEN_LIMIT: Duration = Duration::from_secs(10);
+/// The most messages msghandler takes in one `/v1/publish_batch`.
+const MAX_PUBLISH_BATCH: usize = 1000;
 /// The largest window msghandler allows (`ws_max_window`'s default).
 const MAX_WS_WINDOW: u32 = 1024;
 const JSON_UTF8: &str = "application/json; charset=UTF-8";
@@ -268,6 +275,8 @@ struct Ctx {
     publishers: usize,
     subscribers: usize,
     poll_pause: Duration,
+    /// Messages per publish request; 0: one x0 SET each.
+    publish_batch: usize,
     /// The timed window in Unix microseconds; start is u64::MAX until it begins.
     window_start_us: AtomicU64,
     window_end_us: AtomicU64,
@@ -308,6 +317,14 @@ async fn run(args: Args) -> Result<bool> {
         }
         if args.preflight || args.poll_pause_ms > 0 {
             bail!("--preflight and --poll-pause-ms are for long-polling subscribers");
+        }
+    }
+    if args.publish_batch > 0 {
+        if args.target != Target::Micromsg || args.idle > 0 || args.fanout > 0 {
+            bail!("--publish-batch is for the load scenario with --target micromsg");
+        }
+        if args.publish_batch > MAX_PUBLISH_BATCH {
+            bail!("--publish-batch must be 1 to {MAX_PUBLISH_BATCH}");
         }
     }
     if let Some(n) = args.ws_window {
@@ -356,6 +373,7 @@ async fn run(args: Args) -> Result<bool> {
         publishers: args.publishers(),
         subscribers: args.subscribers,
         poll_pause: Duration::from_millis(args.poll_pause_ms),
+        publish_batch: args.publish_batch,
         window_start_us: AtomicU64::new(u64::MAX),
         window_end_us: AtomicU64::new(u64::MAX),
         first_polls: AtomicUsize::new(0),
@@ -552,6 +570,23 @@ struct PollReply<'a> {
     error: bool,
 }
 
+/// An x0 poll's reply when the messages were sent through `/v1`.
+#[derive(Deserialize)]
+struct EnvelopePollReply<'a> {
+    #[serde(borrow, default)]
+    messages: Option<Vec<LoadEnvelope<'a>>>,
+    #[serde(default)]
+    error: bool,
+}
+
+#[derive(Deserialize)]
+struct LoadEnvelope<'a> {
+    #[serde(borrow, default)]
+    source: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    data: Delivered<'a>,
+}
+
 #[derive(Deserialize)]
 struct Delivered<'a> {
     seq: u64,
@@ -612,6 +647,10 @@ async fn publisher(
     let (p, s) = (ctx.publishers, ctx.subscribers);
     let mut seq: u64 = 0;
     while Instant::now() < end {
+        if ctx.publish_batch > 0 {
+            publish_batch(&ctx, index, &mut connections, &mut seq, &mut stats).await;
+            continue;
+        }
         let dst = (index + seq as usize * p) % s;
         let via = (dst + 1) % connections.len();
         let connection = &mut connections[via];
@@ -665,6 +704,86 @@ async fn publisher(
     }
     stats.reconnects = connections.iter().map(|c| c.reconnects).sum();
     stats
+}
+
+/// One `/v1/publish_batch` of `ctx.publish_batch` messages, numbered on from `seq`,
+/// through the connection of the first message's recipient (with several URLs the
+/// rest of the batch crosses over as well, or not).
+async fn publish_batch(
+    ctx: &Ctx,
+    index: usize,
+    connections: &mut [Connection],
+    seq: &mut u64,
+    stats: &mut PubStats,
+) {
+    let (p, s) = (ctx.publishers, ctx.subscribers);
+    let first = *seq;
+    let n = ctx.publish_batch as u64;
+    let mut body = format!(r#"{{"session":"pub{index}","messages":["#);
+    for k in first..first + n {
+        let dst = (index + k as usize * p) % s;
+        if k > first {
+            body.push(',');
+        }
+        let data = payload(k, index, dst, unix_micros(), ctx.payload_bytes);
+        body.push_str(&format!(
+            r#"{{"target":{{"session":"sub{dst}"}},"data":{data}}}"#
+        ));
+    }
+    body.push_str("]}");
+    *seq += n;
+    stats.sent += n;
+    let via = ((index + first as usize * p) % s + 1) % connections.len();
+    let connection = &mut connections[via];
+    let uri = "/v1/publish_batch";
+    if ctx.preflight {
+        stats.requests += 1;
+        if !send_preflight(connection, uri, "POST", PREFLIGHT_HEADERS).await {
+            stats.errors += 1;
+            note(&mut stats.first_error, || "publish preflight failed".into());
+        }
+    }
+    stats.requests += 1;
+    let request = post(uri, &connection.host, body, ctx.preflight);
+    let reply = match connection.send(request, REQUEST_LIMIT).await {
+        Ok(reply) => reply,
+        Err(error) => {
+            stats.errors += 1;
+            note(&mut stats.first_error, || format!("publish: {error:#}"));
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            return;
+        }
+    };
+    #[derive(Deserialize)]
+    struct BatchReply {
+        results: Vec<BatchResult>,
+    }
+    #[derive(Deserialize)]
+    struct BatchResult {
+        #[serde(default)]
+        id: Option<u64>,
+        #[serde(default)]
+        dropped: u64,
+    }
+    let describe = || format!("publish answered {}: {}", reply.status, excerpt(&reply));
+    match serde_json::from_slice::<BatchReply>(&reply.body) {
+        Ok(parsed) if reply.status == StatusCode::OK && parsed.results.len() == n as usize => {
+            for (k, result) in (first..).zip(parsed.results) {
+                if result.id.is_some() {
+                    stats.acked.push(k as u32);
+                    stats.dropped += result.dropped;
+                    ctx.acked_total.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    stats.errors += 1;
+                    note(&mut stats.first_error, describe);
+                }
+            }
+        }
+        _ => {
+            stats.errors += 1;
+            note(&mut stats.first_error, describe);
+        }
+    }
 }
 
 /// Ok(messages dropped by the server) when the publish was accepted.
@@ -848,6 +967,19 @@ fn handle_poll_reply(
         Target::Micromsg | Target::Hello => {
             if reply.status != StatusCode::OK {
                 return bad(stats, "poll answered");
+            }
+            if ctx.publish_batch > 0 {
+                // /v1 messages: an x0 poll is given their envelopes.
+                return match serde_json::from_slice::<EnvelopePollReply>(&reply.body) {
+                    Ok(parsed) if !parsed.error => {
+                        for envelope in parsed.messages.into_iter().flatten() {
+                            let mut message = envelope.data;
+                            message.session_src = envelope.source;
+                            record(ctx, session, &message, now_us, true, stats);
+                        }
+                    }
+                    _ => bad(stats, "poll answered"),
+                };
             }
             match serde_json::from_slice::<PollReply>(&reply.body) {
                 Ok(parsed) if !parsed.error => {
@@ -1482,6 +1614,7 @@ fn summarize_load(
         "payload_bytes": args.payload_bytes,
         "preflight": args.preflight,
         "poll_pause_ms": args.poll_pause_ms,
+        "publish_batch": args.publish_batch,
         "idle": 0,
         "published": acked,
         "published_per_s": round(acked as f64 / window, 1),
@@ -2265,6 +2398,10 @@ fn table(args: &Args, r: &Value) -> String {
                 format!(", poll pause {} ms", args.poll_pause_ms)
             } else {
                 String::new()
+            } + &if args.publish_batch > 0 {
+                format!(", {} messages per publish", args.publish_batch)
+            } else {
+                String::new()
             },
             f("duration_s"),
             f("drain_s")
@@ -2401,6 +2538,7 @@ mod tests {
             publishers: 4,
             subscribers: 100,
             poll_pause: Duration::ZERO,
+            publish_batch: 0,
             window_start_us: AtomicU64::new(0),
             window_end_us: AtomicU64::new(u64::MAX),
             first_polls: AtomicUsize::new(0),
