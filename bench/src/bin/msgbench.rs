@@ -121,6 +121,10 @@ struct Args {
     /// `POST /set` per message.
     #[arg(long, default_value_t = 0, value_name = "N")]
     publish_batch: usize,
+    /// Publishers wait this long after each publish (light-load scenario: the
+    /// latency of a parked poll's answer when nothing queues).
+    #[arg(long, default_value_t = 0)]
+    publish_pause_ms: u64,
     /// How the load scenario's subscribers receive (micromsg only for ws and sse):
     /// x0 long-poll; one WebSocket per session in fast flow (the server pushes every
     /// message as it comes and counts it acknowledged once written: no acks); or one
@@ -277,6 +281,7 @@ struct Ctx {
     poll_pause: Duration,
     /// Messages per publish request; 0: one x0 SET each.
     publish_batch: usize,
+    publish_pause: Duration,
     /// The timed window in Unix microseconds; start is u64::MAX until it begins.
     window_start_us: AtomicU64,
     window_end_us: AtomicU64,
@@ -374,6 +379,7 @@ async fn run(args: Args) -> Result<bool> {
         subscribers: args.subscribers,
         poll_pause: Duration::from_millis(args.poll_pause_ms),
         publish_batch: args.publish_batch,
+        publish_pause: Duration::from_millis(args.publish_pause_ms),
         window_start_us: AtomicU64::new(u64::MAX),
         window_end_us: AtomicU64::new(u64::MAX),
         first_polls: AtomicUsize::new(0),
@@ -647,6 +653,9 @@ async fn publisher(
     let (p, s) = (ctx.publishers, ctx.subscribers);
     let mut seq: u64 = 0;
     while Instant::now() < end {
+        if !ctx.publish_pause.is_zero() && seq > 0 {
+            tokio::time::sleep(ctx.publish_pause).await;
+        }
         if ctx.publish_batch > 0 {
             publish_batch(&ctx, index, &mut connections, &mut seq, &mut stats).await;
             continue;
@@ -1615,6 +1624,7 @@ fn summarize_load(
         "preflight": args.preflight,
         "poll_pause_ms": args.poll_pause_ms,
         "publish_batch": args.publish_batch,
+        "publish_pause_ms": args.publish_pause_ms,
         "idle": 0,
         "published": acked,
         "published_per_s": round(acked as f64 / window, 1),
@@ -2402,6 +2412,10 @@ fn table(args: &Args, r: &Value) -> String {
                 format!(", {} messages per publish", args.publish_batch)
             } else {
                 String::new()
+            } + &if args.publish_pause_ms > 0 {
+                format!(", publish pause {} ms", args.publish_pause_ms)
+            } else {
+                String::new()
             },
             f("duration_s"),
             f("drain_s")
@@ -2539,6 +2553,7 @@ mod tests {
             subscribers: 100,
             poll_pause: Duration::ZERO,
             publish_batch: 0,
+            publish_pause: Duration::ZERO,
             window_start_us: AtomicU64::new(0),
             window_end_us: AtomicU64::new(u64::MAX),
             first_polls: AtomicUsize::new(0),
