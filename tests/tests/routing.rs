@@ -144,6 +144,21 @@ async fn publish_repeated_with_the_same_msg_id_is_stored_once() {
     assert_eq!(ids_of(&h.v1_drain(&b, 0.2).await), vec![id_of(&first)]);
 }
 
+/// `messages` from `session` in one `/v1/publish_batch`, which must answer 200 with
+/// a result for each; returns the reply and its results.
+async fn publish_batch(h: &Handler, session: &str, messages: Vec<Value>) -> (Value, Vec<Value>) {
+    let count = messages.len();
+    let reply = h
+        .v1_ok(
+            "/v1/publish_batch",
+            json!({"session": session, "messages": messages}),
+        )
+        .await;
+    let results = reply["results"].as_array().expect("results").clone();
+    assert_eq!(results.len(), count, "one result per message: {reply}");
+    (reply, results)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_is_routed_in_order_and_each_message_is_answered_as_if_sent_alone() {
     let (_core, h) = start_v1("");
@@ -155,14 +170,7 @@ async fn a_batch_is_routed_in_order_and_each_message_is_answered_as_if_sent_alon
     messages.insert(10, json!({"reference": 12345, "data": {"n": "orphan"}}));
     messages.push(json!({"target": {"session": b}, "msg_id": "k", "data": {"n": 50}}));
     messages.push(json!({"target": {"session": b}, "msg_id": "k", "data": {"n": 51}}));
-    let reply = h
-        .v1_ok(
-            "/v1/publish_batch",
-            json!({"session": a, "messages": messages}),
-        )
-        .await;
-    let results = reply["results"].as_array().expect("results");
-    assert_eq!(results.len(), 53, "{reply}");
+    let (reply, results) = publish_batch(&h, &a, messages).await;
     assert_eq!(results[10]["exception_id"], "NoRoute", "{reply}");
     assert_eq!(results[10]["status"], 404, "{reply}");
     let sent: Vec<&Value> = results
@@ -206,13 +214,7 @@ async fn a_batch_larger_than_the_in_flight_bound_goes_through_in_order() {
     let messages: Vec<Value> = (0..1000)
         .map(|n| json!({"target": {"session": b}, "data": {"n": n}}))
         .collect();
-    let reply = h
-        .v1_ok(
-            "/v1/publish_batch",
-            json!({"session": a, "messages": messages}),
-        )
-        .await;
-    let results = reply["results"].as_array().expect("results");
+    let (reply, results) = publish_batch(&h, &a, messages).await;
     assert!(results.iter().all(|r| recipients(r) == 1), "{reply}");
     let expected: Vec<u64> = (0..1000).collect();
     assert_eq!(numbers(&h.v1_drain(&b, 0.2).await, "n"), expected);
