@@ -676,10 +676,12 @@ for scenario in $scenarios; do
             for target in $targets; do
                 [ "$target" = hello ] && continue
                 log "scenario $label: $target, run $rep/$runs"
-                if [ "$target" = micromsg ]; then stop_micromsg; start_micromsg; fi
                 if [ "$target" = nchan ]; then stop_nchan; start_nchan; fi
                 sleep 1
-                run_one "$target" "$label" "${flags[@]}"
+                # micromsg afresh for a repeated (disturbed) attempt too: on the
+                # servers of the attempt before, the polls would park in memory that
+                # attempt freed, and the growth would look a fraction of what it is.
+                fresh_micromsg=1 run_one "$target" "$label" "${flags[@]}"
             done
             continue
         fi

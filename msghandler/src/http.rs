@@ -186,9 +186,12 @@ pub async fn handle(
             // The operator's routes: no token, no rate limit, no CORS (a browser page
             // has no business with them).
             "/healthz" => return Ok(counted(&app, RouteKind::Health, healthz())),
-            "/readyz" => return Ok(counted(&app, RouteKind::Health, readyz(&app).await)),
+            "/readyz" => {
+                let reply = Box::pin(readyz(&app)).await;
+                return Ok(counted(&app, RouteKind::Health, reply));
+            }
             "/metrics" => {
-                let reply = scrape(&app, peer, &request).await;
+                let reply = Box::pin(scrape(&app, peer, &request)).await;
                 return Ok(counted(&app, RouteKind::Metrics, reply));
             }
             path => match (Route::of(path), Asset::of(path)) {
@@ -221,9 +224,17 @@ pub async fn handle(
         preflight(request.headers())
     } else {
         let grant = grant(&app, &api, &request);
+        // Each API's future boxed apart: this one would otherwise be as large as the
+        // largest of them whichever runs, and a parked x0 poll holds it for its
+        // whole wait.
         match api {
-            Api::X0(endpoint) => x0_reply(x0_request(&app, endpoint, request, grant).await),
-            Api::V1(route) => v1_reply(route, v1_request(&app, route, request, grant).await),
+            Api::X0(endpoint) => {
+                x0_reply(Box::pin(x0_request(&app, endpoint, request, grant)).await)
+            }
+            Api::V1(route) => v1_reply(
+                route,
+                Box::pin(v1_request(&app, route, request, grant)).await,
+            ),
             Api::WebSocket => ws::upgrade(&app, request, grant),
             Api::Events if request.method() == Method::GET => match grant {
                 Ok(grant) => sse::open(&app, &request, grant),
@@ -463,6 +474,21 @@ async fn x0_request(
     request: Request<Incoming>,
     grant: Result<Option<Grant>, X0Error>,
 ) -> Result<String, Refusal> {
+    // Boxed: reading and judging the request is over before a poll parks, and its
+    // state (the body's reader above all) is freed then instead of waiting with it.
+    let (operation, grant) = Box::pin(x0_admit(app, endpoint, request, grant)).await?;
+    let poll_timeout = poll_within_token(app.poll_timeout, grant.as_ref());
+    Ok(execute(app, operation, poll_timeout).await?)
+}
+
+/// Reads and parses an x0 request, and lets it through the token, the session's
+/// rate limit and the user binding: what to carry out, and with which grant.
+async fn x0_admit(
+    app: &App,
+    endpoint: Endpoint,
+    request: Request<Incoming>,
+    grant: Result<Option<Grant>, X0Error>,
+) -> Result<(Operation, Option<Grant>), Refusal> {
     let started = tokio::time::Instant::now();
     let operation = match *request.method() {
         Method::GET if endpoint == Endpoint::Get => query_get(request.uri().query())?,
@@ -502,8 +528,7 @@ async fn x0_request(
         return Err(limited.error().into());
     }
     bind_user(app, grant.as_ref()).await?;
-    let poll_timeout = poll_within_token(app.poll_timeout, grant.as_ref());
-    Ok(execute(app, operation, poll_timeout).await?)
+    Ok((operation, grant))
 }
 
 async fn v1_request(

@@ -390,10 +390,14 @@ async fn serve(
             let stopped = stopped.clone();
             service_fn(move |request| {
                 served.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let reply = http::handle(app.clone(), peer, request);
+                let app = app.clone();
                 let stopped = stopped.clone();
+                // `handle` is called inside the block, not outside and awaited here:
+                // a future captured by an async block takes its room twice (the
+                // capture and the await), and hyper holds this one for as long as
+                // the request is open, a parked poll's whole wait.
                 async move {
-                    let mut reply = reply.await?;
+                    let mut reply = http::handle(app, peer, request).await?;
                     // A reply given while stopping (a parked poll's null, above all)
                     // is the connection's last: the client must not send its next
                     // request on it, which the next process could never answer.
@@ -419,9 +423,12 @@ async fn serve(
             .serve_connection(TokioIo::new(stream), service)
             .with_upgrades();
         let mut stopped = stopped.clone();
+        // Boxed, not pinned in the task: pinning moves it out of the block's capture
+        // into a second slot of the same size, and the task lives as long as the
+        // connection.
+        let mut connection = Box::pin(connection);
         tasks.spawn(async move {
             let _slot = slot;
-            tokio::pin!(connection);
             let ended = tokio::select! {
                 ended = connection.as_mut() => Some(ended),
                 _ = stopped.wait_for(|stop| *stop) => None,
