@@ -28,6 +28,10 @@ use msghandler::http::{self, App, Cors, Streams};
 use msghandler::limits::{LimitConfig, Limits};
 use msghandler::metrics::Metrics;
 
+// Why jemalloc: see its entry in Cargo.toml (memory per parked poll).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[derive(Debug, Parser)]
 #[command(
     version,
