@@ -146,13 +146,7 @@ impl CorePool {
     /// Routes a `/v1` message, retried as [`Self::send_keyed`] says.
     pub async fn send(&self, mut send: ipc::Send) -> Result<Response, CoreError> {
         let key = send.key.take();
-        self.send_keyed(key, |key| {
-            Request::Send(Box::new(ipc::Send {
-                key,
-                ..send.clone()
-            }))
-        })
-        .await
+        self.send_keyed(key, |key| send_request(&send, key)).await
     }
 
     /// Routes several `/v1` messages, pipelined on one connection: the core takes
@@ -186,10 +180,7 @@ impl CorePool {
                     key = Some(self.next_key());
                 }
                 let call = match &permits {
-                    Ok(_) => conn.enqueue(Request::Send(Box::new(ipc::Send {
-                        key: key.clone(),
-                        ..send.clone()
-                    }))),
+                    Ok(_) => conn.enqueue(send_request(&send, key.clone())),
                     Err(_) => Err(CoreError::ConnectionLost),
                 };
                 calls.push(call);
@@ -206,13 +197,7 @@ impl CorePool {
         let mut answers = Vec::with_capacity(replies.len());
         for (reply, (key, send)) in replies.into_iter().zip(keyed) {
             answers.push(if should_retry(&reply, key.is_some()) {
-                self.send_keyed(key, |key| {
-                    Request::Send(Box::new(ipc::Send {
-                        key,
-                        ..send.clone()
-                    }))
-                })
-                .await
+                self.send_keyed(key, |key| send_request(&send, key)).await
             } else {
                 finished(reply)
             });
@@ -445,6 +430,14 @@ impl CorePool {
         let start = self.next_slot.fetch_add(1, Ordering::Relaxed);
         (0..n).find_map(|i| self.slots[(start + i) % n].read().unwrap().clone())
     }
+}
+
+/// The request for a `/v1` message (its key taken out) under `key`.
+fn send_request(send: &ipc::Send, key: Option<String>) -> Request {
+    Request::Send(Box::new(ipc::Send {
+        key,
+        ..send.clone()
+    }))
 }
 
 /// Whether a message's answer says it was not carried out and may be sent again:

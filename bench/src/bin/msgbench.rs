@@ -660,7 +660,7 @@ async fn publisher(
             publish_batch(&ctx, index, &mut connections, &mut seq, &mut stats).await;
             continue;
         }
-        let dst = (index + seq as usize * p) % s;
+        let dst = recipient(index, seq, p, s);
         let via = (dst + 1) % connections.len();
         let connection = &mut connections[via];
         let ts = unix_micros();
@@ -674,45 +674,68 @@ async fn publisher(
             ),
             Target::Nchan => (Cow::Owned(format!("/pub?id=sub{dst}")), body),
         };
-        if ctx.preflight {
-            stats.requests += 1;
-            if !send_preflight(connection, &uri, "POST", PREFLIGHT_HEADERS).await {
-                stats.errors += 1;
-                note(&mut stats.first_error, || "publish preflight failed".into());
-            }
-        }
-        let request = post(&uri, &connection.host, body, ctx.preflight);
         stats.sent += 1;
-        stats.requests += 1;
-        match connection.send(request, REQUEST_LIMIT).await {
-            Ok(reply) => match publish_outcome(ctx.target, &reply) {
+        if let Some(reply) = send_publish(&ctx, connection, &uri, body, &mut stats).await {
+            match publish_outcome(ctx.target, &reply) {
                 Ok(dropped) => {
                     stats.acked.push(seq as u32);
                     stats.dropped += dropped;
                     ctx.acked_total.fetch_add(1, Ordering::Relaxed);
-                    if ctx.preflight
-                        && !reply
-                            .headers
-                            .contains_key(header::ACCESS_CONTROL_ALLOW_ORIGIN)
-                    {
-                        stats.cors_missing += 1;
-                    }
                 }
                 Err(text) => {
                     stats.errors += 1;
                     note(&mut stats.first_error, || text);
                 }
-            },
-            Err(error) => {
-                stats.errors += 1;
-                note(&mut stats.first_error, || format!("publish: {error:#}"));
-                tokio::time::sleep(Duration::from_millis(10)).await;
             }
         }
         seq += 1;
     }
     stats.reconnects = connections.iter().map(|c| c.reconnects).sum();
     stats
+}
+
+/// The subscriber that publisher `index`'s message `seq` goes to: publishers take
+/// turns over the subscribers, so that each gets its share from every publisher.
+fn recipient(index: usize, seq: u64, publishers: usize, subscribers: usize) -> usize {
+    (index + seq as usize * publishers) % subscribers
+}
+
+/// Sends one publish request, after its preflight when the run sends them: the
+/// reply, or `None` when no reply came (counted and noted in `stats`).
+async fn send_publish(
+    ctx: &Ctx,
+    connection: &mut Connection,
+    uri: &str,
+    body: String,
+    stats: &mut PubStats,
+) -> Option<Reply> {
+    if ctx.preflight {
+        stats.requests += 1;
+        if !send_preflight(connection, uri, "POST", PREFLIGHT_HEADERS).await {
+            stats.errors += 1;
+            note(&mut stats.first_error, || "publish preflight failed".into());
+        }
+    }
+    stats.requests += 1;
+    let request = post(uri, &connection.host, body, ctx.preflight);
+    match connection.send(request, REQUEST_LIMIT).await {
+        Ok(reply) => {
+            if ctx.preflight
+                && !reply
+                    .headers
+                    .contains_key(header::ACCESS_CONTROL_ALLOW_ORIGIN)
+            {
+                stats.cors_missing += 1;
+            }
+            Some(reply)
+        }
+        Err(error) => {
+            stats.errors += 1;
+            note(&mut stats.first_error, || format!("publish: {error:#}"));
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            None
+        }
+    }
 }
 
 /// One `/v1/publish_batch` of `ctx.publish_batch` messages, numbered on from `seq`,
@@ -730,7 +753,7 @@ async fn publish_batch(
     let n = ctx.publish_batch as u64;
     let mut body = format!(r#"{{"session":"pub{index}","messages":["#);
     for k in first..first + n {
-        let dst = (index + k as usize * p) % s;
+        let dst = recipient(index, k, p, s);
         if k > first {
             body.push(',');
         }
@@ -742,26 +765,10 @@ async fn publish_batch(
     body.push_str("]}");
     *seq += n;
     stats.sent += n;
-    let via = ((index + first as usize * p) % s + 1) % connections.len();
+    let via = (recipient(index, first, p, s) + 1) % connections.len();
     let connection = &mut connections[via];
-    let uri = "/v1/publish_batch";
-    if ctx.preflight {
-        stats.requests += 1;
-        if !send_preflight(connection, uri, "POST", PREFLIGHT_HEADERS).await {
-            stats.errors += 1;
-            note(&mut stats.first_error, || "publish preflight failed".into());
-        }
-    }
-    stats.requests += 1;
-    let request = post(uri, &connection.host, body, ctx.preflight);
-    let reply = match connection.send(request, REQUEST_LIMIT).await {
-        Ok(reply) => reply,
-        Err(error) => {
-            stats.errors += 1;
-            note(&mut stats.first_error, || format!("publish: {error:#}"));
-            tokio::time::sleep(Duration::from_millis(10)).await;
-            return;
-        }
+    let Some(reply) = send_publish(ctx, connection, "/v1/publish_batch", body, stats).await else {
+        return;
     };
     #[derive(Deserialize)]
     struct BatchReply {
