@@ -700,6 +700,15 @@ fn recipient(index: usize, seq: u64, publishers: usize, subscribers: usize) -> u
     (index + seq as usize * publishers) % subscribers
 }
 
+/// Whether a reply to a cross-origin request (one the run sent preflights for)
+/// lacks the header a browser needs to read it.
+fn lacks_cors(ctx: &Ctx, reply: &Reply) -> bool {
+    ctx.preflight
+        && !reply
+            .headers
+            .contains_key(header::ACCESS_CONTROL_ALLOW_ORIGIN)
+}
+
 /// Sends one publish request, after its preflight when the run sends them: the
 /// reply, or `None` when no reply came (counted and noted in `stats`).
 async fn send_publish(
@@ -720,13 +729,7 @@ async fn send_publish(
     let request = post(uri, &connection.host, body, ctx.preflight);
     match connection.send(request, REQUEST_LIMIT).await {
         Ok(reply) => {
-            if ctx.preflight
-                && !reply
-                    .headers
-                    .contains_key(header::ACCESS_CONTROL_ALLOW_ORIGIN)
-            {
-                stats.cors_missing += 1;
-            }
+            stats.cors_missing += u64::from(lacks_cors(ctx, &reply));
             Some(reply)
         }
         Err(error) => {
@@ -936,13 +939,7 @@ async fn subscriber(
         }
         match result {
             Ok(reply) => {
-                if ctx.preflight
-                    && !reply
-                        .headers
-                        .contains_key(header::ACCESS_CONTROL_ALLOW_ORIGIN)
-                {
-                    stats.cors_missing += 1;
-                }
+                stats.cors_missing += u64::from(lacks_cors(&ctx, &reply));
                 let before = stats.deliveries.len();
                 handle_poll_reply(&ctx, &session, &reply, now_us, &mut cursor, &mut stats);
                 count_batch(&ctx, &mut stats, before);
