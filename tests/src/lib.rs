@@ -413,7 +413,12 @@ impl Core {
                     self.log()
                 );
             }
-            if self.socket.exists() && UnixStream::connect(&self.socket).is_ok() {
+            // The socket takes connections into its backlog from bind, before the
+            // privilege drop and recovery: started means it has said it listens.
+            if self.socket.exists()
+                && UnixStream::connect(&self.socket).is_ok()
+                && self.log_of_this_start().contains("msgserver listening")
+            {
                 return;
             }
             if Instant::now() >= deadline {
@@ -481,6 +486,16 @@ impl Core {
     /// Everything msgserver wrote to stdout and stderr, across restarts.
     pub fn log(&self) -> String {
         read_log(&self.log)
+    }
+
+    /// The log since the marker of the latest start.
+    fn log_of_this_start(&self) -> String {
+        let log = self.log();
+        let marker = format!("===== msgserver start #{} =====", self.starts);
+        match log.rfind(&marker) {
+            Some(at) => log[at..].to_owned(),
+            None => String::new(),
+        }
     }
 
     /// Where this core's admin socket is (beside its main socket, by default).
