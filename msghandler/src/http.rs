@@ -571,11 +571,7 @@ async fn v1_request(
             v1::Operation::Batch(sends) => sends.len(),
             _ => 1,
         };
-        for _ in 0..messages {
-            app.limits
-                .check_session(session)
-                .map_err(|limited| limited.error())?;
-        }
+        app.limits.check_session_messages(session, messages)?;
     }
     bind_user(app, grant.as_ref()).await?;
     let cap = poll_within_token(Duration::MAX, grant.as_ref());

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use governor::clock::{Clock, DefaultClock};
-use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use governor::{DefaultKeyedRateLimiter, InsufficientCapacity, Quota, RateLimiter};
 use hyper::header::HeaderMap;
 use ipnet::IpNet;
 
@@ -155,6 +155,36 @@ impl Limits {
         // Keyed by an owned String: one small allocation per request, only when the
         // limit is on.
         self.check(Some(limiter), &session.to_owned(), "session")
+    }
+
+    /// Counts the `messages` of one request (a batch) against `rate_limit_session`,
+    /// all or none: a batch refused for the rate spends nothing of the session's
+    /// allowance, so its retry is not refused for the part that went before.
+    pub fn check_session_messages(&self, session: &str, messages: usize) -> Result<(), X0Error> {
+        let Some(limiter) = &self.per_session else {
+            return Ok(());
+        };
+        let Some(n) = u32::try_from(messages).ok().and_then(NonZeroU32::new) else {
+            return Ok(());
+        };
+        match limiter.check_key_n(&session.to_owned(), n) {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(not_until)) => Err(Limited {
+                wait: not_until.wait_time_from(self.clock.now()),
+                what: "session",
+            }
+            .error()),
+            // No wait would ever let it through: saying "retry" would make a client
+            // spin on it.
+            Err(InsufficientCapacity(burst)) => Err(X0Error::new(
+                "BatchTooLarge",
+                format!(
+                    "{messages} messages in one request are more than a session may \
+                     send at once (rate_limit_session_burst = {burst}): send them in \
+                     smaller batches"
+                ),
+            )),
+        }
     }
 
     fn check<K: std::hash::Hash + Eq + Clone>(
@@ -302,6 +332,31 @@ mod tests {
         assert!(l.check_session("A").is_ok());
         // Off when the rate is 0.
         assert!(l.check_ip(ip("127.0.0.1")).is_ok());
+    }
+
+    #[test]
+    fn a_batch_counts_all_its_messages_or_none() {
+        let l = limits(LimitConfig {
+            session_rate: 1,
+            session_burst: 10,
+            ..Default::default()
+        });
+        l.check_session_messages("A", 6).unwrap();
+        // 4 left: a batch of 5 is refused and spends nothing, so 4 still pass.
+        assert_eq!(
+            l.check_session_messages("A", 5).unwrap_err().kind,
+            "RateLimited"
+        );
+        l.check_session_messages("A", 4).unwrap();
+        assert!(l.check_session("A").is_err());
+        // More than the burst never passes, whatever the wait: a distinct refusal.
+        let too_big = l.check_session_messages("B", 11).unwrap_err();
+        assert_eq!(too_big.kind, "BatchTooLarge");
+        assert!(too_big.message.contains("= 10"), "{}", too_big.message);
+        l.check_session_messages("B", 10).unwrap();
+        // Off when the rate is 0.
+        let off = limits(LimitConfig::default());
+        off.check_session_messages("A", 1000).unwrap();
     }
 
     #[test]

@@ -779,7 +779,7 @@ pub fn status(kind: &str) -> StatusCode {
         "NotFound" | "NoRoute" => StatusCode::NOT_FOUND,
         "MethodNotAllowed" => StatusCode::METHOD_NOT_ALLOWED,
         "RequestTimeout" => StatusCode::REQUEST_TIMEOUT,
-        "BodyTooLarge" | "PayloadTooLarge" => StatusCode::PAYLOAD_TOO_LARGE,
+        "BodyTooLarge" | "PayloadTooLarge" | "BatchTooLarge" => StatusCode::PAYLOAD_TOO_LARGE,
         "UnsupportedContentType" => StatusCode::UNSUPPORTED_MEDIA_TYPE,
         "MailboxFull" | "RateLimited" => StatusCode::TOO_MANY_REQUESTS,
         "CoreUnavailable" | "ShuttingDown" | "TooManyConnections" | "Overloaded" | "Draining"

@@ -425,6 +425,42 @@ async fn session_rate_limit_trips_at_the_configured_rate_and_recovers() {
     assert_eq!(got, 7);
 }
 
+#[tokio::test]
+async fn a_batch_over_the_session_rate_is_refused_whole_and_spends_nothing() {
+    let (_core, h) = start(
+        CoreOptions::default(),
+        HandlerOptions {
+            // A rate this low refills nothing while the test runs.
+            extra_toml: "rate_limit_session = 1\nrate_limit_session_burst = 5\n".into(),
+            ..Default::default()
+        },
+    );
+    let (a, b) = (session("a"), session("b"));
+    let batch = |n: usize| {
+        let messages: Vec<Value> = (0..n)
+            .map(|i| json!({"target": {"session": b}, "data": i}))
+            .collect();
+        json!({"session": a, "messages": messages})
+    };
+    assert_eq!(h.v1("/v1/publish_batch", batch(3)).await.0, StatusCode::OK);
+    // 2 left: a batch of 3 is refused whole, and the 2 are still there after it.
+    let (status, reply) = h.v1("/v1/publish_batch", batch(3)).await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{reply}");
+    assert_error(&reply, "RateLimited");
+    assert_eq!(h.v1("/v1/publish_batch", batch(2)).await.0, StatusCode::OK);
+    // More than the burst could never pass: not a "retry", a distinct refusal.
+    let (status, reply) = h.v1("/v1/publish_batch", batch(6)).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{reply}");
+    assert_error(&reply, "BatchTooLarge");
+    let got: Vec<Value> = h
+        .v1_drain(&b, 0.2)
+        .await
+        .iter()
+        .map(|m| m["data"].clone())
+        .collect();
+    assert_eq!(got, [json!(0), json!(1), json!(2), json!(0), json!(1)]);
+}
+
 async fn forwarded_poll(h: &Handler, forwarded_for: &str) -> StatusCode {
     h.request(
         Method::GET,
