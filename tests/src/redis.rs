@@ -100,6 +100,8 @@ impl Redis {
             .arg(&self.socket)
             .args(["--unixsocketperm", "777"])
             .args(["--appendonly", "yes", "--appendfsync", "always"])
+            // As docs/CLUSTER.md asks: bounded, and refusing rather than evicting.
+            .args(["--maxmemory", "1gb", "--maxmemory-policy", "noeviction"])
             .args(["--save", ""])
             .arg("--dir")
             .arg(self.dir.path())

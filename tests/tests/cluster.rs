@@ -1503,6 +1503,56 @@ async fn assert_wakeups_cross_pairs(c: &Cluster, a: &str, when: &str) {
     }
 }
 
+/// Waits until the core of pair `i` has connected to Redis `times` times in all.
+fn wait_connected(c: &Cluster, i: usize, times: usize) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let log = c.core(i).log();
+        if log.matches("connected to Redis").count() >= times {
+            return log;
+        }
+        assert!(Instant::now() < deadline, "not connected to Redis:\n{log}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[tokio::test]
+async fn a_core_warns_at_connect_when_redis_would_drop_or_forget_what_it_accepted() {
+    let Some(mut c) = Cluster::start(1, "", HandlerOptions::default()) else {
+        return;
+    };
+    let warnings = [
+        "Redis evicts keys when full",
+        "Redis has no maxmemory",
+        "Redis keeps no append-only file",
+    ];
+    // Configured as docs/CLUSTER.md asks: not a word.
+    let log = wait_connected(&c, 0, 1);
+    for warning in warnings {
+        assert!(!log.contains(warning), "{warning}:\n{log}");
+    }
+    for setting in [
+        ["maxmemory-policy", "allkeys-lru"],
+        ["maxmemory", "0"],
+        ["appendonly", "no"],
+    ] {
+        c.redis
+            .command(&["CONFIG", "SET", setting[0], setting[1]])
+            .expect("CONFIG SET");
+    }
+    c.pair_mut(0).core.restart();
+    let log = wait_connected(&c, 0, 2);
+    for warning in warnings {
+        assert_eq!(log.matches(warning).count(), 1, "{warning}:\n{log}");
+    }
+    // Only a warning: the core serves.
+    let (a, b) = (session("a"), session("b"));
+    assert_eq!(
+        c.handler(0).set(&a, &b, &json!({"n": 1})).await["status"],
+        "ok"
+    );
+}
+
 /// Redis's `used_memory`, in bytes.
 fn redis_used_memory(c: &Cluster) -> u64 {
     let info = c.redis.command(&["INFO", "memory"]).expect("INFO memory");

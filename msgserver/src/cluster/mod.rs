@@ -249,6 +249,45 @@ async fn setup(conn: &mut ConnectionManager, settings: &Settings) -> redis::Redi
     Ok(())
 }
 
+/// Says so, at every connect, when Redis is set up to lose what micromsg answered
+/// "ok" for (docs/CLUSTER.md, "What Redis must be configured with"). Only a warning:
+/// a managed Redis may hide INFO, and the operator may have chosen it.
+async fn warn_of_loss(conn: &mut ConnectionManager) {
+    let info: redis::InfoDict = match redis::cmd("INFO")
+        .arg("memory")
+        .arg("persistence")
+        .query_async(conn)
+        .await
+    {
+        Ok(info) => info,
+        Err(e) => {
+            warn!(error = %e, "cannot read Redis's INFO to check its eviction and persistence settings");
+            return;
+        }
+    };
+    if let Some(policy) = info.get::<String>("maxmemory_policy")
+        && policy != "noeviction"
+    {
+        warn!(
+            maxmemory_policy = %policy,
+            "Redis evicts keys when full: accepted messages can be dropped silently; \
+             set maxmemory-policy noeviction"
+        );
+    }
+    if info.get::<u64>("maxmemory") == Some(0) {
+        warn!(
+            "Redis has no maxmemory: nothing bounds what the cluster holds \
+             (max_sessions and max_queued_bytes do not apply to the Redis backend)"
+        );
+    }
+    if info.get::<String>("aof_enabled").as_deref() == Some("0") {
+        warn!(
+            "Redis keeps no append-only file: what it holds is lost when it restarts; \
+             set appendonly yes"
+        );
+    }
+}
+
 // Decoding what the functions return.
 
 fn items(value: Value) -> Vec<Value> {
@@ -587,6 +626,7 @@ async fn connect(
             let mut conn =
                 ConnectionManager::new_with_config(client.clone(), config.clone()).await?;
             setup(&mut conn, settings).await?;
+            warn_of_loss(&mut conn).await;
             redis::RedisResult::Ok(conn)
         };
         match tokio::time::timeout(settings.timeout * 2, attempt).await {
