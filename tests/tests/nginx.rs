@@ -46,3 +46,71 @@ async fn while_msghandler_is_down_x0_paths_answer_200_and_v1_503_with_a_json_err
         .await;
     assert_v1_error(&down, StatusCode::SERVICE_UNAVAILABLE, "CoreUnavailable");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn while_msghandler_is_down_a_cross_origin_page_can_read_nginxs_json_error() {
+    let Some((_core, mut h)) = start_behind_nginx() else {
+        return;
+    };
+    h.kill();
+    let origin = "https://app.example.org";
+    // The x0 client's preflight passes, so its POST is sent and its answer read.
+    let preflight = h
+        .request(
+            Method::OPTIONS,
+            "/set",
+            &[
+                ("Origin", origin),
+                ("Access-Control-Request-Method", "POST"),
+                ("Access-Control-Request-Headers", "content-type"),
+            ],
+            "",
+        )
+        .await;
+    assert_eq!(preflight.status, StatusCode::OK);
+    assert_eq!(
+        preflight.header("access-control-allow-origin").as_deref(),
+        Some(origin)
+    );
+    assert!(
+        preflight
+            .header("access-control-allow-methods")
+            .is_some_and(|m| m.contains("POST")),
+        "{:?}",
+        preflight.headers
+    );
+    assert_eq!(
+        preflight.header("access-control-allow-headers").as_deref(),
+        Some("content-type")
+    );
+    let x0 = h
+        .request(
+            Method::POST,
+            "/set",
+            &[("Origin", origin)],
+            x0_get_body("b"),
+        )
+        .await;
+    assert_eq!(x0.status, StatusCode::OK);
+    assert_eq!(
+        x0.header("access-control-allow-origin").as_deref(),
+        Some(origin)
+    );
+    assert_error(&x0.json(), "CoreUnavailable");
+    let v1 = h
+        .request(
+            Method::POST,
+            "/v1/poll",
+            &[("Origin", origin)],
+            json!({"session": "b", "timeout": 1}).to_string(),
+        )
+        .await;
+    assert_eq!(v1.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(
+        v1.header("access-control-allow-origin").as_deref(),
+        Some(origin)
+    );
+    // Without an Origin (not a browser) nothing is added.
+    let plain = h.request(Method::POST, "/set", &[], x0_get_body("b")).await;
+    assert_eq!(plain.header("access-control-allow-origin"), None);
+}
