@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use governor::clock::{Clock, DefaultClock};
-use governor::{DefaultKeyedRateLimiter, InsufficientCapacity, Quota, RateLimiter};
+use governor::{DefaultKeyedRateLimiter, InsufficientCapacity, NotUntil, Quota, RateLimiter};
 use hyper::header::HeaderMap;
 use ipnet::IpNet;
 
@@ -168,12 +168,7 @@ impl Limits {
             return Ok(());
         };
         match limiter.check_key_n(&session.to_owned(), n) {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(not_until)) => Err(Limited {
-                wait: not_until.wait_time_from(self.clock.now()),
-                what: "session",
-            }
-            .error()),
+            Ok(verdict) => self.verdict(verdict, "session").map_err(|l| l.error()),
             // No wait would ever let it through: saying "retry" would make a client
             // spin on it.
             Err(InsufficientCapacity(burst)) => Err(X0Error::new(
@@ -193,13 +188,21 @@ impl Limits {
         key: &K,
         what: &'static str,
     ) -> Result<(), Limited> {
-        match limiter.map(|l| l.check_key(key)) {
-            None | Some(Ok(())) => Ok(()),
-            Some(Err(not_until)) => Err(Limited {
-                wait: not_until.wait_time_from(self.clock.now()),
-                what,
-            }),
+        match limiter {
+            None => Ok(()),
+            Some(l) => self.verdict(l.check_key(key), what),
         }
+    }
+
+    fn verdict(
+        &self,
+        verdict: Result<(), NotUntil<<DefaultClock as Clock>::Instant>>,
+        what: &'static str,
+    ) -> Result<(), Limited> {
+        verdict.map_err(|not_until| Limited {
+            wait: not_until.wait_time_from(self.clock.now()),
+            what,
+        })
     }
 
     /// Counts a new connection from `peer`; `None` when that address already has

@@ -1503,17 +1503,12 @@ async fn assert_wakeups_cross_pairs(c: &Cluster, a: &str, when: &str) {
     }
 }
 
-/// Waits until the core of pair `i` has connected to Redis `times` times in all.
-fn wait_connected(c: &Cluster, i: usize, times: usize) -> String {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let log = c.core(i).log();
-        if log.matches("connected to Redis").count() >= times {
-            return log;
-        }
-        assert!(Instant::now() < deadline, "not connected to Redis:\n{log}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+/// The log of pair `i`'s core once it has connected to Redis `times` times in all.
+fn log_after_connects(c: &Cluster, i: usize, times: usize) -> String {
+    wait_until("connected to Redis", || {
+        c.core(i).log().matches("connected to Redis").count() >= times
+    });
+    c.core(i).log()
 }
 
 #[tokio::test]
@@ -1527,7 +1522,7 @@ async fn a_core_warns_at_connect_when_redis_would_drop_or_forget_what_it_accepte
         "Redis keeps no append-only file",
     ];
     // Configured as docs/CLUSTER.md asks: not a word.
-    let log = wait_connected(&c, 0, 1);
+    let log = log_after_connects(&c, 0, 1);
     for warning in warnings {
         assert!(!log.contains(warning), "{warning}:\n{log}");
     }
@@ -1541,7 +1536,7 @@ async fn a_core_warns_at_connect_when_redis_would_drop_or_forget_what_it_accepte
             .expect("CONFIG SET");
     }
     c.pair_mut(0).core.restart();
-    let log = wait_connected(&c, 0, 2);
+    let log = log_after_connects(&c, 0, 2);
     for warning in warnings {
         assert_eq!(log.matches(warning).count(), 1, "{warning}:\n{log}");
     }
