@@ -4,8 +4,9 @@
 //! use it: the frame codec ([`codec`]), the handshake ([`Hello`], [`Welcome`]) and
 //! the request/response types ([`Request`], [`Response`]).
 //!
-//! This crate holds no I/O policy (no sockets, no retries, no timers) and knows
-//! nothing about HTTP or JSON: message bodies are opaque UTF-8 text to it.
+//! It also holds the socket type both ends carry frames over ([`link`]), but no I/O
+//! policy (no connecting, no retries, no timers), and knows nothing about HTTP or
+//! JSON: message bodies are opaque UTF-8 text to it.
 //!
 //! # Framing
 //!
@@ -17,6 +18,7 @@
 
 pub mod codec;
 pub mod fuzzing;
+pub mod link;
 mod messages;
 pub mod paths;
 

@@ -13,12 +13,11 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
+use ipc::link::{Link, LinkReader, LinkWriter};
 use ipc::{
     ClientFrame, ErrorKind, FrameCodec, Hello, Message, Request, RequestId, Response, Role,
     ServerFrame, Welcome,
 };
-use tokio::net::UnixStream;
-use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::codec::{FramedRead, FramedWrite};
@@ -645,13 +644,12 @@ async fn supervise(pool: Arc<CorePool>, slot: usize) {
     }
 }
 
-type Reader = FramedRead<OwnedReadHalf, FrameCodec<ServerFrame, ClientFrame>>;
-type Writer = FramedWrite<OwnedWriteHalf, FrameCodec<ServerFrame, ClientFrame>>;
+type Reader = FramedRead<LinkReader, FrameCodec<ServerFrame, ClientFrame>>;
+type Writer = FramedWrite<LinkWriter, FrameCodec<ServerFrame, ClientFrame>>;
 
 /// A connection after the handshake, and whether its core is durable.
 async fn connect(config: &PoolConfig) -> anyhow::Result<(Reader, Writer, bool)> {
-    let stream = UnixStream::connect(&config.socket).await?;
-    let (read_half, write_half) = stream.into_split();
+    let (read_half, write_half) = Link::connect(&config.socket).await?.into_split();
     let mut reader = FramedRead::new(read_half, FrameCodec::<Welcome, Hello>::new());
     let mut writer = FramedWrite::new(write_half, FrameCodec::<Welcome, Hello>::new());
     writer.send(Hello::new(Role::Handler)).await?;

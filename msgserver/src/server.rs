@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
+use ipc::link::{self, LinkWriter};
 use ipc::{
     AdminRequest, ClientFrame, ErrorKind, FrameCodec, Hello, Request, Response, Role, ServerFrame,
     StorageStatus, Welcome,
@@ -429,7 +430,10 @@ fn apply(
 /// Reads the refused peer's handshake (if it comes soon) and answers it with the
 /// reason, so that the peer can say why instead of seeing a closed connection.
 async fn refuse(stream: UnixStream, reason: String) {
-    let (read_half, write_half) = stream.into_split();
+    let Ok(socket) = link::Link::from_tokio(stream) else {
+        return;
+    };
+    let (read_half, write_half) = socket.into_split();
     let mut reader = FramedRead::new(
         read_half,
         FrameCodec::<Hello, Welcome>::with_max_frame_len(HANDSHAKE_MAX_LEN),
@@ -484,7 +488,14 @@ async fn connection(
     config: Arc<ShellConfig>,
     mut stopping: watch::Receiver<bool>,
 ) {
-    let (read_half, write_half) = stream.into_split();
+    let socket = match link::Link::from_tokio(stream) {
+        Ok(socket) => socket,
+        Err(e) => {
+            warn!(error = %e, "cannot take over the accepted socket; closing");
+            return;
+        }
+    };
+    let (read_half, write_half) = socket.into_split();
     let mut reader = FramedRead::new(
         read_half,
         FrameCodec::<Hello, Welcome>::with_max_frame_len(HANDSHAKE_MAX_LEN),
@@ -617,7 +628,7 @@ async fn connection(
 }
 
 async fn write_frames(
-    mut writer: FramedWrite<tokio::net::unix::OwnedWriteHalf, FrameCodec<ClientFrame, ServerFrame>>,
+    mut writer: FramedWrite<LinkWriter, FrameCodec<ClientFrame, ServerFrame>>,
     mut outbox: mpsc::UnboundedReceiver<ServerFrame>,
     permits: Arc<Semaphore>,
 ) {
