@@ -30,6 +30,11 @@
 #   ATTEMPTS   tries per measurement while runs come out disturbed (default 3)
 #   RESULTS    file for the raw JSON lines (default target/bench/results-<time>.jsonl;
 #              the markdown table goes next to it as .md)
+#   LAYOUT     where the processes run (default shared: anywhere, as the scheduler
+#              likes; split: every server on the upper half of the CPUs and msgbench
+#              on the lower half, with taskset, so that server and generator never
+#              share a CPU; nginx then runs one worker per server CPU)
+#   NGINX_WORKERS  nginx's worker_processes (default 2, or as LAYOUT says)
 #   KEEP_TMP=1 keep the servers' logs and configs
 #
 # Installs nginx and libnginx-mod-nchan with apt if nchan is a target and they are
@@ -71,6 +76,31 @@ transports=${TRANSPORTS:-poll ws sse}
 targets=${TARGETS:-micromsg nchan hello}
 has_target() { [[ " $targets " == *" $1 "* ]]; }
 [ "$quick" = 1 ] && duration=${DURATION:-3}
+
+# Command prefixes that place the servers and the generator (LAYOUT above).
+layout=${LAYOUT:-shared}
+on_servers=()
+on_generator=()
+nginx_workers=2
+case $layout in
+    shared) ;;
+    split)
+        cpus=$(nproc)
+        if [ "$cpus" -lt 2 ]; then
+            echo "run.sh: LAYOUT=split needs at least 2 CPUs" >&2
+            exit 2
+        fi
+        half=$((cpus / 2))
+        on_generator=(taskset -c "0-$((half - 1))")
+        on_servers=(taskset -c "$half-$((cpus - 1))")
+        nginx_workers=$((cpus - half))
+        ;;
+    *)
+        echo "run.sh: LAYOUT must be shared or split, not $layout" >&2
+        exit 2
+        ;;
+esac
+nginx_workers=${NGINX_WORKERS:-$nginx_workers}
 
 log() { echo "run.sh: $*" >&2; }
 
@@ -199,14 +229,14 @@ socket=$tmp/msgserver.sock
 msgserver_args=()
 start_micromsg() {
     rm -f "$socket"
-    "$bin/msgserver" --config etc/msgserver.toml --socket "$socket" "${msgserver_args[@]}" \
+    "${on_servers[@]}" "$bin/msgserver" --config etc/msgserver.toml --socket "$socket" "${msgserver_args[@]}" \
         >"$tmp/msgserver.log" 2>&1 &
     msgserver_pid=$!
     started[$msgserver_pid]=msgserver
     local _
     for _ in $(seq 200); do [ -S "$socket" ] && break; sleep 0.05; done
     [ -S "$socket" ] || { log "msgserver did not create $socket"; cat "$tmp/msgserver.log" >&2; exit 1; }
-    "$bin/msghandler" --config etc/msghandler.toml --socket "$socket" \
+    "${on_servers[@]}" "$bin/msghandler" --config etc/msghandler.toml --socket "$socket" \
         --listen "127.0.0.1:$micromsg_port" --poll-timeout 10 >"$tmp/msghandler.log" 2>&1 &
     msghandler_pid=$!
     started[$msghandler_pid]=msghandler
@@ -224,7 +254,7 @@ start_nchan() {
     cat >"$dir/nginx.conf" <<EOF
 # nginx + nchan for bench/run.sh: its own prefix, loopback only, nothing system-wide.
 load_module $nchan_module;
-worker_processes 2;
+worker_processes $nginx_workers;
 worker_rlimit_nofile $(ulimit -n);
 pid $dir/nginx.pid;
 error_log $dir/error.log warn;
@@ -273,7 +303,7 @@ http {
     }
 }
 EOF
-    nginx -p "$dir/" -c "$dir/nginx.conf" -g 'daemon off;' >"$tmp/nginx.log" 2>&1 &
+    "${on_servers[@]}" nginx -p "$dir/" -c "$dir/nginx.conf" -g 'daemon off;' >"$tmp/nginx.log" 2>&1 &
     nginx_pid=$!
     started[$nginx_pid]=nginx
     wait_for_port "$nchan_port" "$nginx_pid" nginx
@@ -284,7 +314,7 @@ stop_nchan() {
 
 hello_port=$(free_port $((nchan_port + 1)))
 start_hello() {
-    "$bin/hello" --listen "127.0.0.1:$hello_port" >"$tmp/hello.log" 2>&1 &
+    "${on_servers[@]}" "$bin/hello" --listen "127.0.0.1:$hello_port" >"$tmp/hello.log" 2>&1 &
     hello_pid=$!
     started[$hello_pid]=hello
     wait_for_port "$hello_port" "$hello_pid" hello
@@ -318,7 +348,7 @@ appendfsync $redis_fsync
 save ""
 daemonize no
 EOF
-        redis-server "$redis_dir/redis.conf" >"$tmp/redis.log" 2>&1 &
+        "${on_servers[@]}" redis-server "$redis_dir/redis.conf" >"$tmp/redis.log" 2>&1 &
         pid=$!
         started[$pid]=redis-server
         cluster_pids+=("$pid")
@@ -337,10 +367,10 @@ EOF
         chmod 755 "$dir"
         if [ "$backend" = redis ]; then
             MICROMSG_BACKEND=redis MICROMSG_REDIS_URL=$redis_url MICROMSG_NODE_NAME=$name \
-                "$bin/msgserver" --config etc/msgserver.toml --socket "$socket" \
+                "${on_servers[@]}" "$bin/msgserver" --config etc/msgserver.toml --socket "$socket" \
                 >"$tmp/msgserver-$name.log" 2>&1 &
         else
-            "$bin/msgserver" --config etc/msgserver.toml --socket "$socket" \
+            "${on_servers[@]}" "$bin/msgserver" --config etc/msgserver.toml --socket "$socket" \
                 >"$tmp/msgserver-$name.log" 2>&1 &
         fi
         pid=$!
@@ -350,7 +380,7 @@ EOF
         for _ in $(seq 200); do [ -S "$socket" ] && break; sleep 0.05; done
         [ -S "$socket" ] || { log "msgserver $name did not create $socket"; cat "$tmp/msgserver-$name.log" >&2; exit 1; }
         port=$(free_port "$port")
-        "$bin/msghandler" --config etc/msghandler.toml --socket "$socket" \
+        "${on_servers[@]}" "$bin/msghandler" --config etc/msghandler.toml --socket "$socket" \
             --listen "127.0.0.1:$port" --poll-timeout 10 >"$tmp/msghandler-$name.log" 2>&1 &
         pid=$!
         started[$pid]=msghandler
@@ -429,7 +459,7 @@ run_one() {
                 ;;
         esac
         rc=0
-        line=$("$bin/msgbench" --target "$bench_target" --url "$url" "${watch[@]}" \
+        line=$("${on_generator[@]}" "$bin/msgbench" --target "$bench_target" --url "$url" "${watch[@]}" \
             --duration "$duration" --label "$label" "$@") || rc=$?
         if [ "$rc" -ge 2 ] || [ -z "$line" ]; then
             log "msgbench failed ($target, $label)"
@@ -457,7 +487,7 @@ if [ "$quick" = 1 ]; then
     smoke() { # label msgbench flags... (against the micromsg started last)
         local label=$1 one=0
         shift
-        "$bin/msgbench" --target micromsg --url "http://127.0.0.1:$micromsg_port" \
+        "${on_generator[@]}" "$bin/msgbench" --target micromsg --url "http://127.0.0.1:$micromsg_port" \
             --watch "msgserver:$msgserver_pid" --watch "msghandler:$msghandler_pid" \
             --label "$label" "$@" >>"$results" || one=$?
         [ "$one" = 0 ] || { log "smoke $label FAILED (exit $one)"; rc=$one; }
@@ -482,7 +512,7 @@ if [ "$quick" = 1 ]; then
         log "smoke: micromsg, S=100 P=4 over 3 pairs sharing one Redis, 2s"
         start_cluster redis 3
         one=0
-        "$bin/msgbench" --target micromsg --url "$cluster_urls" "${cluster_watch[@]}" \
+        "${on_generator[@]}" "$bin/msgbench" --target micromsg --url "$cluster_urls" "${cluster_watch[@]}" \
             --backend redis --label smoke-cluster --subscribers 100 --publishers 4 \
             --duration 2 >>"$results" || one=$?
         [ "$one" = 0 ] || { log "smoke smoke-cluster FAILED (exit $one)"; rc=$one; }
@@ -645,6 +675,7 @@ run_batch() {
 started_at=$SECONDS
 for scenario in $scenarios; do
     label=$(label_of "$scenario")
+    [ "$layout" = split ] && label="$label; servers and generator on separate CPUs"
     read -r -a flags <<<"$(flags_of "$scenario")"
     if [ "$scenario" = 6 ]; then
         has_target micromsg && run_durable "$label" "${flags[@]}"
