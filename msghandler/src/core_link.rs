@@ -46,6 +46,9 @@ pub enum PollError {
 /// How long past a poll's timeout the handler still waits for the core's answer.
 const POLL_MARGIN: Duration = Duration::from_millis(500);
 
+/// How long a stopping handler waits for the core to take and answer what it sent.
+const FLUSH_WAIT: Duration = Duration::from_secs(1);
+
 #[derive(Debug, Clone)]
 pub struct PoolConfig {
     pub socket: PathBuf,
@@ -392,19 +395,23 @@ impl CorePool {
         }
     }
 
-    /// Sends what each live connection has queued and waits until it is written,
-    /// so that cancellations issued during shutdown reach the core.
+    /// For a stop: sends what each live connection has queued (the withdrawals of
+    /// the polls answered null), waits for the core's answer to every poll still
+    /// open, and sends the hand-backs those answers caused. A poll withdrawn while
+    /// the core's answer with messages was already on its way gets them all the
+    /// same; handed back, they wait in the core for the next process instead of
+    /// being lost with this one. Bounded by [`FLUSH_WAIT`] in all.
     pub async fn flush(&self) {
+        let deadline = Instant::now() + FLUSH_WAIT;
         let live: Vec<_> = self
             .slots
             .iter()
             .filter_map(|s| s.read().unwrap().clone())
             .collect();
         for conn in live {
-            let (done, flushed) = oneshot::channel();
-            if conn.outbox.send(Outgoing::Flush(done)).is_ok() {
-                let _ = tokio::time::timeout(Duration::from_secs(1), flushed).await;
-            }
+            conn.written(deadline).await;
+            conn.polls_answered(deadline).await;
+            conn.written(deadline).await;
         }
     }
 
@@ -589,6 +596,27 @@ impl CoreConnection {
         Ok((id, rx))
     }
 
+    /// Waits until everything queued so far is written to the socket, or `deadline`.
+    async fn written(&self, deadline: Instant) {
+        let (done, flushed) = oneshot::channel();
+        if self.outbox.send(Outgoing::Flush(done)).is_ok() {
+            let _ = tokio::time::timeout_at(deadline, flushed).await;
+        }
+    }
+
+    /// Waits until the core has answered every poll sent on this connection (or
+    /// the connection is gone), or `deadline`. Only a stop waits for this, so a
+    /// short sleep between looks is simpler than a notification on every answer.
+    async fn polls_answered(&self, deadline: Instant) {
+        let open = || {
+            let pending = self.pending.lock().unwrap();
+            pending.values().any(|p| p.poll_session.is_some())
+        };
+        while open() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
     /// Fire-and-forget: the core's reply is read and dropped.
     fn send_unanswered(&self, request: Request) {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
@@ -754,5 +782,71 @@ async fn write_frames(mut writer: Writer, mut queued: mpsc::UnboundedReceiver<Ou
         for done in flushed {
             let _ = done.send(());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::harness::{self, Asked};
+    use ipc::Request as CoreRequest;
+
+    /// Answers a poll with one message, 200 ms after it came: long enough for the
+    /// test to withdraw the poll first, so the answer crosses the withdrawal.
+    fn late_answer(request: &CoreRequest) -> Option<(u64, Response)> {
+        match request {
+            CoreRequest::Poll { .. } => Some((
+                200,
+                Response::Messages(vec![Message {
+                    id: 7,
+                    body: r#"{"late":true}"#.into(),
+                }]),
+            )),
+            _ => Some((0, Response::Done)),
+        }
+    }
+
+    #[test]
+    fn a_stop_hands_back_what_a_withdrawn_poll_was_given_before_the_process_ends() {
+        // The core on a runtime of its own, so that it outlives the handler's.
+        let core_runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let (socket, asked): (_, Asked) =
+            core_runtime.block_on(async { harness::fake_core_delayed(late_answer) });
+
+        let handler_runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        handler_runtime.block_on(async {
+            let pool = CorePool::start(PoolConfig {
+                socket: socket.0.clone(),
+                connections: 1,
+                max_in_flight: 16,
+                heartbeat_interval: Duration::from_secs(5),
+                core_wait: Duration::from_secs(5),
+            });
+            let polling = pool.clone();
+            let poll =
+                tokio::spawn(
+                    async move { polling.poll("tab", Duration::from_secs(10), true, 0).await },
+                );
+            harness::asked_for(&asked, |r| matches!(r, CoreRequest::Poll { .. })).await;
+            // What a stop does to a parked poll: its HTTP request is answered null
+            // and the poll dropped, then the pool is flushed and the process ends.
+            poll.abort();
+            let _ = poll.await;
+            pool.flush().await;
+        });
+        // The process ends here: nothing of the handler runs any more.
+        drop(handler_runtime);
+
+        core_runtime.block_on(async {
+            let ids = harness::given_back(&asked, "tab", 1).await;
+            assert_eq!(ids, [7], "the message the withdrawn poll was given is lost");
+        });
     }
 }
