@@ -75,22 +75,17 @@ impl AsyncRead for LinkReader {
             // bytes it reports are marked initialised.
             let unfilled = unsafe { buf.unfilled_mut() };
             let room = unfilled.len();
-            let result = guard.try_io(|fd| {
-                let n = unsafe {
+            let read = guard.try_io(|fd| {
+                result(unsafe {
                     libc::recv(
                         fd.as_raw_fd(),
                         unfilled.as_mut_ptr().cast(),
                         unfilled.len(),
                         0,
                     )
-                };
-                if n < 0 {
-                    Err(io::Error::last_os_error())
-                } else {
-                    Ok(n as usize)
-                }
+                })
             });
-            match result {
+            match read {
                 Ok(Ok(n)) => {
                     // A short read emptied the socket: as tokio's own streams do,
                     // forget the readiness now rather than pay a read that would
@@ -162,6 +157,7 @@ fn register(fd: OwnedFd, interest: Interest) -> io::Result<AsyncFd<OwnedFd>> {
     unsafe { AsyncFd::register_with_interest(fd, interest) }.map_err(|e| e.into_parts().1)
 }
 
+/// A send or receive system call's return value as a byte count or its error.
 fn result(n: isize) -> io::Result<usize> {
     if n < 0 {
         Err(io::Error::last_os_error())
