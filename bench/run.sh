@@ -7,7 +7,8 @@
 #   bench/run.sh --quick    CI smoke (same as SMOKE=1): micromsg only, scenario 1 for
 #                           3 s, a fan-out to 50 subscribers for 2 s, S=100 P=4
 #                           over WebSocket for 2 s, S=100 P=4 with 50 messages
-#                           per /v1/publish_batch for 2 s and, when redis-server is
+#                           per /v1/publish_batch for 2 s, 2 rounds of 500
+#                           sessions that come and go (scenario 12) and, when redis-server is
 #                           installed, S=100 P=4 over 3 pairs sharing one Redis for
 #                           2 s, once each; fails if anything was lost, duplicated
 #                           or misrouted. Needs no nginx and no network.
@@ -15,12 +16,14 @@
 # Environment:
 #   DURATION   seconds per run (default 15; 3 in --quick)
 #   RUNS       runs per scenario and target (default 3)
-#   SCENARIOS  which scenarios, in order (default "1 2 3 4 5 6 7 8 9 10 11"; 6
-#              to 10 are micromsg only, 10 beside hello)
+#   SCENARIOS  which scenarios, in order (default "1 2 3 4 5 6 7 8 9 10 11 12"; 6
+#              to 10 and 12 are micromsg only, 10 beside hello)
 #   TARGETS    which servers (default "micromsg nchan hello"; scenario 3 skips hello;
 #              nginx is installed and started only when nchan is among them)
 #   IDLE       parked long-polls in scenario 3 (default 10000)
 #   FANOUT     subscribers of the channel in scenario 7 (default 10000)
+#   CHURN      new sessions per round in scenario 12 (default 10000)
+#   CHURN_ROUNDS  rounds of scenario 12 (default 10)
 #   TRANSPORTS how the subscribers of scenario 8 receive, side by side (default
 #              "poll ws sse": x0 long-poll, WebSocket in fast flow, SSE)
 #   CLUSTERS   what scenario 9 compares, side by side: BACKEND:PAIRS each (default
@@ -69,7 +72,9 @@ runs=${RUNS:-3}
 idle_polls=${IDLE:-10000}
 fanout=${FANOUT:-10000}
 attempts=${ATTEMPTS:-3}
-scenarios=${SCENARIOS:-1 2 3 4 5 6 7 8 9 10 11}
+scenarios=${SCENARIOS:-1 2 3 4 5 6 7 8 9 10 11 12}
+churn=${CHURN:-10000}
+churn_rounds=${CHURN_ROUNDS:-10}
 clusters=${CLUSTERS:-embedded:1 redis:1 redis:3}
 redis_fsync=${REDIS_FSYNC:-always}
 transports=${TRANSPORTS:-poll ws sse}
@@ -506,6 +511,10 @@ if [ "$quick" = 1 ]; then
     smoke smoke-batch --subscribers 100 --publishers 4 --duration 2 --publish-batch 50 \
         --poll-pause-ms 20
     stop_micromsg
+    log "smoke: micromsg, 2 rounds of 500 sessions that come, get a message and leave"
+    MICROMSG_SESSION_TIMEOUT=2 MICROMSG_IDLE_MAILBOX_TIMEOUT=2 start_micromsg
+    smoke smoke-churn --churn 500 --rounds 2
+    stop_micromsg
     # Issue 9: every message published on one pair and polled on another; about 3 s
     # in all with the start of Redis and the pairs.
     if command -v redis-server >/dev/null; then
@@ -543,6 +552,7 @@ label_of() {
         9) echo "9: cluster, S=100 P=4 over msghandler+msgserver pairs" ;;
         10) echo "10: backlog, S=100 P=4 with 50 messages per publish, subscribers pause 20 ms" ;;
         11) echo "11: light load, S=100 P=1, publisher pauses 10 ms after each publish" ;;
+        12) echo "12: churn, $churn_rounds rounds of $churn new sessions that get a message and leave" ;;
     esac
 }
 flags_of() {
@@ -558,6 +568,7 @@ flags_of() {
         9) echo "--subscribers 100 --publishers 4" ;;
         10) echo "--subscribers 100 --publishers 4 --publish-batch 50 --poll-pause-ms 20" ;;
         11) echo "--subscribers 100 --publishers 1 --publish-pause-ms 10" ;;
+        12) echo "--churn $churn --rounds $churn_rounds" ;;
     esac
 }
 
@@ -672,6 +683,25 @@ run_batch() {
     done
 }
 
+# Scenario 12: micromsg only. Rounds of new sessions, each of which is sent one
+# message, polls it, leaves a poll parked and closes its connection; after each
+# round msgbench waits until /metrics shows the servers hold no more than before
+# and reads their RSS. The core forgets a session 2 s after its last request here
+# (session_timeout and idle_mailbox_timeout, 60 and 300 s by default), so that a
+# round is forgotten in seconds. Every run on a freshly started micromsg.
+run_churn() {
+    local label=$1 rep
+    shift
+    export MICROMSG_SESSION_TIMEOUT=2 MICROMSG_IDLE_MAILBOX_TIMEOUT=2
+    for rep in $(seq "$runs"); do
+        log "scenario $label: micromsg, run $rep/$runs"
+        fresh_micromsg=1 run_one micromsg "$label" "$@"
+    done
+    unset MICROMSG_SESSION_TIMEOUT MICROMSG_IDLE_MAILBOX_TIMEOUT
+    stop_micromsg
+    start_micromsg
+}
+
 started_at=$SECONDS
 for scenario in $scenarios; do
     label=$(label_of "$scenario")
@@ -695,6 +725,10 @@ for scenario in $scenarios; do
     fi
     if [ "$scenario" = 10 ]; then
         run_batch "$label" "${flags[@]}"
+        continue
+    fi
+    if [ "$scenario" = 12 ]; then
+        has_target micromsg && run_churn "$label" "${flags[@]}"
         continue
     fi
     # Each scenario starts from freshly started servers.

@@ -15,6 +15,7 @@ use hyper::header::{HeaderMap, HeaderValue};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
+use tokio::task::AbortHandle;
 
 /// A reply, read to its end.
 pub struct Reply {
@@ -28,17 +29,21 @@ pub struct Connection {
     /// `Host` header value (hyper's low-level client does not add one).
     pub host: HeaderValue,
     sender: Option<SendRequest<Full<Bytes>>>,
+    /// The task driving the current connection: aborting it closes the socket even
+    /// while a request is in flight, which dropping the sender does not.
+    task: Option<AbortHandle>,
     /// How often the connection had to be opened again.
     pub reconnects: u64,
 }
 
 impl Connection {
     pub async fn open(addr: SocketAddr) -> Result<Self> {
-        let sender = handshake(addr).await?;
+        let (sender, task) = handshake(addr).await?;
         Ok(Connection {
             addr,
             host: HeaderValue::from_str(&addr.to_string())?,
             sender: Some(sender),
+            task: Some(task),
             reconnects: 0,
         })
     }
@@ -112,25 +117,35 @@ impl Connection {
         };
         if !usable {
             self.sender = None;
-            let mut sender = handshake(self.addr).await?;
+            let (mut sender, task) = handshake(self.addr).await?;
             sender.ready().await.context("new connection not ready")?;
             self.sender = Some(sender);
+            self.task = Some(task);
             self.reconnects += 1;
         }
         Ok(self.sender.as_mut().expect("connected above"))
     }
+
+    /// Closes the socket at once, as a browser tab that goes away does, even in the
+    /// middle of a request (a parked poll).
+    pub fn close(mut self) {
+        self.sender = None;
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
 }
 
-async fn handshake(addr: SocketAddr) -> Result<SendRequest<Full<Bytes>>> {
+async fn handshake(addr: SocketAddr) -> Result<(SendRequest<Full<Bytes>>, AbortHandle)> {
     let stream = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(addr))
         .await
         .with_context(|| format!("connecting to {addr}: no answer within 10 s"))?
         .with_context(|| format!("connecting to {addr}"))?;
     stream.set_nodelay(true)?;
     let (sender, connection) = http1::handshake(TokioIo::new(stream)).await?;
-    tokio::spawn(async move {
+    let task = tokio::spawn(async move {
         // Ends when the sender is dropped or the server closes the connection.
         let _ = connection.await;
     });
-    Ok(sender)
+    Ok((sender, task.abort_handle()))
 }

@@ -16,13 +16,15 @@
 //!   message**, and marks a run disturbed when something else used the CPU. It can
 //!   also hold thousands of idle parked long-polls to measure memory per poll, fan
 //!   one channel message out to thousands of subscribers over the `/v1` API (timing
-//!   until the last copy arrives, [`fanout`]), and turn a file of result lines into
-//!   the markdown table of `BENCHMARKS.md`.
+//!   until the last copy arrives, [`fanout`]), let rounds of short-lived sessions
+//!   come and go to show that nothing grows with the sessions ever seen ([`churn`]),
+//!   and turn a file of result lines into the markdown table of `BENCHMARKS.md`.
 //! * `hello` is a bare hyper HTTP/1.1 server that answers every request at once: the
 //!   upper bound of the request rate (and the floor of CPU per request) here.
 //!
 //! `bench/run.sh` builds everything, starts the three servers and runs the scenarios.
 
+pub mod churn;
 pub mod client;
 pub mod fanout;
 pub mod procfs;

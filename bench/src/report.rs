@@ -4,7 +4,8 @@
 //! micromsg/hello, ws/poll and sse/poll. Runs that name their `backend` (the cluster
 //! scenario) get a column per backend and number of URLs, `micromsg embedded, 1
 //! pair`, `micromsg redis, 3 pairs`, and ratios to the embedded one. A scenario's
-//! rows follow its kind: load, idle parked polls (`idle`) or fan-out (`fanout`).
+//! rows follow its kind: load, idle parked polls (`idle`), fan-out (`fanout`) or
+//! session churn (`churn`).
 
 use std::fmt::Write;
 use std::path::Path;
@@ -284,6 +285,75 @@ fn load_rows() -> Vec<Row> {
     ]
 }
 
+fn churn_rows() -> Vec<Row> {
+    let row = |title, read, decimals, sum| Row {
+        title,
+        read,
+        decimals,
+        ratio: false,
+        skip_hello: false,
+        sum,
+    };
+    vec![
+        row("sessions per round", |v| at(v, "/churn"), 0, false),
+        row("rounds", |v| at(v, "/rounds"), 0, false),
+        row(
+            "sessions/s (working time)",
+            |v| at(v, "/sessions_per_s"),
+            0,
+            false,
+        ),
+        row(
+            "server RSS before the first round (MiB)",
+            |v| at(v, "/rss_before_kb").map(|kb| kb / 1024.0),
+            1,
+            false,
+        ),
+        row(
+            "server RSS after the first round (MiB)",
+            |v| at(v, "/rss_after_first_round_kb").map(|kb| kb / 1024.0),
+            1,
+            false,
+        ),
+        row(
+            "server RSS after the last round (MiB)",
+            |v| at(v, "/rss_after_last_round_kb").map(|kb| kb / 1024.0),
+            1,
+            false,
+        ),
+        row(
+            "RSS growth per session after the first round (bytes)",
+            |v| at(v, "/rss_growth_per_session_bytes"),
+            1,
+            false,
+        ),
+        row(
+            "**RSS growth per session over the later half of the rounds (bytes)**",
+            |v| at(v, "/rss_growth_per_session_later_half_bytes"),
+            1,
+            false,
+        ),
+        row(
+            "rounds not forgotten within 60 s (sum of runs)",
+            |v| {
+                let rounds = v.pointer("/rounds_detail")?.as_array()?;
+                Some(rounds.iter().filter(|r| r["forgotten"] != true).count() as f64)
+            },
+            0,
+            true,
+        ),
+        row("lost (sum of runs)", |v| at(v, "/lost"), 0, true),
+        row(
+            "duplicated (sum of runs)",
+            |v| at(v, "/duplicated"),
+            0,
+            true,
+        ),
+        row("misrouted (sum of runs)", |v| at(v, "/misrouted"), 0, true),
+        row("errors (sum of runs)", |v| at(v, "/errors"), 0, true),
+    ]
+}
+
 fn idle_rows() -> Vec<Row> {
     let row = |title, read, decimals, ratio| Row {
         title,
@@ -528,7 +598,9 @@ pub fn markdown(runs: &[Value]) -> String {
             rule.push_str(" ---: |");
         }
         let _ = writeln!(out, "{header}\n{rule}");
-        let rows = if kind("idle") {
+        let rows = if kind("churn") {
+            churn_rows()
+        } else if kind("idle") {
             idle_rows()
         } else if kind("fanout") {
             fanout_rows()
@@ -727,6 +799,39 @@ mod tests {
             ),
             "{text}"
         );
+    }
+
+    #[test]
+    fn churn_runs_get_their_own_rows() {
+        let run = |growth: f64, forgotten: bool| {
+            json!({"label": "12: churn", "target": "micromsg", "idle": 0, "churn": 10000,
+                   "rounds": 10, "rss_before_kb": 10240, "rss_after_first_round_kb": 20480,
+                   "rss_after_last_round_kb": 20480, "rss_growth_per_session_bytes": growth,
+                   "rss_growth_per_session_later_half_bytes": growth / 2.0,
+                   "rounds_detail": [{"forgotten": true}, {"forgotten": forgotten}],
+                   "lost": 0, "disturbed": false})
+        };
+        let text = markdown(&[run(3.0, true), run(1.0, false), run(2.0, true)]);
+        assert!(text.contains("| sessions per round | 10,000 |"), "{text}");
+        assert!(
+            text.contains("| RSS growth per session after the first round (bytes) | 2.0 |"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "| **RSS growth per session over the later half of the rounds (bytes)** | 1.0 |"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("| server RSS after the first round (MiB) | 20.0 |"),
+            "{text}"
+        );
+        assert!(
+            text.contains("| rounds not forgotten within 60 s (sum of runs) | 1 |"),
+            "{text}"
+        );
+        assert!(!text.contains("latency p90 ms"), "{text}");
     }
 
     #[test]

@@ -21,6 +21,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, StatusCode, Uri};
+use msgbench::churn;
 use msgbench::client::{Connection, Reply};
 use msgbench::fanout::{self, Inbox, Ledger};
 use msgbench::procfs::{self, CpuDelta, Memory, Watched};
@@ -145,6 +146,17 @@ struct Args {
     /// until all N have it (or 5 s), then sends the next.
     #[arg(long, default_value_t = 0, value_name = "N")]
     fanout: usize,
+    /// Churn scenario (micromsg only): --rounds rounds of N new sessions each. A
+    /// session opens a connection, is sent one x0 message, polls it, leaves a second
+    /// poll parked for a moment and closes the connection, as a browser tab that
+    /// comes and goes. After each round the run waits until the servers' /metrics
+    /// say they hold no more mailboxes, parked polls and connections than before
+    /// the first, then reads their memory: what grows with the sessions ever seen.
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    churn: usize,
+    /// Rounds of the churn scenario.
+    #[arg(long, default_value_t = 5)]
+    rounds: usize,
     /// Process name (/proc/<pid>/comm) whose CPU and memory to measure, all processes
     /// of that name summed; NAME:PID[,PID...] takes those pids and their children of
     /// that name instead. Repeatable.
@@ -193,7 +205,9 @@ impl Args {
 
     /// Subscriber connections the run opens.
     fn subscriber_connections(&self) -> usize {
-        if self.idle > 0 {
+        if self.churn > 0 {
+            CHURN_WORKERS.min(self.churn)
+        } else if self.idle > 0 {
             self.idle
         } else if self.fanout > 0 {
             self.fanout
@@ -232,6 +246,12 @@ fn main() -> ExitCode {
     let connections = args.subscriber_connections() + args.publisher_connections();
     let limit = args.duration.max(0.0)
         + args.drain.max(0.0)
+        + args.rounds as f64
+            * if args.churn > 0 {
+                FORGET_LIMIT.as_secs_f64() + args.churn as f64 * 0.01
+            } else {
+                0.0
+            }
         + 10.0 * (connections as f64 / 100.0).ceil()
         + 90.0;
     let bounded = runtime
@@ -302,6 +322,17 @@ impl Ctx {
 async fn run(args: Args) -> Result<bool> {
     if args.duration <= 0.0 || !args.duration.is_finite() {
         bail!("--duration must be positive");
+    }
+    if args.churn > 0 {
+        if args.target != Target::Micromsg {
+            bail!("--churn needs --target micromsg (it reads micromsg's /metrics)");
+        }
+        if args.idle > 0 || args.fanout > 0 || args.url.len() > 1 {
+            bail!("--churn is a scenario of its own: no --idle, --fanout or several --url");
+        }
+        if args.rounds < 2 {
+            bail!("--rounds must be at least 2 (growth is measured from the first round on)");
+        }
     }
     if args.idle == 0 && (args.subscribers == 0 || args.publishers() == 0) {
         bail!("--subscribers and --publishers must be at least 1");
@@ -386,7 +417,9 @@ async fn run(args: Args) -> Result<bool> {
         acked_total: AtomicU64::new(0),
         delivered_total: AtomicU64::new(0),
     });
-    let (result, ok) = if args.idle > 0 {
+    let (result, ok) = if args.churn > 0 {
+        run_churn(&args, addr, &watched).await?
+    } else if args.idle > 0 {
         run_idle(&args, addr, &ctx, &watched).await?
     } else if args.fanout > 0 {
         run_fanout(&args, addr, &ctx, &watched).await?
@@ -1842,6 +1875,295 @@ async fn run_idle(
 }
 
 // ---------------------------------------------------------------------------------
+// The churn scenario: sessions that come, get a message and go
+
+/// Connections working through a churn round at once, each one session at a time.
+const CHURN_WORKERS: usize = 100;
+/// How long a churn session's last poll stays parked before its connection closes.
+const CHURN_PARK: Duration = Duration::from_millis(20);
+/// Longest wait for the servers to forget a round's sessions: the idle mailbox
+/// timeout the script sets, a sweep, and a poll timeout for a handler that only
+/// notices a closed connection when it answers.
+const FORGET_LIMIT: Duration = Duration::from_secs(60);
+/// The session every churn message is sent from.
+const CHURN_SENDER: &str = "churnpub";
+
+#[derive(Default)]
+struct ChurnStats {
+    sessions: u64,
+    /// Sent and answered "ok".
+    acked: u64,
+    /// Acknowledged messages that came back from the session's poll.
+    delivered: u64,
+    /// Messages the session's poll returned that were not its own, or came twice.
+    misrouted: u64,
+    duplicated: u64,
+    errors: u64,
+    first_error: Option<String>,
+}
+
+impl ChurnStats {
+    fn add(&mut self, other: ChurnStats) {
+        self.sessions += other.sessions;
+        self.acked += other.acked;
+        self.delivered += other.delivered;
+        self.misrouted += other.misrouted;
+        self.duplicated += other.duplicated;
+        self.errors += other.errors;
+        if self.first_error.is_none() {
+            self.first_error = other.first_error;
+        }
+    }
+}
+
+async fn run_churn(args: &Args, addr: SocketAddr, watched: &[Watched]) -> Result<(Value, bool)> {
+    let (n, rounds) = (args.churn, args.rounds);
+    let workers = CHURN_WORKERS.min(n);
+    // One connection for /metrics all along, so that it is in every count alike.
+    let mut metrics = Connection::open(addr).await?;
+    let baseline = churn::held(&fetch_metrics(&mut metrics).await?);
+    let memory_before = memory_now(watched);
+    let cpu_before = procfs::cpu_sample(watched);
+    let started = Instant::now();
+    let mut total = ChurnStats::default();
+    let mut per_round = Vec::with_capacity(rounds);
+    let mut rss_after = Vec::with_capacity(rounds);
+    let mut all_forgotten = true;
+    let mut working_s = 0.0;
+    for index in 0..rounds {
+        let round_started = Instant::now();
+        let mut set = JoinSet::new();
+        for w in 0..workers {
+            let payload_bytes = args.payload_bytes;
+            set.spawn(async move {
+                let mut stats = ChurnStats::default();
+                for k in (w..n).step_by(workers) {
+                    churn_session(addr, index, k, payload_bytes, &mut stats).await;
+                }
+                stats
+            });
+        }
+        for stats in join_all(set).await? {
+            total.add(stats);
+        }
+        let worked_s = round_started.elapsed().as_secs_f64();
+        working_s += worked_s;
+        let memory_worked = memory_now(watched);
+        let held_worked = churn::held(&fetch_metrics(&mut metrics).await?);
+        // Then wait for the servers to forget them.
+        let forgetting = Instant::now();
+        let mut held = held_worked.clone();
+        while !churn::forgotten(&held, &baseline) && forgetting.elapsed() < FORGET_LIMIT {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            held = churn::held(&fetch_metrics(&mut metrics).await?);
+        }
+        let forgot = churn::forgotten(&held, &baseline);
+        all_forgotten &= forgot;
+        let memory_after = memory_now(watched);
+        rss_after.push(memory_after.iter().map(|m| m.rss_kb).sum::<u64>());
+        let by_process: serde_json::Map<String, Value> = watched
+            .iter()
+            .enumerate()
+            .map(|(i, w)| {
+                (
+                    w.name.clone(),
+                    json!({
+                        "rss_worked_kb": memory_worked[i].rss_kb,
+                        "rss_after_kb": memory_after[i].rss_kb,
+                    }),
+                )
+            })
+            .collect();
+        per_round.push(json!({
+            "round": index + 1,
+            "worked_s": round(worked_s, 3),
+            "held_worked": held_gauges(&held_worked),
+            "held_after": held_gauges(&held),
+            "forgotten": forgot,
+            "forgotten_in_s": round(forgetting.elapsed().as_secs_f64(), 2),
+            "rss_after_kb": rss_after[index],
+            "memory": by_process,
+        }));
+    }
+    let cpu_after = procfs::cpu_sample(watched);
+    let cpu = CpuDelta::between(&cpu_before, &cpu_after);
+    let elapsed = started.elapsed().as_secs_f64();
+    let lost = total.acked.saturating_sub(total.delivered);
+    let growth = churn::growth_per_session(&rss_after, n, 1).unwrap_or(0.0);
+    let middle = churn::middle_round(rounds);
+    let growth_later = churn::growth_per_session(&rss_after, n, middle).unwrap_or(0.0);
+    let server_cpu: f64 = cpu.watched.iter().sum();
+    let memory_before_kb: u64 = memory_before.iter().map(|m| m.rss_kb).sum();
+    let ok = all_forgotten
+        && total.errors == 0
+        && lost == 0
+        && total.misrouted == 0
+        && total.duplicated == 0
+        && total.acked == total.sessions;
+    let result = json!({
+        "label": args.label,
+        "target": Target::Micromsg.name(),
+        "url": args.url.join(","),
+        "idle": 0,
+        "churn": n,
+        "rounds": rounds,
+        "sessions": total.sessions,
+        "published": total.acked,
+        "delivered": total.delivered,
+        "lost": lost,
+        "misrouted": total.misrouted,
+        "duplicated": total.duplicated,
+        "errors": total.errors,
+        "first_errors": total.first_error.into_iter().collect::<Vec<_>>(),
+        "forgotten": all_forgotten,
+        "held_before": held_gauges(&baseline),
+        "rss_before_kb": memory_before_kb,
+        "rss_after_first_round_kb": rss_after.first(),
+        "rss_after_last_round_kb": rss_after.last(),
+        "rss_growth_per_session_bytes": round(growth, 1),
+        "rss_after_middle_round_kb": rss_after.get(middle - 1),
+        "middle_round": middle,
+        "rss_growth_per_session_later_half_bytes": round(growth_later, 1),
+        "rounds_detail": per_round,
+        "duration_s": round(elapsed, 3),
+        "sessions_per_s": round(total.sessions as f64 / working_s, 1),
+        "cpu_s": by_name(watched, &cpu.watched, |s| json!(round(*s, 3))),
+        "server_cpu_s": round(server_cpu, 3),
+        "generator_cpu_s": round(cpu.own, 3),
+        "other_cpu_s": round(cpu.other, 3),
+        "irq_cpu_s": round(cpu.irq, 3),
+        "disturbed": !disturbances(&cpu, elapsed).is_empty(),
+        "disturbed_by": disturbances(&cpu, elapsed),
+        "ok": ok,
+    });
+    Ok((result, ok))
+}
+
+/// The [`churn::HELD`] gauges by name, for the JSON line.
+fn held_gauges(held: &[Option<f64>]) -> Value {
+    churn::HELD
+        .iter()
+        .zip(held)
+        .map(|(name, value)| (name.to_string(), json!(value)))
+        .collect::<serde_json::Map<_, _>>()
+        .into()
+}
+
+async fn fetch_metrics(connection: &mut Connection) -> Result<String> {
+    let request = Request::builder()
+        .method(Method::GET)
+        .uri("/metrics")
+        .header(header::HOST, connection.host.clone())
+        .body(Full::new(Bytes::new()))
+        .expect("valid request");
+    let reply = connection.send(request, REQUEST_LIMIT).await?;
+    if reply.status != StatusCode::OK {
+        bail!(
+            "GET /metrics answered {}: {}",
+            reply.status,
+            excerpt(&reply)
+        );
+    }
+    Ok(String::from_utf8_lossy(&reply.body).into_owned())
+}
+
+/// One short-lived session `churn<round>-<k>` on a connection of its own: sent one
+/// message, polls it, leaves a poll parked and goes away.
+async fn churn_session(
+    addr: SocketAddr,
+    round: usize,
+    k: usize,
+    payload_bytes: usize,
+    stats: &mut ChurnStats,
+) {
+    stats.sessions += 1;
+    let fail = |stats: &mut ChurnStats, text: String| {
+        stats.errors += 1;
+        note(&mut stats.first_error, || text);
+    };
+    let mut connection = match Connection::open(addr).await {
+        Ok(connection) => connection,
+        Err(error) => return fail(stats, format!("connect: {error:#}")),
+    };
+    let session = format!("churn{round}-{k}");
+    let body = padded(
+        format!(r#"{{"round":{round},"k":{k},"pad":""#),
+        payload_bytes,
+    );
+    let set =
+        format!(r#"{{"session_src":"{CHURN_SENDER}","session_dst":"{session}","payload":{body}}}"#);
+    let request = post("/set", &connection.host, set, false);
+    match connection.send(request, REQUEST_LIMIT).await {
+        Ok(reply) => match publish_outcome(Target::Micromsg, &reply) {
+            Ok(_) => stats.acked += 1,
+            Err(text) => fail(stats, text),
+        },
+        Err(error) => fail(stats, format!("publish: {error:#}")),
+    }
+    let host = connection.host.clone();
+    let poll = || {
+        post(
+            &format!("/python/MsgHandler.py?a__={}", fastrand::u64(..)),
+            &host,
+            format!(
+                r#"{{"session_src":"{session}","type":"GET","SessionData":{{"ID":"SYS_SESSION","Value":"{session}"}}}}"#
+            ),
+            false,
+        )
+    };
+    let request = poll();
+    match connection.send(request, POLL_LIMIT).await {
+        Ok(reply) => {
+            let (own, other) = churn_messages(&reply, round, k);
+            match own {
+                0 => fail(
+                    stats,
+                    format!("poll of {session} came back without its message"),
+                ),
+                1 => stats.delivered += 1,
+                _ => {
+                    stats.delivered += 1;
+                    stats.duplicated += own - 1;
+                }
+            }
+            stats.misrouted += other;
+        }
+        Err(error) => fail(stats, format!("poll: {error:#}")),
+    }
+    // The tab goes away while its next poll waits: nothing is left for it, so an
+    // answer within the moment is a message that was given twice or went astray.
+    let request = poll();
+    if let Ok(Ok(reply)) =
+        tokio::time::timeout(CHURN_PARK, connection.send(request, POLL_LIMIT)).await
+    {
+        let (own, other) = churn_messages(&reply, round, k);
+        stats.duplicated += own;
+        stats.misrouted += other;
+    }
+    connection.close();
+}
+
+/// How many of the messages in an x0 poll reply are session (round, k)'s own, and
+/// how many are not.
+fn churn_messages(reply: &Reply, round: usize, k: usize) -> (u64, u64) {
+    let Ok(value) = serde_json::from_slice::<Value>(&reply.body) else {
+        return (0, 0);
+    };
+    let Some(messages) = value["messages"].as_array() else {
+        return (0, 0);
+    };
+    let own = messages
+        .iter()
+        .filter(|m| {
+            m["round"].as_u64() == Some(round as u64)
+                && m["k"].as_u64() == Some(k as u64)
+                && m["session_src"].as_str() == Some(CHURN_SENDER)
+        })
+        .count() as u64;
+    (own, messages.len() as u64 - own)
+}
+
+// ---------------------------------------------------------------------------------
 // The fan-out scenario: one channel message to every subscriber (micromsg /v1)
 
 /// The channel every fan-out subscriber is subscribed to.
@@ -2298,7 +2620,65 @@ fn table(args: &Args, r: &Value) -> String {
             format!("  [{}]", args.label)
         }
     );
-    if args.idle > 0 {
+    if args.churn > 0 {
+        let _ = writeln!(
+            out,
+            "  churn             {} rounds of {} sessions ({} in all, {:.0}/s), payload {} B",
+            args.rounds,
+            args.churn,
+            u("sessions"),
+            f("sessions_per_s"),
+            args.payload_bytes
+        );
+        for round in r["rounds_detail"].as_array().into_iter().flatten() {
+            let _ = writeln!(
+                out,
+                "  round {:<11} worked {:.1} s, forgotten {} in {:.1} s, RSS after {} KiB",
+                round["round"],
+                round["worked_s"].as_f64().unwrap_or(0.0),
+                if round["forgotten"].as_bool() == Some(true) {
+                    "yes"
+                } else {
+                    "NO"
+                },
+                round["forgotten_in_s"].as_f64().unwrap_or(0.0),
+                round["rss_after_kb"]
+            );
+        }
+        let _ = writeln!(
+            out,
+            "  RSS               {} KiB before, {} after round 1, {} after round {}, {} after the last",
+            u("rss_before_kb"),
+            u("rss_after_first_round_kb"),
+            u("rss_after_middle_round_kb"),
+            u("middle_round"),
+            u("rss_after_last_round_kb"),
+        );
+        let _ = writeln!(
+            out,
+            "  growth            {:.1} B per session after round 1, {:.1} B after round {}",
+            f("rss_growth_per_session_bytes"),
+            f("rss_growth_per_session_later_half_bytes"),
+            u("middle_round")
+        );
+        let _ = writeln!(
+            out,
+            "  messages          published {}  delivered {}  lost {}  duplicated {}  misrouted {}  errors {}",
+            u("published"),
+            u("delivered"),
+            u("lost"),
+            u("duplicated"),
+            u("misrouted"),
+            u("errors")
+        );
+        let _ = writeln!(
+            out,
+            "  cpu s             {}  generator {:.2}  other {:.2}",
+            by_process(&r["cpu_s"], 1.0),
+            f("generator_cpu_s"),
+            f("other_cpu_s")
+        );
+    } else if args.idle > 0 {
         let _ = writeln!(
             out,
             "  parked polls      {} of {} (opened in {:.1} s), held {:.1} s",
