@@ -18,7 +18,7 @@ use ipc::{
     ClientFrame, ErrorKind, FrameCodec, Hello, Message, Request, RequestId, Response, Role,
     ServerFrame, Welcome,
 };
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, TryAcquireError, mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::codec::{FramedRead, FramedWrite};
 use tracing::{debug, info, warn};
@@ -298,6 +298,14 @@ impl CorePool {
             let Some(conn) = self.connection(connect_by).await else {
                 return Err(CoreError::Unavailable.into());
             };
+            // As `call` does, but the request is made once the permit is there: a
+            // future that held it while waiting for the permit would be the
+            // largest state of this one, which a parked poll holds for its wait.
+            let _permit = match conn.permit().await {
+                Ok(permit) => permit,
+                Err(CoreError::ConnectionLost) => continue,
+                Err(e) => return Err(e.into()),
+            };
             let remaining = deadline.saturating_duration_since(Instant::now());
             let request = Request::Poll {
                 session: session.to_owned(),
@@ -305,12 +313,11 @@ impl CorePool {
                 ack_previous,
                 max,
             };
-            let call = match conn.call(request, Some(session)).await {
-                Ok(call) => call,
+            let (id, reply) = match conn.register(request, Some(session)) {
+                Ok(registered) => registered,
                 Err(CoreError::ConnectionLost) => continue,
                 Err(e) => return Err(e.into()),
             };
-            let Call { id, reply, _permit } = call;
             let mut guard = CancelOnDrop {
                 conn: &conn,
                 poll: id,
@@ -335,7 +342,8 @@ impl CorePool {
                 Ok(Response::Messages(messages)) => return Ok(messages),
                 // The core is stopping: park again on the next one.
                 Ok(Response::Error(e)) if e.kind == ErrorKind::ShuttingDown => {
-                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    // Boxed: rare, and a timer is as large as the parked state.
+                    Box::pin(tokio::time::sleep(Duration::from_millis(10))).await;
                     continue;
                 }
                 Ok(Response::Error(e)) => return Err(PollError::Refused(e)),
@@ -417,6 +425,15 @@ impl CorePool {
 
     /// A live connection, waiting for one until `deadline` if none is up.
     async fn connection(&self, deadline: Instant) -> Option<Arc<CoreConnection>> {
+        if let Some(conn) = self.pick() {
+            return Some(conn);
+        }
+        // Waiting for a connection is rare; boxed, its state does not swell the
+        // future of every request, a parked poll's above all, for its whole life.
+        Box::pin(self.connection_awaited(deadline)).await
+    }
+
+    async fn connection_awaited(&self, deadline: Instant) -> Option<Arc<CoreConnection>> {
         loop {
             // Registered before looking, so a connect in between is not missed.
             let notified = self.connected.notified();
@@ -507,7 +524,6 @@ struct CoreConnection {
 
 /// A request on the wire; `wait` yields its reply.
 struct Call {
-    id: RequestId,
     reply: oneshot::Receiver<Response>,
     _permit: OwnedSemaphorePermit,
 }
@@ -552,18 +568,24 @@ impl Drop for CancelOnDrop<'_> {
 
 impl CoreConnection {
     async fn call(&self, request: Request, poll_session: Option<&str>) -> Result<Call, CoreError> {
-        let permit = self
-            .in_flight
-            .clone()
-            .acquire_owned()
-            .await
-            .map_err(|_| CoreError::ConnectionLost)?;
-        let (id, reply) = self.register(request, poll_session)?;
+        let permit = self.permit().await?;
+        let (_, reply) = self.register(request, poll_session)?;
         Ok(Call {
-            id,
             reply,
             _permit: permit,
         })
+    }
+
+    /// A permit for one more request in flight, at once while `max_in_flight` is
+    /// not reached. Waiting for one is boxed, as in [`CorePool::connection`].
+    async fn permit(&self) -> Result<OwnedSemaphorePermit, CoreError> {
+        match self.in_flight.clone().try_acquire_owned() {
+            Ok(permit) => Ok(permit),
+            Err(TryAcquireError::Closed) => Err(CoreError::ConnectionLost),
+            Err(TryAcquireError::NoPermits) => Box::pin(self.in_flight.clone().acquire_owned())
+                .await
+                .map_err(|_| CoreError::ConnectionLost),
+        }
     }
 
     /// Queues a request whose in-flight permit the caller holds.

@@ -7,11 +7,14 @@
 //! `/metrics` ([`crate::metrics`]).
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::IpAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::FutureExt;
 use http_body_util::{BodyExt, Either, Full, Limited};
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderMap, HeaderValue};
@@ -171,11 +174,43 @@ impl Api {
 
 /// Answers one request from `peer` (the connection's address: a proxy's, when
 /// msghandler is behind one).
-pub async fn handle(
+pub fn handle(
     app: Arc<App>,
     peer: IpAddr,
     request: Request<Incoming>,
-) -> Result<Reply, Infallible> {
+) -> impl Future<Output = Result<Reply, Infallible>> + Send + 'static {
+    // hyper holds this future for as long as the request is open, a parked poll's
+    // whole wait. So everything that needs no waiting is done here and not in the
+    // future, which would keep the request for its whole life (an async fn keeps
+    // its arguments), and what does wait is one box of its own.
+    let (kind, cors, answer) = answer(&app, peer, request);
+    async move {
+        let mut reply = match answer {
+            Answer::Ready(reply) => reply,
+            Answer::Later(later) => later.await,
+        };
+        if let Some(origin) = cors {
+            app.cors.allow(origin.as_ref(), reply.headers_mut());
+        }
+        Ok(counted(&app, kind, reply))
+    }
+}
+
+/// A request's reply, or the future of it when it has to wait (for the body, the
+/// core or a limit).
+enum Answer {
+    Ready(Reply),
+    Later(Pin<Box<dyn Future<Output = Reply> + Send>>),
+}
+
+/// Routes the request: its kind for the metrics, the `Origin` to answer with CORS
+/// headers (`None`: the operator's routes, which have none), and its answer.
+#[allow(clippy::type_complexity)]
+fn answer(
+    app: &Arc<App>,
+    peer: IpAddr,
+    request: Request<Incoming>,
+) -> (RouteKind, Option<Option<HeaderValue>>, Answer) {
     let path = request.uri().path();
     // The x0 paths first: they carry nearly all the traffic.
     let api = match Endpoint::of(path) {
@@ -185,14 +220,16 @@ pub async fn handle(
             "/v1/events" => Api::Events,
             // The operator's routes: no token, no rate limit, no CORS (a browser page
             // has no business with them).
-            "/healthz" => return Ok(counted(&app, RouteKind::Health, healthz())),
+            "/healthz" => return (RouteKind::Health, None, Answer::Ready(healthz())),
             "/readyz" => {
-                let reply = Box::pin(readyz(&app)).await;
-                return Ok(counted(&app, RouteKind::Health, reply));
+                let app = app.clone();
+                let ready = async move { readyz(&app).await };
+                return (RouteKind::Health, None, Answer::Later(Box::pin(ready)));
             }
             "/metrics" => {
-                let reply = Box::pin(scrape(&app, peer, &request)).await;
-                return Ok(counted(&app, RouteKind::Metrics, reply));
+                let app = app.clone();
+                let scraped = async move { scrape(&app, peer, &request).await };
+                return (RouteKind::Metrics, None, Answer::Later(Box::pin(scraped)));
             }
             path => match (Route::of(path), Asset::of(path)) {
                 (Some(route), _) => Api::V1(route),
@@ -200,7 +237,7 @@ pub async fn handle(
                 (None, None) => {
                     let error = X0Error::new("NotFound", format!("no such path: {path}"));
                     let reply = json(StatusCode::NOT_FOUND, error.to_json());
-                    return Ok(counted(&app, RouteKind::Other, reply));
+                    return (RouteKind::Other, None, Answer::Ready(reply));
                 }
             },
         },
@@ -209,49 +246,51 @@ pub async fn handle(
     // Only this header is needed after the request is consumed (cloning a
     // HeaderValue shares its bytes).
     let origin = request.headers().get(header::ORIGIN).cloned();
-    let mut reply = if let Err(limited) = app.limits.check_request(peer, request.headers()) {
+    let answer = if let Err(limited) = app.limits.check_request(peer, request.headers()) {
         match api {
             Api::X0(_) => {
-                // An x0 tab asks again at once after any answer: held until the
-                // limiter would let it through, it slows to the limit.
-                let wait = limited.wait.min(app.poll_timeout);
-                hold_until(&app, tokio::time::Instant::now() + wait).await;
-                x0_reply(Err(limited.error().into()))
+                let app = app.clone();
+                Answer::Later(Box::pin(async move {
+                    // An x0 tab asks again at once after any answer: held until the
+                    // limiter would let it through, it slows to the limit.
+                    let wait = limited.wait.min(app.poll_timeout);
+                    hold_until(&app, tokio::time::Instant::now() + wait).await;
+                    x0_reply(Err(limited.error().into()))
+                }))
             }
-            _ => refusal(limited.error(), "GET, POST, OPTIONS"),
+            _ => Answer::Ready(refusal(limited.error(), "GET, POST, OPTIONS")),
         }
     } else if request.method() == Method::OPTIONS {
-        preflight(request.headers())
+        Answer::Ready(preflight(request.headers()))
     } else {
-        let grant = grant(&app, &api, &request);
-        // Each API's future boxed apart: this one would otherwise be as large as the
-        // largest of them whichever runs, and a parked x0 poll holds it for its
-        // whole wait.
+        let grant = grant(app, &api, &request);
         match api {
+            // `map`, not an async block: that would hold the request and the grant
+            // it captured, and the future it awaits twice over.
             Api::X0(endpoint) => {
-                x0_reply(Box::pin(x0_request(&app, endpoint, request, grant)).await)
+                let request = x0_request(app.clone(), endpoint, request, grant);
+                Answer::Later(Box::pin(request.map(x0_reply)))
             }
-            Api::V1(route) => v1_reply(
-                route,
-                Box::pin(v1_request(&app, route, request, grant)).await,
-            ),
-            Api::WebSocket => ws::upgrade(&app, request, grant),
-            Api::Events if request.method() == Method::GET => match grant {
-                Ok(grant) => sse::open(&app, &request, grant),
+            Api::V1(route) => {
+                let request = v1_request(app.clone(), route, request, grant);
+                Answer::Later(Box::pin(request.map(move |result| v1_reply(route, result))))
+            }
+            Api::WebSocket => Answer::Ready(ws::upgrade(app, request, grant)),
+            Api::Events if request.method() == Method::GET => Answer::Ready(match grant {
+                Ok(grant) => sse::open(app, &request, grant),
                 Err(error) => refusal(error, "GET, OPTIONS"),
-            },
-            Api::Events => refusal(
+            }),
+            Api::Events => Answer::Ready(refusal(
                 X0Error::new(
                     "MethodNotAllowed",
                     format!("{} is not supported here; use GET", request.method()),
                 ),
                 "GET, OPTIONS",
-            ),
-            Api::Asset(asset) => assets::reply(asset, request.method()),
+            )),
+            Api::Asset(asset) => Answer::Ready(assets::reply(asset, request.method())),
         }
     };
-    app.cors.allow(origin.as_ref(), reply.headers_mut());
-    Ok(counted(&app, kind, reply))
+    (kind, Some(origin), answer)
 }
 
 fn counted(app: &App, kind: RouteKind, reply: Reply) -> Reply {
@@ -468,17 +507,46 @@ impl From<X0Error> for Refusal {
     }
 }
 
-async fn x0_request(
-    app: &App,
+fn x0_request(
+    app: Arc<App>,
     endpoint: Endpoint,
     request: Request<Incoming>,
     grant: Result<Option<Grant>, X0Error>,
-) -> Result<String, Refusal> {
-    // Boxed: reading and judging the request is over before a poll parks, and its
+) -> impl Future<Output = Result<String, Refusal>> + Send + 'static {
+    // Reading and judging the request is over before a poll parks: boxed apart, its
     // state (the body's reader above all) is freed then instead of waiting with it.
-    let (operation, grant) = Box::pin(x0_admit(app, endpoint, request, grant)).await?;
-    let poll_timeout = poll_within_token(app.poll_timeout, grant.as_ref());
-    Ok(execute(app, operation, poll_timeout).await?)
+    // Made here and not in the async block, which would keep the request and the
+    // grant for as long as it lives.
+    let admitted = {
+        let app = app.clone();
+        Box::pin(async move { x0_admit(&app, endpoint, request, grant).await })
+    };
+    async move {
+        let app = &*app;
+        let (operation, poll_timeout) = {
+            let (operation, grant) = admitted.await?;
+            (
+                operation,
+                poll_within_token(app.poll_timeout, grant.as_ref()),
+            )
+        };
+        // The poll inline, the others boxed: this future is as large as all the
+        // futures it awaits together, and only a poll waits long.
+        let done = match operation {
+            Operation::Get {
+                session,
+                ack_previous,
+            } => get(app, &session, ack_previous, poll_timeout).await,
+            Operation::Set {
+                src,
+                dst,
+                body,
+                key,
+            } => Box::pin(set(app, src, dst, body, key)).await,
+            Operation::Del { session, which } => Box::pin(del(app, session, which)).await,
+        };
+        Ok(done?)
+    }
 }
 
 /// Reads and parses an x0 request, and lets it through the token, the session's
@@ -531,12 +599,35 @@ async fn x0_admit(
     Ok((operation, grant))
 }
 
-async fn v1_request(
+/// As [`x0_request`]: admission boxed apart, and a poll's state alone inline.
+fn v1_request(
+    app: Arc<App>,
+    route: Route,
+    request: Request<Incoming>,
+    grant: Result<Option<Grant>, X0Error>,
+) -> impl Future<Output = Result<String, Refusal>> + Send + 'static {
+    let admitted = {
+        let app = app.clone();
+        Box::pin(async move { v1_admit(&app, route, request, grant).await })
+    };
+    async move {
+        let (operation, cap) = admitted.await?;
+        let done = match operation {
+            v1::Operation::Poll(poll) => v1_poll(&app, &poll, cap).await,
+            other => Box::pin(v1_execute(&app, other, cap)).await,
+        };
+        Ok(done?)
+    }
+}
+
+/// Reads, parses and lets through a `/v1` request: what to carry out, and the cap
+/// on a poll's timeout.
+async fn v1_admit(
     app: &App,
     route: Route,
     request: Request<Incoming>,
     grant: Result<Option<Grant>, X0Error>,
-) -> Result<String, Refusal> {
+) -> Result<(v1::Operation, Duration), Refusal> {
     // Before the body is read: a caller without a valid token gets nothing for it.
     let grant = grant?;
     let operation = match *request.method() {
@@ -575,7 +666,7 @@ async fn v1_request(
     }
     bind_user(app, grant.as_ref()).await?;
     let cap = poll_within_token(Duration::MAX, grant.as_ref());
-    Ok(v1_execute(app, operation, cap).await?)
+    Ok((operation, cap))
 }
 
 fn authorize(key: Option<&BackendKey>, headers: &HeaderMap) -> Result<(), X0Error> {
@@ -616,17 +707,19 @@ async fn v1_execute(app: &App, operation: v1::Operation, cap: Duration) -> Resul
                 Err(e) => Err(core_error(e)),
             })))
         }
-        v1::Operation::Poll(poll) => {
-            let timeout = poll.timeout.unwrap_or(app.poll_timeout).min(cap);
-            match long_poll(app, &poll.session, timeout, poll.ack_previous, poll.max).await {
-                Ok(messages) => Ok(v1::messages_reply(&messages)),
-                Err(e) => Err(poll_error(e)),
-            }
-        }
+        v1::Operation::Poll(poll) => v1_poll(app, &poll, cap).await,
         v1::Operation::Request(request, answer) => match app.core.request(request).await {
             Ok(reply) => answer.render(reply),
             Err(e) => Err(core_error(e)),
         },
+    }
+}
+
+async fn v1_poll(app: &App, poll: &v1::Poll, cap: Duration) -> Result<String, X0Error> {
+    let timeout = poll.timeout.unwrap_or(app.poll_timeout).min(cap);
+    match long_poll(app, &poll.session, timeout, poll.ack_previous, poll.max).await {
+        Ok(messages) => Ok(v1::messages_reply(&messages)),
+        Err(e) => Err(poll_error(e)),
     }
 }
 
@@ -743,48 +836,45 @@ async fn read_body(
     }
 }
 
-/// `poll_timeout`: how long a GET is held (msghandler's, or less: see
-/// [`poll_within_token`]).
-async fn execute(
+async fn set(
     app: &App,
-    operation: Operation,
+    src: String,
+    dst: String,
+    body: String,
+    key: Option<String>,
+) -> Result<String, X0Error> {
+    match app.core.publish(src, dst, body, key).await {
+        Ok(CoreResponse::Published {
+            id,
+            dropped,
+            duplicate,
+        }) => Ok(x0::set_reply(id, dropped, duplicate)),
+        other => Err(unexpected(other)),
+    }
+}
+
+async fn del(app: &App, session: String, which: ipc::AckSelector) -> Result<String, X0Error> {
+    match app.core.request(ipc::Request::Ack { session, which }).await {
+        Ok(CoreResponse::Acked { .. }) => Ok(x0::OK.to_owned()),
+        other => Err(unexpected(other)),
+    }
+}
+
+async fn get(
+    app: &App,
+    session: &str,
+    ack_previous: bool,
     poll_timeout: Duration,
 ) -> Result<String, X0Error> {
-    match operation {
-        Operation::Set {
-            src,
-            dst,
-            body,
-            key,
-        } => match app.core.publish(src, dst, body, key).await {
-            Ok(CoreResponse::Published {
-                id,
-                dropped,
-                duplicate,
-            }) => Ok(x0::set_reply(id, dropped, duplicate)),
-            other => Err(unexpected(other)),
-        },
-        Operation::Del { session, which } => {
-            match app.core.request(ipc::Request::Ack { session, which }).await {
-                Ok(CoreResponse::Acked { .. }) => Ok(x0::OK.to_owned()),
-                other => Err(unexpected(other)),
-            }
-        }
-        Operation::Get {
-            session,
-            ack_previous,
-        } => {
-            let started = tokio::time::Instant::now();
-            match long_poll(app, &session, poll_timeout, ack_previous, 0).await {
-                Ok(messages) => Ok(x0::messages_reply(&messages)),
-                Err(e) => {
-                    // The x0 client polls again at once after any answer, errors
-                    // included: a refusal given at once (a kicked session's) would
-                    // make its tab spin, so it waits out the poll first.
-                    hold_until(app, started + app.poll_timeout).await;
-                    Err(poll_error(e))
-                }
-            }
+    let started = tokio::time::Instant::now();
+    match long_poll(app, session, poll_timeout, ack_previous, 0).await {
+        Ok(messages) => Ok(x0::messages_reply(&messages)),
+        Err(e) => {
+            // The x0 client polls again at once after any answer, errors included:
+            // a refusal given at once (a kicked session's) would make its tab spin,
+            // so it waits out the poll first.
+            hold_until(app, started + app.poll_timeout).await;
+            Err(poll_error(e))
         }
     }
 }

@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Parser;
+use futures_util::FutureExt;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -394,14 +395,12 @@ async fn serve(
             let stopped = stopped.clone();
             service_fn(move |request| {
                 served.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let app = app.clone();
                 let stopped = stopped.clone();
-                // `handle` is called inside the block, not outside and awaited here:
-                // a future captured by an async block takes its room twice (the
-                // capture and the await), and hyper holds this one for as long as
-                // the request is open, a parked poll's whole wait.
-                async move {
-                    let mut reply = http::handle(app, peer, request).await?;
+                // `map`, not an async block around `handle`: the block would keep
+                // the request it captured, and hyper holds this future for as long
+                // as the request is open, a parked poll's whole wait.
+                http::handle(app.clone(), peer, request).map(move |reply| {
+                    let Ok(mut reply) = reply;
                     // A reply given while stopping (a parked poll's null, above all)
                     // is the connection's last: the client must not send its next
                     // request on it, which the next process could never answer.
@@ -413,7 +412,7 @@ async fn serve(
                         );
                     }
                     Ok::<_, std::convert::Infallible>(reply)
-                }
+                })
             })
         };
         // With upgrades: a WebSocket takes the connection over from hyper. The
