@@ -2671,13 +2671,7 @@ fn table(args: &Args, r: &Value) -> String {
             u("misrouted"),
             u("errors")
         );
-        let _ = writeln!(
-            out,
-            "  cpu s             {}  generator {:.2}  other {:.2}",
-            by_process(&r["cpu_s"], 1.0),
-            f("generator_cpu_s"),
-            f("other_cpu_s")
-        );
+        cpu_line(&mut out, r);
     } else if args.idle > 0 {
         let _ = writeln!(
             out,
@@ -2705,13 +2699,7 @@ fn table(args: &Args, r: &Value) -> String {
             f("rss_per_poll_bytes"),
             f("pss_per_poll_bytes")
         );
-        let _ = writeln!(
-            out,
-            "  cpu s             {}  generator {:.2}  other {:.2}",
-            by_process(&r["cpu_s"], 1.0),
-            f("generator_cpu_s"),
-            f("other_cpu_s")
-        );
+        cpu_line(&mut out, r);
         let _ = writeln!(out, "  errors            {}", u("errors"));
     } else if args.fanout > 0 {
         let ms = |key: &str, q: &str| r[key].get(q).and_then(Value::as_f64).unwrap_or(0.0);
@@ -2866,6 +2854,19 @@ fn table(args: &Args, r: &Value) -> String {
 }
 
 /// The CPU and memory lines of a run with load (the figures of [`add_usage`]).
+/// The CPU of the watched processes, the generator's and the rest of the machine's.
+fn cpu_line(out: &mut String, r: &Value) {
+    use std::fmt::Write;
+    let f = |key: &str| r.get(key).and_then(Value::as_f64).unwrap_or(0.0);
+    let _ = writeln!(
+        out,
+        "  cpu s             {}  generator {:.2}  other {:.2}",
+        by_process(&r["cpu_s"], 1.0),
+        f("generator_cpu_s"),
+        f("other_cpu_s")
+    );
+}
+
 fn usage_lines(out: &mut String, r: &Value) {
     use std::fmt::Write;
     let f = |key: &str| r.get(key).and_then(Value::as_f64).unwrap_or(0.0);
