@@ -183,7 +183,7 @@ pub fn handle(
     // whole wait. So everything that needs no waiting is done here and not in the
     // future, which would keep the request for its whole life (an async fn keeps
     // its arguments), and what does wait is one box of its own.
-    let (kind, cors, answer) = answer(&app, peer, request);
+    let Routed { kind, cors, answer } = route(&app, peer, request);
     async move {
         let mut reply = match answer {
             Answer::Ready(reply) => reply,
@@ -203,14 +203,22 @@ enum Answer {
     Later(Pin<Box<dyn Future<Output = Reply> + Send>>),
 }
 
-/// Routes the request: its kind for the metrics, the `Origin` to answer with CORS
-/// headers (`None`: the operator's routes, which have none), and its answer.
-#[allow(clippy::type_complexity)]
-fn answer(
-    app: &Arc<App>,
-    peer: IpAddr,
-    request: Request<Incoming>,
-) -> (RouteKind, Option<Option<HeaderValue>>, Answer) {
+/// A request once routed.
+struct Routed {
+    /// For the metrics.
+    kind: RouteKind,
+    /// The request's `Origin`, to answer with CORS headers; `None` for the
+    /// operator's routes and unknown paths, which get none.
+    cors: Option<Option<HeaderValue>>,
+    answer: Answer,
+}
+
+fn route(app: &Arc<App>, peer: IpAddr, request: Request<Incoming>) -> Routed {
+    let without_cors = |kind, answer| Routed {
+        kind,
+        cors: None,
+        answer,
+    };
     let path = request.uri().path();
     // The x0 paths first: they carry nearly all the traffic.
     let api = match Endpoint::of(path) {
@@ -220,16 +228,16 @@ fn answer(
             "/v1/events" => Api::Events,
             // The operator's routes: no token, no rate limit, no CORS (a browser page
             // has no business with them).
-            "/healthz" => return (RouteKind::Health, None, Answer::Ready(healthz())),
+            "/healthz" => return without_cors(RouteKind::Health, Answer::Ready(healthz())),
             "/readyz" => {
                 let app = app.clone();
                 let ready = async move { readyz(&app).await };
-                return (RouteKind::Health, None, Answer::Later(Box::pin(ready)));
+                return without_cors(RouteKind::Health, Answer::Later(Box::pin(ready)));
             }
             "/metrics" => {
                 let app = app.clone();
                 let scraped = async move { scrape(&app, peer, &request).await };
-                return (RouteKind::Metrics, None, Answer::Later(Box::pin(scraped)));
+                return without_cors(RouteKind::Metrics, Answer::Later(Box::pin(scraped)));
             }
             path => match (Route::of(path), Asset::of(path)) {
                 (Some(route), _) => Api::V1(route),
@@ -237,7 +245,7 @@ fn answer(
                 (None, None) => {
                     let error = X0Error::new("NotFound", format!("no such path: {path}"));
                     let reply = json(StatusCode::NOT_FOUND, error.to_json());
-                    return (RouteKind::Other, None, Answer::Ready(reply));
+                    return without_cors(RouteKind::Other, Answer::Ready(reply));
                 }
             },
         },
@@ -290,7 +298,11 @@ fn answer(
             Api::Asset(asset) => Answer::Ready(assets::reply(asset, request.method())),
         }
     };
-    (kind, Some(origin), answer)
+    Routed {
+        kind,
+        cors: Some(origin),
+        answer,
+    }
 }
 
 fn counted(app: &App, kind: RouteKind, reply: Reply) -> Reply {
