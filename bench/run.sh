@@ -75,6 +75,10 @@ attempts=${ATTEMPTS:-3}
 scenarios=${SCENARIOS:-1 2 3 4 5 6 7 8 9 10 11 12}
 churn=${CHURN:-10000}
 churn_rounds=${CHURN_ROUNDS:-10}
+# Scenario 12's core forgets a session 2 s after its last request (session_timeout
+# and idle_mailbox_timeout, 60 and 300 s by default), so that a round is forgotten
+# in seconds.
+churn_env=(MICROMSG_SESSION_TIMEOUT=2 MICROMSG_IDLE_MAILBOX_TIMEOUT=2)
 clusters=${CLUSTERS:-embedded:1 redis:1 redis:3}
 redis_fsync=${REDIS_FSYNC:-always}
 transports=${TRANSPORTS:-poll ws sse}
@@ -230,11 +234,13 @@ fi
 
 micromsg_port=$(free_port 18080)
 socket=$tmp/msgserver.sock
-# Extra msgserver flags for the next start (scenario 6 sets durable storage).
+# Extra msgserver flags and environment for the next start (scenario 6 sets durable
+# storage, scenario 12 short session timeouts).
 msgserver_args=()
+msgserver_env=()
 start_micromsg() {
     rm -f "$socket"
-    "${on_servers[@]}" "$bin/msgserver" --config etc/msgserver.toml --socket "$socket" "${msgserver_args[@]}" \
+    "${on_servers[@]}" env "${msgserver_env[@]}" "$bin/msgserver" --config etc/msgserver.toml --socket "$socket" "${msgserver_args[@]}" \
         >"$tmp/msgserver.log" 2>&1 &
     msgserver_pid=$!
     started[$msgserver_pid]=msgserver
@@ -512,7 +518,9 @@ if [ "$quick" = 1 ]; then
         --poll-pause-ms 20
     stop_micromsg
     log "smoke: micromsg, 2 rounds of 500 sessions that come, get a message and leave"
-    MICROMSG_SESSION_TIMEOUT=2 MICROMSG_IDLE_MAILBOX_TIMEOUT=2 start_micromsg
+    msgserver_env=("${churn_env[@]}")
+    start_micromsg
+    msgserver_env=()
     smoke smoke-churn --churn 500 --rounds 2
     stop_micromsg
     # Issue 9: every message published on one pair and polled on another; about 3 s
@@ -686,18 +694,17 @@ run_batch() {
 # Scenario 12: micromsg only. Rounds of new sessions, each of which is sent one
 # message, polls it, leaves a poll parked and closes its connection; after each
 # round msgbench waits until /metrics shows the servers hold no more than before
-# and reads their RSS. The core forgets a session 2 s after its last request here
-# (session_timeout and idle_mailbox_timeout, 60 and 300 s by default), so that a
-# round is forgotten in seconds. Every run on a freshly started micromsg.
+# and reads their RSS, with the core's timeouts of churn_env. Every run on a freshly
+# started micromsg.
 run_churn() {
     local label=$1 rep
     shift
-    export MICROMSG_SESSION_TIMEOUT=2 MICROMSG_IDLE_MAILBOX_TIMEOUT=2
+    msgserver_env=("${churn_env[@]}")
     for rep in $(seq "$runs"); do
         log "scenario $label: micromsg, run $rep/$runs"
         fresh_micromsg=1 run_one micromsg "$label" "$@"
     done
-    unset MICROMSG_SESSION_TIMEOUT MICROMSG_IDLE_MAILBOX_TIMEOUT
+    msgserver_env=()
     stop_micromsg
     start_micromsg
 }
