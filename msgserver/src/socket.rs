@@ -8,7 +8,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 
 use anyhow::{Context, bail};
-use nix::unistd::{Group, Uid, User, chown, setgid, setgroups, setuid};
+use nix::unistd::{Group, Uid, User, chown, seteuid, setgid, setgroups, setuid};
 use tracing::{info, warn};
 
 use crate::config::ServerConfig;
@@ -98,7 +98,7 @@ fn claim_path(path: &Path) -> anyhow::Result<()> {
             path.display()
         );
     }
-    match UnixStream::connect(path) {
+    match probe(path, &meta) {
         Ok(_) => bail!(
             "another msgserver is already running on {} (it accepted a connection)",
             path.display()
@@ -109,6 +109,29 @@ fn claim_path(path: &Path) -> anyhow::Result<()> {
                 .with_context(|| format!("removing stale socket {}", path.display()))
         }
         Err(e) => Err(e).with_context(|| format!("probing existing socket {}", path.display())),
+    }
+}
+
+/// Connects to the socket file at `path`, to learn whether a server answers on it.
+/// Root may be refused: under the systemd unit it holds no CAP_DAC_OVERRIDE, and
+/// since the last start the main socket belongs to the user msghandler runs as
+/// (mode 0770). That user may connect, so root asks again as it, for this one
+/// call, before any thread that could act meanwhile exists.
+fn probe(path: &Path, meta: &std::fs::Metadata) -> std::io::Result<UnixStream> {
+    match UnixStream::connect(path) {
+        Err(e)
+            if e.kind() == ErrorKind::PermissionDenied
+                && Uid::effective().is_root()
+                && meta.uid() != 0 =>
+        {
+            seteuid(Uid::from_raw(meta.uid()))?;
+            let answer = UnixStream::connect(path);
+            // Back to uid 0 is always allowed while the real uid is 0; failing
+            // would leave the process half dropped, so it must not go on.
+            seteuid(Uid::from_raw(0)).expect("returning to euid 0 after probing the socket");
+            answer
+        }
+        other => other,
     }
 }
 
@@ -132,24 +155,33 @@ pub fn drop_privileges(config: &ServerConfig) -> anyhow::Result<()> {
 
 /// Creates the data directory (mode 0700) and, as root, gives it to the user the
 /// core is about to become, so that everything inside is created by that user.
+/// What is inside is handed over first, while the directory is still root's to
+/// read: under the systemd unit root holds no CAP_DAC_OVERRIDE nor
+/// CAP_DAC_READ_SEARCH. A directory that is already that user's was handed over by
+/// an earlier start, and is left as it is.
 pub fn prepare_data_dir(config: &ServerConfig, dir: &Path) -> anyhow::Result<()> {
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(dir)
         .with_context(|| format!("creating data directory {}", dir.display()))?;
-    if Uid::effective().is_root() {
-        let user = user(&config.user)?;
-        let group = group(&config.group)?;
-        chown(dir, Some(user.uid), Some(group.gid)).with_context(|| {
-            format!("handing data directory {} to {}", dir.display(), user.name)
-        })?;
-        for entry in std::fs::read_dir(dir)? {
-            let path = entry?.path();
-            chown(&path, Some(user.uid), Some(group.gid))
-                .with_context(|| format!("handing {} to {}", path.display(), user.name))?;
-        }
+    if !Uid::effective().is_root() {
+        return Ok(());
     }
+    let user = user(&config.user)?;
+    let group = group(&config.group)?;
+    let meta = std::fs::metadata(dir).with_context(|| format!("inspecting {}", dir.display()))?;
+    if (meta.uid(), meta.gid()) == (user.uid.as_raw(), group.gid.as_raw()) {
+        return Ok(());
+    }
+    let listing = || format!("listing data directory {}", dir.display());
+    for entry in std::fs::read_dir(dir).with_context(listing)? {
+        let path = entry.with_context(listing)?.path();
+        chown(&path, Some(user.uid), Some(group.gid))
+            .with_context(|| format!("handing {} to {}", path.display(), user.name))?;
+    }
+    chown(dir, Some(user.uid), Some(group.gid))
+        .with_context(|| format!("handing data directory {} to {}", dir.display(), user.name))?;
     Ok(())
 }
 

@@ -252,6 +252,10 @@ pub struct CoreOptions {
     /// Why this test needs the embedded backend even in a run on Redis (see
     /// [`CoreOptions::embedded`]).
     pub embedded_only: Option<&'static str>,
+    /// The only capabilities the core may hold, written as in a systemd unit's
+    /// `CapabilityBoundingSet=` ("CAP_CHOWN CAP_SETUID"); it is started through
+    /// `setpriv --bounding-set`. None: what the test process has.
+    pub bounding_set: Option<String>,
 }
 
 /// The environment variable that runs the end-to-end suite on the Redis backend:
@@ -363,7 +367,22 @@ impl Core {
     /// The command line this core runs with (also used to start a rival on the
     /// same socket).
     pub fn command(&self, banner: &str) -> Command {
-        let mut cmd = command(&binaries().msgserver, &self.log, banner);
+        let mut cmd = match &self.options.bounding_set {
+            None => command(&binaries().msgserver, &self.log, banner),
+            Some(caps) => {
+                // setpriv executes the core in its own process: same pid, only the
+                // bounding set is narrowed (root's capabilities after exec).
+                let mut keep = "-all".to_owned();
+                for cap in caps.split_whitespace() {
+                    let name = cap.strip_prefix("CAP_").unwrap_or(cap).to_lowercase();
+                    keep.push_str(&format!(",+{name}"));
+                }
+                let mut cmd = command(Path::new("setpriv"), &self.log, banner);
+                cmd.args(["--bounding-set", &keep, "--"])
+                    .arg(&binaries().msgserver);
+                cmd
+            }
+        };
         cmd.arg("--socket")
             .arg(&self.socket)
             .arg("--config")

@@ -13,6 +13,7 @@ use std::path::Path;
 
 use micromsg_e2e::*;
 use nix::unistd::{Group, User};
+use serde_json::Value;
 
 /// Whether this test may go on: true as root; otherwise a failure in CI and a
 /// printed notice elsewhere.
@@ -47,14 +48,21 @@ fn core_as_nobody(extra: &str) -> Core {
     })
 }
 
-/// The numbers after `<field>:` in /proc/<pid>/status.
-fn status_ids(pid: u32, field: &str) -> Vec<u32> {
+/// What follows `<field>:` in /proc/<pid>/status, trimmed.
+fn status_field(pid: u32, field: &str) -> String {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status
+    status
         .lines()
         .find_map(|l| l.strip_prefix(&format!("{field}:")))
-        .unwrap_or_else(|| panic!("no {field}: line in /proc/{pid}/status"));
-    line.split_whitespace()
+        .unwrap_or_else(|| panic!("no {field}: line in /proc/{pid}/status"))
+        .trim()
+        .to_owned()
+}
+
+/// The numbers after `<field>:` in /proc/<pid>/status.
+fn status_ids(pid: u32, field: &str) -> Vec<u32> {
+    status_field(pid, field)
+        .split_whitespace()
         .map(|n| n.parse().unwrap())
         .collect()
 }
@@ -119,6 +127,70 @@ fn core_started_as_root_keeps_no_trace_of_root_but_its_admin_socket() {
         )),
         "{out}"
     );
+}
+
+/// `CapabilityBoundingSet=` of systemd/msgserver.service, the unit's value as is.
+fn units_bounding_set() -> String {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../systemd/msgserver.service");
+    let unit = std::fs::read_to_string(path).unwrap();
+    unit.lines()
+        .find_map(|l| l.strip_prefix("CapabilityBoundingSet="))
+        .expect("msgserver.service sets CapabilityBoundingSet=")
+        .to_owned()
+}
+
+/// Under the unit root is root without CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH,
+/// and what an earlier start handed over (the main socket, the data directory) is
+/// no longer root's to open. A restart, after a crash or a clean stop, must come
+/// up anyway, and with what was stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn core_under_its_units_capabilities_restarts_over_what_its_last_run_left() {
+    if !running_as_root("core_under_its_units_capabilities_restarts_over_what_its_last_run_left") {
+        return;
+    }
+    let mut core = Core::start(CoreOptions {
+        durable: true,
+        bounding_set: Some(units_bounding_set()),
+        extra_toml: "user = \"nobody\"\ngroup = \"nogroup\"\n\
+                     socket_owner = \"nobody\"\nsocket_group = \"nogroup\"\n"
+            .into(),
+        ..CoreOptions::default()
+    });
+    // Else this proves nothing: the test process (root) could open everything.
+    let bounding = u64::from_str_radix(&status_field(core.pid(), "CapBnd"), 16).unwrap();
+    const DAC_OVERRIDE_AND_READ_SEARCH: u64 = 0b110;
+    assert_eq!(
+        bounding & DAC_OVERRIDE_AND_READ_SEARCH,
+        0,
+        "CapBnd {bounding:x}"
+    );
+    let (user, group) = nobody();
+    let data = std::fs::metadata(core.data_dir()).unwrap();
+    assert_eq!(
+        (data.uid(), data.gid()),
+        (user.uid.as_raw(), group.gid.as_raw())
+    );
+
+    let h = Handler::start(
+        core.socket(),
+        HandlerOptions {
+            extra_toml: "core_wait = 5.0\n".into(),
+            ..HandlerOptions::default()
+        },
+    );
+    h.set_ok("a", "b", &serde_json::json!({"n": 1})).await;
+    core.restart(); // SIGKILL: the socket file stays behind
+    h.set_ok("a", "b", &serde_json::json!({"n": 2})).await;
+    core.terminate(std::time::Duration::from_secs(10));
+    core.restart(); // after a clean stop
+    let numbers: Vec<Value> = h
+        .poll_messages("b")
+        .await
+        .expect("messages for b")
+        .iter()
+        .map(|m| m["n"].clone())
+        .collect();
+    assert_eq!(numbers, [1, 2], "core log:\n{}", core.log());
 }
 
 #[test]
