@@ -103,15 +103,7 @@ pub struct HandlerConfig {
     pub log_format: LogFormat,
 }
 
-/// How log lines are written (to stderr either way).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    /// Human-readable lines, coloured on a terminal.
-    Text,
-    /// One JSON object per line and no colour: for journald and log shippers.
-    Json,
-}
+pub use micromsg_logging::LogFormat;
 
 /// A string that is never shown: `HandlerConfig` derives `Debug`, and a secret in a
 /// log line or a panic message is a leaked secret.
@@ -165,7 +157,7 @@ impl Default for HandlerConfig {
             trusted_proxies: Vec::new(),
             metrics_allow: vec!["127.0.0.1".into(), "::1".into()],
             log: "info".into(),
-            log_format: LogFormat::Text,
+            log_format: LogFormat::Auto,
         }
     }
 }

@@ -12,7 +12,6 @@ pub mod fuzzing;
 mod harness;
 pub mod http;
 pub mod limits;
-pub mod logging;
 pub mod metrics;
 pub mod sse;
 pub mod v1;

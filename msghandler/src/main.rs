@@ -90,7 +90,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         print_summary(&config, &settings, &ignored_env);
         return Ok(());
     }
-    msghandler::logging::init(&config.log, config.log_format)?;
+    micromsg_logging::init(&config.log, config.log_format)?;
 
     let (listener, origin) = listener(config.listen)?;
     let local = listener

@@ -89,15 +89,7 @@ pub enum Backend {
     Redis,
 }
 
-/// How log lines are written (to stderr either way).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    /// Human-readable lines, coloured on a terminal.
-    Text,
-    /// One JSON object per line and no colour: for journald and log shippers.
-    Json,
-}
+pub use micromsg_logging::LogFormat;
 
 /// One `[[channels]]` table.
 #[derive(Debug, Clone, Deserialize)]
@@ -169,7 +161,7 @@ impl Default for ServerConfig {
             max_in_flight: 65_536,
             heartbeat_timeout: 15.0,
             log: "info".into(),
-            log_format: LogFormat::Text,
+            log_format: LogFormat::Auto,
             backend: Backend::Embedded,
             redis_url: "redis://127.0.0.1:6379/".into(),
             redis_prefix: "micromsg".into(),

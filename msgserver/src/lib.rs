@@ -6,7 +6,6 @@ pub mod broker;
 pub mod cluster;
 pub mod config;
 pub mod journal;
-pub mod logging;
 pub mod routing;
 pub mod server;
 pub mod socket;

@@ -92,7 +92,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         print_summary(&config, &ignored_env);
         return Ok(());
     }
-    msgserver::logging::init(&config.log, config.log_format)?;
+    micromsg_logging::init(&config.log, config.log_format)?;
 
     let broker_config = config.broker()?;
     // Everything that needs root happens before the runtime starts any thread. The
