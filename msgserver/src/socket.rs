@@ -153,12 +153,12 @@ pub fn drop_privileges(config: &ServerConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Creates the data directory (mode 0700) and, as root, gives it to the user the
-/// core is about to become, so that everything inside is created by that user.
-/// What is inside is handed over first, while the directory is still root's to
-/// read: under the systemd unit root holds no CAP_DAC_OVERRIDE nor
-/// CAP_DAC_READ_SEARCH. A directory that is already that user's was handed over by
-/// an earlier start, and is left as it is.
+/// Creates the data directory (mode 0700) and, as root, gives it and what is in
+/// it to the user the core is about to become, so that everything inside is
+/// created by that user. What is inside goes first, while the directory may still
+/// be root's to read: under the systemd unit root holds no CAP_DAC_OVERRIDE nor
+/// CAP_DAC_READ_SEARCH, and cannot look into a directory an earlier start handed
+/// over (which needs nothing more).
 pub fn prepare_data_dir(config: &ServerConfig, dir: &Path) -> anyhow::Result<()> {
     std::fs::DirBuilder::new()
         .recursive(true)
@@ -171,17 +171,24 @@ pub fn prepare_data_dir(config: &ServerConfig, dir: &Path) -> anyhow::Result<()>
     let user = user(&config.user)?;
     let group = group(&config.group)?;
     let meta = std::fs::metadata(dir).with_context(|| format!("inspecting {}", dir.display()))?;
-    if (meta.uid(), meta.gid()) == (user.uid.as_raw(), group.gid.as_raw()) {
-        return Ok(());
-    }
+    let handed_over = (meta.uid(), meta.gid()) == (user.uid.as_raw(), group.gid.as_raw());
     let listing = || format!("listing data directory {}", dir.display());
-    for entry in std::fs::read_dir(dir).with_context(listing)? {
-        let path = entry.with_context(listing)?.path();
-        chown(&path, Some(user.uid), Some(group.gid))
-            .with_context(|| format!("handing {} to {}", path.display(), user.name))?;
+    match std::fs::read_dir(dir) {
+        Ok(entries) => {
+            for entry in entries {
+                let path = entry.with_context(listing)?.path();
+                chown(&path, Some(user.uid), Some(group.gid))
+                    .with_context(|| format!("handing {} to {}", path.display(), user.name))?;
+            }
+        }
+        Err(e) if e.kind() == ErrorKind::PermissionDenied && handed_over => {}
+        Err(e) => return Err(e).with_context(listing),
     }
-    chown(dir, Some(user.uid), Some(group.gid))
-        .with_context(|| format!("handing data directory {} to {}", dir.display(), user.name))?;
+    if !handed_over {
+        chown(dir, Some(user.uid), Some(group.gid)).with_context(|| {
+            format!("handing data directory {} to {}", dir.display(), user.name)
+        })?;
+    }
     Ok(())
 }
 
