@@ -9,7 +9,7 @@ use std::path::Path;
 
 use anyhow::{Context, bail};
 use nix::unistd::{Group, Uid, User, chown, seteuid, setgid, setgroups, setuid};
-use tracing::{info, warn};
+use tracing::info;
 
 use crate::config::ServerConfig;
 
@@ -104,7 +104,10 @@ fn claim_path(path: &Path) -> anyhow::Result<()> {
             path.display()
         ),
         Err(e) if e.kind() == ErrorKind::ConnectionRefused => {
-            warn!(socket = %path.display(), "removing stale socket left by a server that is gone");
+            // Not a warning: under systemd every restart finds one (after the
+            // privilege drop the core may not unlink its socket from the
+            // root-owned /run/micromsg), and a crash is systemd's to report.
+            info!(socket = %path.display(), "removing stale socket left by a server that is gone");
             std::fs::remove_file(path)
                 .with_context(|| format!("removing stale socket {}", path.display()))
         }
