@@ -2853,7 +2853,6 @@ fn table(args: &Args, r: &Value) -> String {
     out
 }
 
-/// The CPU and memory lines of a run with load (the figures of [`add_usage`]).
 /// The CPU of the watched processes, the generator's and the rest of the machine's.
 fn cpu_line(out: &mut String, r: &Value) {
     use std::fmt::Write;
@@ -2867,6 +2866,7 @@ fn cpu_line(out: &mut String, r: &Value) {
     );
 }
 
+/// The CPU and memory lines of a run with load (the figures of [`add_usage`]).
 fn usage_lines(out: &mut String, r: &Value) {
     use std::fmt::Write;
     let f = |key: &str| r.get(key).and_then(Value::as_f64).unwrap_or(0.0);
