@@ -10,22 +10,27 @@
 //! u32 LE payload length | u32 LE CRC-32C of the payload | payload (bincode of Record)
 //! ```
 //!
+//! A zero length field ends the records: a payload is never empty, and the live
+//! segment is preallocated ahead of its last record (see [`PREALLOCATE_BYTES`]), so
+//! what follows the last record is normally zeros.
+//!
 //! Compaction writes the next generation under a `.tmp` name, syncs it, renames it
 //! into place and syncs the directory; only then is the old segment deleted. So the
 //! highest generation on disk is always a complete snapshot, and a crash can only
-//! tear the records appended after it. On open a torn or corrupt tail is cut off at
-//! the last whole record, which is as far as a crash can have written durably.
+//! tear the records appended after it. On open a torn or corrupt tail, and the
+//! preallocated zeros, are cut off at the last whole record, which is as far as a
+//! crash can have written durably.
 //!
 //! What this is not: an index. Nothing is read back except at start; the broker
 //! keeps the live state in memory and the log only has to replay to it.
 
 use std::fs::{self, DirBuilder, File, OpenOptions};
-use std::io::{self, BufReader, Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::io::{self, BufReader, Read, Write};
+use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use nix::errno::Errno;
-use nix::fcntl::{Flock, FlockArg};
+use nix::fcntl::{FallocateFlags, Flock, FlockArg};
 use tracing::{info, warn};
 
 use super::{Record, Recovered, Storage};
@@ -45,6 +50,14 @@ pub const MAX_RECORD_BYTES: usize = 64 << 20;
 /// While writing a snapshot, the encode buffer is written out whenever it grows past
 /// this, so compacting a large state does not hold a second copy of it in memory.
 const SNAPSHOT_CHUNK_BYTES: usize = 1 << 20;
+
+/// The live segment is extended by this much at a time, ahead of the records written
+/// into it. An fdatasync after an append that grows the file must also commit the
+/// new size and blocks through the filesystem's journal; one into space allocated
+/// before does not, which made each fsync about a quarter cheaper on ext4 here.
+/// Big enough that the extension is rare (some 40,000 messages), small enough not
+/// to matter on disk.
+pub const PREALLOCATE_BYTES: u64 = 8 << 20;
 
 /// After a call that needed a bigger buffer (one huge record, a snapshot chunk), the
 /// buffer is given back rather than kept for the life of the process.
@@ -128,12 +141,17 @@ pub struct Wal {
     dir_handle: Flock<File>,
     /// Generation of the live segment; compaction writes `generation + 1`.
     generation: u64,
-    /// The live segment. Each `append` is one `write` on it, from `buf`.
+    /// The live segment. Each `append` is one positioned write on it, from `buf`, at
+    /// `len`.
     file: File,
-    /// Length of the live segment: the end of the last whole record written, synced
-    /// or not. Kept here so `disk_bytes` costs nothing and a failed write can be cut
-    /// back to it.
+    /// The end of the last whole record written to the live segment, synced or not.
+    /// Kept here so `disk_bytes` costs nothing and a failed write can be cut back to
+    /// it.
     len: u64,
+    /// Size of the live segment file: `len` and the preallocated zeros after it.
+    allocated: u64,
+    /// Cleared when the filesystem cannot preallocate; appends then grow the file.
+    preallocates: bool,
     /// Encode buffer, reused so that an append does not allocate.
     buf: Vec<u8>,
     /// Set once the file is in a state we cannot vouch for; see [`WalError::Failed`].
@@ -144,7 +162,7 @@ impl Wal {
     /// Opens the log in `dir` (created if missing) and replays it.
     ///
     /// A torn or corrupt tail of the live segment is truncated at the last whole
-    /// record, with a warning. A live segment without our magic header is an error.
+    /// record, with a warning; so are the preallocated zeros, without one. A live segment without our magic header is an error.
     /// Older segments and leftover `.tmp` files from an interrupted compaction are
     /// deleted once the live segment has been read.
     pub fn open(dir: &Path) -> io::Result<(Wal, Recovered)> {
@@ -157,7 +175,7 @@ impl Wal {
         let (generation, file, len) = match listing.segments.last() {
             Some(&generation) => {
                 let path = segment_path(dir, generation);
-                let file = OpenOptions::new().read(true).append(true).open(&path)?;
+                let file = OpenOptions::new().read(true).write(true).open(&path)?;
                 let len = replay(&path, &file, &mut recovered)?;
                 (generation, file, len)
             }
@@ -186,6 +204,8 @@ impl Wal {
             generation,
             file,
             len,
+            allocated: len,
+            preallocates: true,
             buf,
             failed: false,
         };
@@ -203,13 +223,40 @@ impl Wal {
     /// frame left in the middle would make recovery stop there and drop everything
     /// appended after it; if even the cut fails, the log refuses further writes.
     fn undo_partial_write(&mut self) {
-        let undone = self
-            .file
-            .set_len(self.len)
-            .and_then(|()| self.file.seek(SeekFrom::Start(self.len)));
-        if undone.is_err() {
-            self.failed = true;
+        match self.file.set_len(self.len) {
+            Ok(()) => self.allocated = self.len,
+            Err(_) => self.failed = true,
         }
+    }
+
+    /// Makes the live segment at least `end` long, in whole chunks of
+    /// [`PREALLOCATE_BYTES`]. A failure is not an error: the write that follows
+    /// grows the file itself, and reports a full disk if that is the cause.
+    fn preallocate(&mut self, end: u64) {
+        if !self.preallocates || end <= self.allocated {
+            return;
+        }
+        let target = end.div_ceil(PREALLOCATE_BYTES) * PREALLOCATE_BYTES;
+        let (Ok(offset), Ok(grow)) = (
+            i64::try_from(self.allocated),
+            i64::try_from(target - self.allocated),
+        ) else {
+            return;
+        };
+        match nix::fcntl::fallocate(&self.file, FallocateFlags::empty(), offset, grow) {
+            Ok(()) => self.allocated = target,
+            Err(Errno::EOPNOTSUPP | Errno::ENOSYS) => {
+                info!(dir = %self.dir.display(), "the filesystem cannot preallocate the log; each fsync also commits the file's growth");
+                self.preallocates = false;
+            }
+            Err(_) => {}
+        }
+    }
+
+    /// Drops the log as a crash would: the preallocated zeros stay in the file.
+    #[cfg(test)]
+    fn crash(mut self) {
+        self.allocated = self.len;
     }
 
     fn trim_buffer(&mut self) {
@@ -229,9 +276,13 @@ impl Storage for Wal {
             // cleanly.
             encode_record(record, &mut self.buf)?;
         }
-        let result = self.file.write_all(&self.buf);
+        self.preallocate(self.len + self.buf.len() as u64);
+        let result = self.file.write_all_at(&self.buf, self.len);
         match result {
-            Ok(()) => self.len += self.buf.len() as u64,
+            Ok(()) => {
+                self.len += self.buf.len() as u64;
+                self.allocated = self.allocated.max(self.len);
+            }
             Err(_) => self.undo_partial_write(),
         }
         self.trim_buffer();
@@ -262,6 +313,7 @@ impl Storage for Wal {
         let old = segment_path(&self.dir, self.generation);
         self.file = file;
         self.len = len;
+        self.allocated = len;
         self.generation = next;
         if let Err(error) = self.dir_handle.sync_all() {
             // The rename may not be durable: after a crash the old segment could come
@@ -278,6 +330,16 @@ impl Storage for Wal {
 
     fn disk_bytes(&self) -> u64 {
         self.len
+    }
+}
+
+impl Drop for Wal {
+    fn drop(&mut self) {
+        // A clean close leaves the file as long as its records, for anyone who looks
+        // at it; after a crash the next open cuts the zeros instead.
+        if self.allocated > self.len {
+            let _ = self.file.set_len(self.len);
+        }
     }
 }
 
@@ -333,8 +395,7 @@ fn parse_generation(stem: &str) -> Option<u64> {
 }
 
 /// Writes `snapshot` as the segment of `generation` under its `.tmp` name and syncs
-/// it. Returns the file, positioned at its end, and its length; on error the tmp file
-/// is removed.
+/// it. Returns the file and its length; on error the tmp file is removed.
 fn write_tmp_segment(
     dir: &Path,
     generation: u64,
@@ -396,7 +457,8 @@ fn remove_if_present(path: &Path) -> io::Result<()> {
 }
 
 /// Replays the segment at `path` into `state` and returns the end of its last whole
-/// record, having truncated the file there if anything followed it.
+/// record, having truncated the file there if anything followed it: damage, which
+/// is warned about, or the preallocated zeros, which are not.
 fn replay(path: &Path, file: &File, state: &mut Recovered) -> io::Result<u64> {
     let file_len = file.metadata()?.len();
     let mut reader = BufReader::with_capacity(1 << 16, file);
@@ -422,6 +484,11 @@ fn replay(path: &Path, file: &File, state: &mut Recovered) -> io::Result<u64> {
         }
         let len = u32::from_le_bytes(header[0..4].try_into().expect("4 bytes")) as usize;
         let crc = u32::from_le_bytes(header[4..8].try_into().expect("4 bytes"));
+        if len == 0 && crc == 0 {
+            // The preallocated zeros. Whatever may lie beyond them was never synced
+            // (fdatasync makes everything before it durable), so it goes as well.
+            break None;
+        }
         if len > MAX_RECORD_BYTES {
             break Some("record length beyond the limit");
         }
@@ -453,6 +520,10 @@ fn replay(path: &Path, file: &File, state: &mut Recovered) -> io::Result<u64> {
             reason,
             "the log ends in a torn or corrupt record; truncating it to the last whole record"
         );
+    }
+    if end < file_len {
+        // Also when only zeros follow: an append must never land in front of
+        // leftovers that a later replay could take for records.
         file.set_len(end)?;
         file.sync_all()?;
     }
@@ -646,6 +717,62 @@ mod tests {
             let (_, recovered) = Wal::open(tmp.path()).unwrap();
             assert_eq!(recovered, replayed(&[put(1), put(2), put(3)]));
         }
+    }
+
+    #[test]
+    fn the_file_is_preallocated_and_a_crash_leaves_zeros_that_open_cuts() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (mut wal, _) = Wal::open(tmp.path()).unwrap();
+        wal.append(&[put(1), put(2)]).unwrap();
+        wal.sync().unwrap();
+        let written = wal.disk_bytes();
+        let path = live_segment(tmp.path());
+        assert_eq!(fs::metadata(&path).unwrap().len(), PREALLOCATE_BYTES);
+        wal.crash();
+        assert_eq!(fs::metadata(&path).unwrap().len(), PREALLOCATE_BYTES);
+
+        let (mut wal, recovered) = Wal::open(tmp.path()).unwrap();
+        assert_eq!(recovered, replayed(&[put(1), put(2)]));
+        assert_eq!(wal.disk_bytes(), written);
+        assert_eq!(fs::metadata(&path).unwrap().len(), written);
+
+        // Appends continue after the last record, not after the zeros; a clean close
+        // gives the zeros back.
+        wal.append(&[put(3)]).unwrap();
+        drop(wal);
+        assert_eq!(
+            fs::metadata(&path).unwrap().len(),
+            written + framed_len(&put(3))
+        );
+        let (_, recovered) = Wal::open(tmp.path()).unwrap();
+        assert_eq!(recovered, replayed(&[put(1), put(2), put(3)]));
+    }
+
+    #[test]
+    fn records_beyond_a_zeroed_record_are_not_replayed_once_appends_overwrite_it() {
+        // A crash before the fsync can persist a later block without an earlier
+        // one. Replay stops at the hole; were the unsynced record behind it kept,
+        // an append of the same length would make it whole again.
+        let tmp = tempfile::tempdir().unwrap();
+        let (mut wal, _) = Wal::open(tmp.path()).unwrap();
+        wal.append(&[put(3)]).unwrap();
+        let intact = wal.disk_bytes();
+        wal.append(&[put(4), put(5)]).unwrap();
+        wal.crash();
+        let path = live_segment(tmp.path());
+        let file = OpenOptions::new().write(true).open(&path).unwrap();
+        file.write_all_at(&vec![0; framed_len(&put(4)) as usize], intact)
+            .unwrap();
+        drop(file);
+
+        let (mut wal, recovered) = Wal::open(tmp.path()).unwrap();
+        assert_eq!(recovered, replayed(&[put(3)]));
+        assert_eq!(fs::metadata(&path).unwrap().len(), intact);
+        wal.append(&[put(6)]).unwrap();
+        assert_eq!(framed_len(&put(6)), framed_len(&put(4)));
+        wal.crash();
+        let (_, recovered) = Wal::open(tmp.path()).unwrap();
+        assert_eq!(recovered, replayed(&[put(3), put(6)]));
     }
 
     #[test]
@@ -877,6 +1004,8 @@ mod tests {
 
     #[derive(Debug, Clone)]
     enum Crash {
+        /// Stop with nothing torn: the preallocated zeros follow the last record.
+        Stop,
         /// Cut the live segment at a byte offset past its header.
         Truncate(Index),
         /// XOR a nonzero mask into one byte past the header.
@@ -912,6 +1041,7 @@ mod tests {
 
     fn crash() -> impl Strategy<Value = Crash> {
         prop_oneof![
+            Just(Crash::Stop),
             any::<Index>().prop_map(Crash::Truncate),
             (any::<Index>(), 1u8..=255).prop_map(|(at, mask)| Crash::Flip(at, mask)),
         ]
@@ -1085,12 +1215,13 @@ mod tests {
             let end = journal.end();
             let generation = journal.wal.generation;
             let Journal { wal, checkpoints, .. } = journal;
-            drop(wal);
+            wal.crash();
 
             let path = segment_path(tmp.path(), generation);
-            prop_assert_eq!(fs::metadata(&path).unwrap().len(), end);
+            prop_assert!(fs::metadata(&path).unwrap().len() >= end);
             let header = MAGIC.len() as u64;
             let (kept, expected) = match crash {
+                Crash::Stop => expected_at(&checkpoints, end),
                 Crash::Truncate(at) => {
                     let cut = header + at.index((end - header + 1) as usize) as u64;
                     OpenOptions::new().write(true).open(&path).unwrap().set_len(cut).unwrap();
@@ -1099,9 +1230,10 @@ mod tests {
                 Crash::Flip(_, _) if end == header => expected_at(&checkpoints, end),
                 Crash::Flip(at, mask) => {
                     let pos = header + at.index((end - header) as usize) as u64;
-                    let mut bytes = fs::read(&path).unwrap();
-                    bytes[pos as usize] ^= mask;
-                    fs::write(&path, &bytes).unwrap();
+                    let file = OpenOptions::new().read(true).write(true).open(&path).unwrap();
+                    let mut byte = [0u8];
+                    file.read_exact_at(&mut byte, pos).unwrap();
+                    file.write_all_at(&[byte[0] ^ mask], pos).unwrap();
                     expected_at(&checkpoints, pos)
                 }
             };
