@@ -29,8 +29,8 @@ enum Command {
     Compact {
         snapshot: Vec<Record>,
     },
-    /// Fsync now whatever the policy (a clean stop), then answer.
-    Flush {
+    /// A clean stop: fsync now whatever the policy, close the storage, then answer.
+    Close {
         done: oneshot::Sender<()>,
     },
 }
@@ -102,12 +102,22 @@ impl Journal {
                     disk_bytes: &disk,
                     fsyncs: &timed,
                 };
-                if let Err(e) = run(&mut *storage, policy, interval, &inbox, &done_tx, shared) {
-                    // Fail-stop: replies that waited for this write were never sent, so
-                    // nothing a client was told is stored is lost; a restart recovers
-                    // from what did reach the disk.
-                    error!(error = %e, "storage failed; stopping the core");
-                    std::process::exit(1);
+                match run(&mut *storage, policy, interval, &inbox, &done_tx, shared) {
+                    Ok(closing) => {
+                        // Dropped before the answer, so that the process does not
+                        // exit while the backend is still tidying up its files.
+                        drop(storage);
+                        for done in closing {
+                            let _ = done.send(());
+                        }
+                    }
+                    Err(e) => {
+                        // Fail-stop: replies that waited for this write were never
+                        // sent, so nothing a client was told is stored is lost; a
+                        // restart recovers from what did reach the disk.
+                        error!(error = %e, "storage failed; stopping the core");
+                        std::process::exit(1);
+                    }
                 }
             })
             .expect("spawning the journal thread");
@@ -165,11 +175,12 @@ impl Journal {
         let _ = self.commands.send(Command::Compact { snapshot });
     }
 
-    /// Fsyncs everything sent so far, whatever the policy.
-    pub async fn flush(&self) {
-        let (done, flushed) = oneshot::channel();
-        if self.commands.send(Command::Flush { done }).is_ok() {
-            let _ = flushed.await;
+    /// Fsyncs everything sent so far, whatever the policy, and closes the storage;
+    /// nothing sent after this is written.
+    pub async fn close(&self) {
+        let (done, closed) = oneshot::channel();
+        if self.commands.send(Command::Close { done }).is_ok() {
+            let _ = closed.await;
         }
     }
 }
@@ -180,6 +191,8 @@ struct Shared<'a> {
     fsyncs: &'a FsyncTimes,
 }
 
+/// Serves the broker's commands until it is gone or asks to close; returns who is
+/// waiting for the close.
 fn run(
     storage: &mut dyn Storage,
     policy: FsyncPolicy,
@@ -187,7 +200,7 @@ fn run(
     inbox: &mpsc::Receiver<Command>,
     done: &watch::Sender<Seq>,
     shared: Shared<'_>,
-) -> std::io::Result<()> {
+) -> std::io::Result<Vec<oneshot::Sender<()>>> {
     let mut last_sync = Instant::now();
     let mut unsynced = false;
     loop {
@@ -206,7 +219,7 @@ fn run(
             },
         };
         let mut highest = None;
-        let mut flushed = Vec::new();
+        let mut closing = Vec::new();
         // Everything queued behind the first command joins this group.
         for command in first
             .into_iter()
@@ -224,14 +237,14 @@ fn run(
                     let after = storage.disk_bytes();
                     info!(before, after, records = snapshot.len(), "log compacted");
                 }
-                Command::Flush { done } => flushed.push(done),
+                Command::Close { done } => closing.push(done),
             }
         }
         let sync_now = match policy {
             FsyncPolicy::Always => unsynced,
             FsyncPolicy::Interval => unsynced && last_sync.elapsed() >= interval,
             FsyncPolicy::Never => false,
-        } || (!flushed.is_empty() && unsynced);
+        } || (!closing.is_empty() && unsynced);
         if sync_now {
             let started = Instant::now();
             storage.sync()?;
@@ -245,14 +258,14 @@ fn run(
         if let Some(seq) = highest {
             done.send_replace(seq);
         }
-        for flushed in flushed {
-            let _ = flushed.send(());
+        if !closing.is_empty() {
+            return Ok(closing);
         }
     }
     if unsynced {
         storage.sync()?;
     }
-    Ok(())
+    Ok(Vec::new())
 }
 
 #[cfg(test)]

@@ -334,8 +334,8 @@ async fn run_broker(
     }
     if let Some(journal) = journal.as_mut() {
         journal.append(broker.take_journal());
-        journal.flush().await;
-        info!("storage flushed");
+        journal.close().await;
+        info!("storage flushed and closed");
     }
     for (_, replies) in held.drain(..) {
         route(&connections, replies);
