@@ -514,7 +514,11 @@ async fn disk_use_tracks_what_is_pending_and_compaction_loses_nothing() {
     // compaction, so that what is left is the one pending message.
     options.extra_toml = "compact_min_bytes = 65536\ndedup_window = 0.5\n".into();
     let mut core = Core::start(options);
-    let h = Handler::start(core.socket(), patient_handler());
+    let h = Handler::start(
+        core.socket(),
+        patient_handler()
+            .direct("reads the log's size from /metrics, which the nginx site refuses"),
+    );
     let (a, b, keep) = (session("a"), session("b"), session("keep"));
     let filler = "x".repeat(500);
     h.set_ok(&a, &keep, &json!({"kept": true})).await;
