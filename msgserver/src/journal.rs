@@ -107,7 +107,7 @@ impl Journal {
                         // Dropped before the answer, so that the process does not
                         // exit while the backend is still tidying up its files.
                         drop(storage);
-                        for done in closing {
+                        if let Some(done) = closing {
                             let _ = done.send(());
                         }
                     }
@@ -191,8 +191,8 @@ struct Shared<'a> {
     fsyncs: &'a FsyncTimes,
 }
 
-/// Serves the broker's commands until it is gone or asks to close; returns who is
-/// waiting for the close.
+/// Serves the broker's commands until it is gone or asks to close; returns who
+/// waits for the close, if anyone.
 fn run(
     storage: &mut dyn Storage,
     policy: FsyncPolicy,
@@ -200,7 +200,7 @@ fn run(
     inbox: &mpsc::Receiver<Command>,
     done: &watch::Sender<Seq>,
     shared: Shared<'_>,
-) -> std::io::Result<Vec<oneshot::Sender<()>>> {
+) -> std::io::Result<Option<oneshot::Sender<()>>> {
     let mut last_sync = Instant::now();
     let mut unsynced = false;
     loop {
@@ -219,7 +219,7 @@ fn run(
             },
         };
         let mut highest = None;
-        let mut closing = Vec::new();
+        let mut closing = None;
         // Everything queued behind the first command joins this group.
         for command in first
             .into_iter()
@@ -237,14 +237,14 @@ fn run(
                     let after = storage.disk_bytes();
                     info!(before, after, records = snapshot.len(), "log compacted");
                 }
-                Command::Close { done } => closing.push(done),
+                Command::Close { done } => closing = Some(done),
             }
         }
         let sync_now = match policy {
             FsyncPolicy::Always => unsynced,
             FsyncPolicy::Interval => unsynced && last_sync.elapsed() >= interval,
             FsyncPolicy::Never => false,
-        } || (!closing.is_empty() && unsynced);
+        } || (closing.is_some() && unsynced);
         if sync_now {
             let started = Instant::now();
             storage.sync()?;
@@ -258,14 +258,14 @@ fn run(
         if let Some(seq) = highest {
             done.send_replace(seq);
         }
-        if !closing.is_empty() {
+        if closing.is_some() {
             return Ok(closing);
         }
     }
     if unsynced {
         storage.sync()?;
     }
-    Ok(Vec::new())
+    Ok(None)
 }
 
 #[cfg(test)]

@@ -488,7 +488,6 @@ fn msgctl_says_plainly_when_there_is_no_core() {
     );
 }
 
-/// Bytes of every file in `dir`.
 /// What the log holds, as the core counts it: the files on disk are longer by the
 /// zeros preallocated ahead of the records.
 async fn log_bytes(h: &Handler) -> u64 {
@@ -500,6 +499,7 @@ async fn log_bytes(h: &Handler) -> u64 {
         .unwrap_or_else(|| panic!("no journal_bytes in the scrape:\n{scrape}"))
 }
 
+/// Bytes of every file in `dir`.
 fn dir_bytes(dir: &std::path::Path) -> u64 {
     std::fs::read_dir(dir)
         .unwrap()

@@ -245,6 +245,7 @@ pub trait Storage: Send + 'static {
     /// point of the record stream, so that disk use tracks what is still pending.
     /// Durable when it returns; a crash midway leaves the old state intact.
     fn compact(&mut self, snapshot: &[Record]) -> io::Result<()>;
-    /// Bytes the backend occupies on disk now.
+    /// Bytes of records the backend holds on disk now, not counting space it has
+    /// reserved ahead of them: what compaction weighs against the pending state.
     fn disk_bytes(&self) -> u64;
 }

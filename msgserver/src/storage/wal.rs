@@ -165,9 +165,10 @@ impl Wal {
     /// Opens the log in `dir` (created if missing) and replays it.
     ///
     /// A torn or corrupt tail of the live segment is truncated at the last whole
-    /// record, with a warning; so are the preallocated zeros, without one. A live segment without our magic header is an error.
-    /// Older segments and leftover `.tmp` files from an interrupted compaction are
-    /// deleted once the live segment has been read.
+    /// record, with a warning; so are the preallocated zeros, without one. A live
+    /// segment without our magic header is an error. Older segments and leftover
+    /// `.tmp` files from an interrupted compaction are deleted once the live segment
+    /// has been read.
     pub fn open(dir: &Path) -> io::Result<(Wal, Recovered)> {
         DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
         let dir_handle = lock_dir(dir)?;
