@@ -105,13 +105,114 @@ struct PatternEntry {
     turns: HashMap<(Option<String>, String), usize>,
 }
 
-/// The subscription index. Literal patterns are found by one lookup per message;
-/// wildcard patterns are few in practice and scanned.
+/// The subscription index. Literal patterns are found by one lookup per message,
+/// wildcard patterns by walking the channel name's tokens through a tree of them, so
+/// that a publish costs the same with one wildcard pattern as with one per user.
 #[derive(Default)]
 pub struct Subscriptions {
     by_pattern: HashMap<String, PatternEntry>,
     /// The keys of `by_pattern` that hold a wildcard.
-    wildcards: Vec<String>,
+    wildcards: PatternTree,
+}
+
+/// Wildcard patterns by their tokens, as NATS's sublist keeps subjects: a node per
+/// pattern prefix, so that a name finds the patterns it matches by following its own
+/// tokens (its literal, `*`, and the `>` that ends at the node), not by trying every
+/// pattern.
+#[derive(Default)]
+struct PatternTree {
+    literal: HashMap<String, PatternTree>,
+    one: Option<Box<PatternTree>>,
+    /// The pattern whose tokens end at this node.
+    end: Option<String>,
+    /// The pattern made of this node's prefix and a final `>`.
+    rest: Option<String>,
+}
+
+impl PatternTree {
+    fn insert(&mut self, pattern: &Pattern, key: &str) {
+        let mut node = self;
+        for token in &pattern.tokens {
+            node = match token {
+                Token::Literal(literal) => node.literal.entry(literal.clone()).or_default(),
+                Token::One => node.one.get_or_insert_with(Default::default),
+                Token::Rest => {
+                    node.rest = Some(key.to_owned());
+                    return;
+                }
+            };
+        }
+        node.end = Some(key.to_owned());
+    }
+
+    /// Takes the pattern out and the nodes it leaves empty; true when this node is
+    /// empty itself.
+    fn remove(&mut self, tokens: &[Token]) -> bool {
+        match tokens.split_first() {
+            None => self.end = None,
+            Some((Token::Rest, _)) => self.rest = None,
+            Some((Token::One, after)) => {
+                if self.one.as_mut().is_some_and(|child| child.remove(after)) {
+                    self.one = None;
+                }
+            }
+            Some((Token::Literal(literal), after)) => {
+                if self
+                    .literal
+                    .get_mut(literal)
+                    .is_some_and(|child| child.remove(after))
+                {
+                    self.literal.remove(literal);
+                }
+            }
+        }
+        self.is_empty()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.literal.is_empty() && self.one.is_none() && self.end.is_none() && self.rest.is_none()
+    }
+
+    /// The keys of the patterns that match `name`, each once, as `Pattern::matches`
+    /// decides.
+    fn matching<'a>(&'a self, name: &str, out: &mut Vec<&'a str>) {
+        let (first, after) = split_token(name);
+        if name.starts_with('$') {
+            // The core's own channels are reached only by naming their first token.
+            if let Some(child) = self.literal.get(first) {
+                child.walk(after, out);
+            }
+        } else {
+            self.walk(Some(name), out);
+        }
+    }
+
+    /// `name` is what is left of the channel name after this node's prefix; None
+    /// when nothing is.
+    fn walk<'a>(&'a self, name: Option<&str>, out: &mut Vec<&'a str>) {
+        let Some(name) = name else {
+            out.extend(self.end.as_deref());
+            return;
+        };
+        let (first, after) = split_token(name);
+        if let Some(child) = self.literal.get(first) {
+            child.walk(after, out);
+        }
+        if !first.is_empty() {
+            out.extend(self.rest.as_deref());
+            if let Some(child) = &self.one {
+                child.walk(after, out);
+            }
+        }
+    }
+}
+
+/// The first token of a name and what follows its dot.
+fn split_token(name: &str) -> (&str, Option<&str>) {
+    match name.split_once('.') {
+        Some((first, after)) => (first, Some(after)),
+        None => (name, None),
+    }
 }
 
 /// What a subscribe or unsubscribe changed, for the system events.
@@ -162,7 +263,7 @@ impl Subscriptions {
             subscription: subscription.clone(),
         });
         if created && !pattern.is_literal() {
-            self.wildcards.push(subscription.channel.clone());
+            self.wildcards.insert(&pattern, &subscription.channel);
         }
         Ok(if created {
             Change::Created
@@ -196,18 +297,28 @@ impl Subscriptions {
             }
             return Change::Changed;
         }
-        self.by_pattern.remove(&subscription.channel);
-        self.wildcards.retain(|w| w != &subscription.channel);
+        if let Some(gone) = self.by_pattern.remove(&subscription.channel)
+            && !gone.pattern.is_literal()
+        {
+            self.wildcards.remove(&gone.pattern.tokens);
+        }
         Change::Removed
     }
 
+    /// The keys of `by_pattern` whose patterns match `channel`.
+    fn matching_keys(&self, channel: &str) -> Vec<&str> {
+        let mut keys: Vec<&str> = Vec::new();
+        if let Some((key, _)) = self.by_pattern.get_key_value(channel) {
+            keys.push(key);
+        }
+        self.wildcards.matching(channel, &mut keys);
+        keys
+    }
+
     fn matching(&self, channel: &str) -> impl Iterator<Item = &PatternEntry> {
-        self.by_pattern.get(channel).into_iter().chain(
-            self.wildcards
-                .iter()
-                .filter_map(|w| self.by_pattern.get(w))
-                .filter(move |e| e.pattern.matches(channel)),
-        )
+        self.matching_keys(channel)
+            .into_iter()
+            .map(|key| &self.by_pattern[key])
     }
 
     /// Whether any subscription matches `channel`.
@@ -225,17 +336,11 @@ impl Subscriptions {
         subject: Option<&str>,
         paused: impl Fn(&str) -> bool,
     ) -> Vec<String> {
+        // Owned, because the entries are changed below (their turns).
         let keys: Vec<String> = self
-            .by_pattern
-            .get_key_value(channel)
-            .map(|(k, _)| k.clone())
+            .matching_keys(channel)
             .into_iter()
-            .chain(
-                self.wildcards
-                    .iter()
-                    .filter(|w| self.by_pattern[*w].pattern.matches(channel))
-                    .cloned(),
-            )
+            .map(str::to_owned)
             .collect();
         let mut chosen: Vec<String> = Vec::new();
         for key in keys {
@@ -351,6 +456,7 @@ impl History {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     fn sub(channel: &str, subject: Option<&str>, group: Option<&str>) -> Subscription {
         Subscription {
@@ -445,6 +551,65 @@ mod tests {
         assert_eq!(subs.remove("b", &s), Change::Removed);
         assert!(subs.route("c.x", None, |_| false).is_empty());
         assert!(subs.wildcards.is_empty());
+    }
+
+    /// Patterns and names over a few tokens, so that they collide often: `$s` for the
+    /// core's own channels, and the wildcards wherever a pattern may have them.
+    fn arb_pattern() -> impl Strategy<Value = String> {
+        let token = prop::sample::select(vec!["a", "b", "$s", "*"]);
+        (prop::collection::vec(token, 1..4), any::<bool>()).prop_map(|(tokens, rest)| {
+            let mut tokens = tokens.join(".");
+            if rest {
+                tokens.push_str(".>");
+            }
+            tokens
+        })
+    }
+
+    fn arb_name() -> impl Strategy<Value = String> {
+        prop::collection::vec(prop::sample::select(vec!["a", "b", "c", "$s"]), 1..5)
+            .prop_map(|tokens| tokens.join("."))
+    }
+
+    proptest! {
+        /// The tree finds what trying every pattern finds, also after removals, and
+        /// is empty once every pattern has gone.
+        #[test]
+        fn the_pattern_tree_matches_as_every_pattern_would(
+            patterns in prop::collection::vec(arb_pattern(), 1..24),
+            names in prop::collection::vec(arb_name(), 1..24),
+            removed in prop::collection::vec(any::<bool>(), 24),
+        ) {
+            let mut subs = Subscriptions::default();
+            for (i, p) in patterns.iter().enumerate() {
+                subs.add(&format!("s{i}"), &sub(p, None, None)).unwrap();
+            }
+            let check = |subs: &Subscriptions, live: &[(usize, &String)]| {
+                for name in &names {
+                    let mut expected: Vec<String> = live
+                        .iter()
+                        .filter(|(_, p)| Pattern::parse(p).unwrap().matches(name))
+                        .map(|(i, _)| format!("s{i}"))
+                        .collect();
+                    expected.sort();
+                    prop_assert_eq!(subs.present(name), expected, "{}", name);
+                }
+                Ok(())
+            };
+            let all: Vec<(usize, &String)> = patterns.iter().enumerate().collect();
+            check(&subs, &all)?;
+            for (i, p) in patterns.iter().enumerate().filter(|(i, _)| removed[*i]) {
+                subs.remove(&format!("s{i}"), &sub(p, None, None));
+            }
+            let live: Vec<(usize, &String)> =
+                all.iter().copied().filter(|(i, _)| !removed[*i]).collect();
+            check(&subs, &live)?;
+            for (i, p) in &live {
+                subs.remove(&format!("s{i}"), &sub(p, None, None));
+            }
+            prop_assert!(subs.wildcards.is_empty());
+            prop_assert_eq!(subs.patterns(), 0);
+        }
     }
 
     #[test]

@@ -1,0 +1,99 @@
+//! routebench — the core's subscription index alone (`msgserver::routing`): what it
+//! costs to find who a channel message goes to, as the number of distinct wildcard
+//! patterns grows (one per user, `user.<i>.>`, as an application that gives each
+//! user a subtree would subscribe) and as one channel's fan-out grows.
+//!
+//! Not a measure of the whole server: no sockets, no mailboxes, one thread.
+
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use ipc::Subscription;
+use msgserver::routing::Subscriptions;
+
+/// Times `Subscriptions::route` against sets of subscriptions of growing size.
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Args {
+    /// Distinct wildcard patterns, one subscriber each; one row per figure.
+    #[arg(long, value_delimiter = ',', default_values_t = [1, 100, 1_000, 10_000, 100_000])]
+    patterns: Vec<usize>,
+    /// Subscribers of one literal channel; one row per figure.
+    #[arg(long, value_delimiter = ',', default_values_t = [1_000, 10_000])]
+    fanout: Vec<usize>,
+    /// How long each row is timed.
+    #[arg(long, default_value_t = 1.0)]
+    seconds: f64,
+}
+
+fn subscription(channel: String) -> Subscription {
+    Subscription {
+        channel,
+        subject: None,
+        group: None,
+    }
+}
+
+/// Calls `route` for `seconds` and returns (calls, nanoseconds per call); every
+/// call must reach exactly `expect` sessions.
+fn time(
+    subs: &mut Subscriptions,
+    seconds: f64,
+    expect: usize,
+    channel: impl Fn(u64) -> String,
+) -> (u64, f64) {
+    let budget = Duration::from_secs_f64(seconds);
+    let names: Vec<String> = (0..1024).map(channel).collect();
+    let start = Instant::now();
+    let mut calls = 0u64;
+    // The clock is read once per 16 calls, so that it stays out of the figure for the
+    // cheapest routes.
+    while start.elapsed() < budget {
+        for _ in 0..16 {
+            let name = &names[calls as usize % names.len()];
+            let got = subs.route(black_box(name), None, |_| false);
+            assert_eq!(got.len(), expect, "route({name}) reached {got:?}");
+            black_box(got);
+            calls += 1;
+        }
+    }
+    let ns = start.elapsed().as_nanos() as f64 / calls as f64;
+    (calls, ns)
+}
+
+fn main() {
+    let args = Args::parse();
+    println!("| subscriptions | publish to | sessions reached | routes timed | ns per route |");
+    println!("|---|---|---:|---:|---:|");
+    for &n in &args.patterns {
+        let mut subs = Subscriptions::default();
+        for i in 0..n {
+            subs.add(&format!("u{i}"), &subscription(format!("user.{i}.>")))
+                .expect("valid pattern");
+        }
+        let modulo = n as u64;
+        let (calls, ns) = time(&mut subs, args.seconds, 1, |k| {
+            format!("user.{}.inbox", (k * 7919) % modulo)
+        });
+        println!("| {n} distinct `user.<i>.>` | `user.<j>.inbox` | 1 | {calls} | {ns:.0} |");
+        println!(
+            "{{\"bench\":\"routebench\",\"case\":\"wildcards\",\"subscriptions\":{n},\"reached\":1,\"calls\":{calls},\"ns_per_route\":{ns:.1}}}"
+        );
+    }
+    for &n in &args.fanout {
+        let mut subs = Subscriptions::default();
+        for i in 0..n {
+            subs.add(&format!("fan{i}"), &subscription("bench.fan".into()))
+                .expect("valid pattern");
+        }
+        let (calls, ns) = time(&mut subs, args.seconds, n, |_| "bench.fan".into());
+        println!(
+            "| {n} on `bench.fan` | `bench.fan` | {n} | {calls} | {ns:.0} ({:.1} per session) |",
+            ns / n as f64
+        );
+        println!(
+            "{{\"bench\":\"routebench\",\"case\":\"fanout\",\"subscriptions\":{n},\"reached\":{n},\"calls\":{calls},\"ns_per_route\":{ns:.1}}}"
+        );
+    }
+}
