@@ -5,6 +5,7 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
+use indexmap::IndexMap;
 use ipc::{MessageId, Subscription};
 
 /// The reserved channel of system events; `$` channels are the core's own.
@@ -90,19 +91,43 @@ pub fn check_channel_name(name: &str) -> Result<(), String> {
     }
 }
 
-struct Member {
+/// One session's subscription to a pattern entry, by what sets it apart from the
+/// session's others there (the channel is the entry's).
+#[derive(PartialEq, Eq, Hash)]
+struct MemberKey {
     session: String,
-    subject: Option<Pattern>,
-    subscription: Subscription,
+    subject: Option<String>,
+    group: Option<String>,
+}
+
+impl MemberKey {
+    fn of(session: &str, subscription: &Subscription) -> MemberKey {
+        MemberKey {
+            session: session.to_owned(),
+            subject: subscription.subject.clone(),
+            group: subscription.group.clone(),
+        }
+    }
+}
+
+/// A consumer group, keyed by subject and group name.
+type GroupKey = (Option<String>, String);
+
+#[derive(Default)]
+struct Group {
+    /// Round-robin position, so that the group's members take turns.
+    turn: usize,
+    members: usize,
 }
 
 /// Everyone subscribed with one channel pattern.
 struct PatternEntry {
     pattern: Pattern,
-    members: Vec<Member>,
-    /// Round-robin position of each consumer group (keyed by subject and group
-    /// name), so that a group's members take turns.
-    turns: HashMap<(Option<String>, String), usize>,
+    /// In the order they came (until one leaves: the last takes its place), with the
+    /// parsed subject pattern. A map, so that one session's subscribe or unsubscribe
+    /// does not scan a channel's thousands of others.
+    members: IndexMap<MemberKey, Option<Pattern>>,
+    groups: HashMap<GroupKey, Group>,
 }
 
 /// The subscription index. Literal patterns are found by one lookup per message,
@@ -247,21 +272,18 @@ impl Subscriptions {
             .entry(subscription.channel.clone())
             .or_insert_with(|| PatternEntry {
                 pattern: pattern.clone(),
-                members: Vec::new(),
-                turns: HashMap::new(),
+                members: IndexMap::new(),
+                groups: HashMap::new(),
             });
-        if entry
-            .members
-            .iter()
-            .any(|m| m.session == session && &m.subscription == subscription)
-        {
+        let key = MemberKey::of(session, subscription);
+        if entry.members.contains_key(&key) {
             return Ok(Change::Nothing);
         }
-        entry.members.push(Member {
-            session: session.to_owned(),
-            subject,
-            subscription: subscription.clone(),
-        });
+        if let Some(group) = &key.group {
+            let group = (key.subject.clone(), group.clone());
+            entry.groups.entry(group).or_default().members += 1;
+        }
+        entry.members.insert(key, subject);
         if created && !pattern.is_literal() {
             self.wildcards.insert(&pattern, &subscription.channel);
         }
@@ -276,25 +298,21 @@ impl Subscriptions {
         let Some(entry) = self.by_pattern.get_mut(&subscription.channel) else {
             return Change::Nothing;
         };
-        let before = entry.members.len();
-        entry
-            .members
-            .retain(|m| !(m.session == session && &m.subscription == subscription));
-        if entry.members.len() == before {
+        let key = MemberKey::of(session, subscription);
+        if entry.members.swap_remove(&key).is_none() {
             return Change::Nothing;
         }
-        if !entry.members.is_empty() {
+        if let Some(group) = key.group {
+            let group = (key.subject, group);
             // A group nobody is in any more has no turn to keep.
-            if let Some(group) = &subscription.group {
-                let key = (subscription.subject.clone(), group.clone());
-                let still_used = entry.members.iter().any(|m| {
-                    m.subscription.group.as_ref() == Some(group)
-                        && m.subscription.subject == subscription.subject
-                });
-                if !still_used {
-                    entry.turns.remove(&key);
+            if let Some(g) = entry.groups.get_mut(&group) {
+                g.members -= 1;
+                if g.members == 0 {
+                    entry.groups.remove(&group);
                 }
             }
+        }
+        if !entry.members.is_empty() {
             return Change::Changed;
         }
         if let Some(gone) = self.by_pattern.remove(&subscription.channel)
@@ -347,9 +365,9 @@ impl Subscriptions {
             let entry = self.by_pattern.get_mut(&key).expect("listed above");
             // Member indexes per group; a BTreeMap so that turns are taken in a
             // stable order.
-            let mut groups: BTreeMap<(Option<String>, String), Vec<usize>> = BTreeMap::new();
-            for (i, member) in entry.members.iter().enumerate() {
-                let subject_matches = match (&member.subject, subject) {
+            let mut groups: BTreeMap<GroupKey, Vec<usize>> = BTreeMap::new();
+            for (i, (member, subject_pattern)) in entry.members.iter().enumerate() {
+                let subject_matches = match (subject_pattern, subject) {
                     (None, _) => true,
                     (Some(p), Some(s)) => p.matches(s),
                     (Some(_), None) => false,
@@ -357,23 +375,24 @@ impl Subscriptions {
                 if !subject_matches {
                     continue;
                 }
-                match &member.subscription.group {
+                match &member.group {
                     None => chosen.push(member.session.clone()),
                     Some(group) => groups
-                        .entry((member.subscription.subject.clone(), group.clone()))
+                        .entry((member.subject.clone(), group.clone()))
                         .or_default()
                         .push(i),
                 }
             }
+            let session = |i: usize| &entry.members.get_index(i).expect("listed above").0.session;
             for (group, members) in groups {
-                let turn = entry.turns.get(&group).copied().unwrap_or(0);
+                let state = entry.groups.entry(group).or_default();
                 let n = members.len();
                 let pick = (0..n)
-                    .map(|i| (turn + i) % n)
-                    .find(|&i| !paused(&entry.members[members[i]].session))
-                    .unwrap_or(turn % n);
-                entry.turns.insert(group, pick + 1);
-                chosen.push(entry.members[members[pick]].session.clone());
+                    .map(|i| (state.turn + i) % n)
+                    .find(|&i| !paused(session(members[i])))
+                    .unwrap_or(state.turn % n);
+                state.turn = pick + 1;
+                chosen.push(session(members[pick]).clone());
             }
         }
         // A session reached by several subscriptions gets one copy.
@@ -386,7 +405,7 @@ impl Subscriptions {
     pub fn present(&self, channel: &str) -> Vec<String> {
         let mut sessions: Vec<String> = self
             .matching(channel)
-            .flat_map(|e| e.members.iter().map(|m| m.session.clone()))
+            .flat_map(|e| e.members.keys().map(|m| m.session.clone()))
             .collect();
         sessions.sort();
         sessions.dedup();
@@ -609,6 +628,76 @@ mod tests {
             }
             prop_assert!(subs.wildcards.is_empty());
             prop_assert_eq!(subs.patterns(), 0);
+        }
+    }
+
+    #[test]
+    fn a_group_member_that_leaves_gives_its_turns_to_the_others() {
+        let mut subs = Subscriptions::default();
+        let workers = sub("jobs", None, Some("workers"));
+        for s in ["w1", "w2", "w3"] {
+            subs.add(s, &workers).unwrap();
+        }
+        subs.add("watcher", &sub("jobs", None, None)).unwrap();
+        assert_eq!(subs.remove("w2", &workers), Change::Changed);
+        let mut picks: Vec<String> = (0..4)
+            .flat_map(|_| subs.route("jobs", None, |_| false))
+            .filter(|s| s != "watcher")
+            .collect();
+        picks.sort();
+        assert_eq!(picks, ["w1", "w1", "w3", "w3"]);
+        subs.remove("w1", &workers);
+        subs.remove("w3", &workers);
+        let entry = &subs.by_pattern["jobs"];
+        assert!(
+            entry.groups.is_empty(),
+            "a group nobody is in keeps no turn"
+        );
+        assert_eq!(subs.route("jobs", None, |_| false), ["watcher"]);
+    }
+
+    proptest! {
+        /// Subscribes and unsubscribes in any order leave what a plain set of them
+        /// would hold, and each group counts exactly its members.
+        #[test]
+        fn the_index_holds_what_was_subscribed_and_not_since_removed(
+            ops in prop::collection::vec(
+                (any::<bool>(), 0..4usize, prop::sample::select(vec!["c", "c.*", ">"]),
+                 prop::option::of(prop::sample::select(vec!["x", "x.*"])),
+                 prop::option::of(prop::sample::select(vec!["g", "h"]))),
+                1..64,
+            ),
+        ) {
+            let mut subs = Subscriptions::default();
+            let mut model: std::collections::HashSet<(String, Subscription)> = Default::default();
+            for (add, session, channel, subject, group) in ops {
+                let session = format!("s{session}");
+                let subscription = sub(channel, subject, group);
+                if add {
+                    subs.add(&session, &subscription).unwrap();
+                    model.insert((session, subscription));
+                } else {
+                    subs.remove(&session, &subscription);
+                    model.remove(&(session, subscription));
+                }
+            }
+            for (channel, entry) in &subs.by_pattern {
+                let mut counts: HashMap<GroupKey, usize> = HashMap::new();
+                let mut expected = 0;
+                for (session, subscription) in model.iter().filter(|(_, s)| &s.channel == channel) {
+                    expected += 1;
+                    prop_assert!(entry.members.contains_key(&MemberKey::of(session, subscription)));
+                    if let Some(group) = &subscription.group {
+                        *counts.entry((subscription.subject.clone(), group.clone())).or_default() += 1;
+                    }
+                }
+                prop_assert_eq!(entry.members.len(), expected);
+                let held: HashMap<GroupKey, usize> =
+                    entry.groups.iter().map(|(k, g)| (k.clone(), g.members)).collect();
+                prop_assert_eq!(held, counts);
+            }
+            let members: usize = subs.by_pattern.values().map(|e| e.members.len()).sum();
+            prop_assert_eq!(members, model.len());
         }
     }
 

@@ -22,6 +22,10 @@ struct Args {
     /// Subscribers of one literal channel; one row per figure.
     #[arg(long, value_delimiter = ',', default_values_t = [1_000, 10_000])]
     fanout: Vec<usize>,
+    /// Sessions that subscribe to one channel and then unsubscribe, one by one; one
+    /// row per figure.
+    #[arg(long, value_delimiter = ',', default_values_t = [10_000, 100_000])]
+    churn: Vec<usize>,
     /// How long each row is timed.
     #[arg(long, default_value_t = 1.0)]
     seconds: f64,
@@ -94,6 +98,28 @@ fn main() {
         );
         println!(
             "{{\"bench\":\"routebench\",\"case\":\"fanout\",\"subscriptions\":{n},\"reached\":{n},\"calls\":{calls},\"ns_per_route\":{ns:.1}}}"
+        );
+    }
+    println!();
+    println!("| sessions on one channel | µs per subscribe | µs per unsubscribe |");
+    println!("|---:|---:|---:|");
+    for &n in &args.churn {
+        let mut subs = Subscriptions::default();
+        let channel = subscription("bench.news".into());
+        let start = Instant::now();
+        for i in 0..n {
+            subs.add(&format!("s{i}"), &channel).expect("valid pattern");
+        }
+        let add = start.elapsed().as_secs_f64() * 1e6 / n as f64;
+        let start = Instant::now();
+        for i in 0..n {
+            subs.remove(&format!("s{i}"), &channel);
+        }
+        let remove = start.elapsed().as_secs_f64() * 1e6 / n as f64;
+        assert_eq!(subs.patterns(), 0, "every subscription went");
+        println!("| {n} | {add:.2} | {remove:.2} |");
+        println!(
+            "{{\"bench\":\"routebench\",\"case\":\"churn\",\"subscriptions\":{n},\"us_per_add\":{add:.3},\"us_per_remove\":{remove:.3}}}"
         );
     }
 }
