@@ -487,6 +487,70 @@ async fn channel_patterns_and_subject_filters_select_what_each_subscriber_gets()
     }
 }
 
+/// Every pattern of up to three tokens over `a`, `b` and `*`, with and without a
+/// final `>`: enough wildcard patterns that a core looks a name's candidates up
+/// instead of trying each pattern (the Redis backend does so when they are fewer).
+fn every_short_pattern() -> Vec<String> {
+    let mut prefixes = vec![String::new()];
+    let mut patterns = vec![">".to_owned()];
+    for _ in 0..3 {
+        prefixes = prefixes
+            .iter()
+            .flat_map(|p| ["a", "b", "*"].map(|t| format!("{p}{t}.")))
+            .collect();
+        for p in &prefixes {
+            patterns.push(p.trim_end_matches('.').to_owned());
+            patterns.push(format!("{p}>"));
+        }
+    }
+    patterns
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_on_every_short_channel_name_lists_exactly_the_matching_patterns() {
+    let (_core, h) = start_v1("");
+    let patterns = every_short_pattern();
+    let sessions: Vec<String> = (0..patterns.len())
+        .map(|i| session(&format!("pat{i}")))
+        .collect();
+    for (s, p) in sessions.iter().zip(&patterns) {
+        subscribe(&h, s, json!({"channel": p})).await;
+    }
+    let mut names = vec![String::new()];
+    let mut all = Vec::new();
+    for _ in 0..4 {
+        names = names
+            .iter()
+            .flat_map(|n| ["a", "b", "c"].map(|t| format!("{n}{t}.")))
+            .collect();
+        all.extend(names.iter().map(|n| n.trim_end_matches('.').to_owned()));
+    }
+    // The core's own channels: no `*` or `>` in first place reaches them.
+    all.extend(["$sys".to_owned(), "$sys.a".to_owned()]);
+    for name in &all {
+        let reply = h.v1_ok("/v1/presence", json!({"channel": name})).await;
+        let mut got: Vec<&str> = reply["sessions"]
+            .as_array()
+            .unwrap_or_else(|| panic!("presence of {name}: {reply}"))
+            .iter()
+            .map(|s| s["session"].as_str().expect("a session name"))
+            .collect();
+        got.sort_unstable();
+        let mut expected: Vec<&str> = sessions
+            .iter()
+            .zip(&patterns)
+            .filter(|(_, p)| {
+                msgserver::routing::Pattern::parse(p)
+                    .expect("a valid pattern")
+                    .matches(name)
+            })
+            .map(|(s, _)| s.as_str())
+            .collect();
+        expected.sort_unstable();
+        assert_eq!(got, expected, "who is present on {name}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn consumer_group_of_three_shares_300_messages_fairly_none_lost_none_doubled() {
     const N: usize = 300;

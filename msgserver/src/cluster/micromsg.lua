@@ -116,11 +116,54 @@ local function matches(pattern, name)
   return #nt == #pt
 end
 
+-- Every wildcard pattern that matches a channel name of n tokens: each token itself
+-- or '*', and in place of the tokens from any point on, '>'. That is fewer than
+-- 2^(n+1) names, so a short channel name asks for them rather than trying every
+-- wildcard pattern subscribed (one per user would make every publish scan them all).
+local function wildcard_candidates(name)
+  local nt = split(name)
+  local system = string.sub(name, 1, 1) == '$'
+  local out, prefixes = {}, { '' }
+  for i, tok in ipairs(nt) do
+    -- As matches: '*' and '>' take non-empty tokens only, and never a '$' name's first.
+    local wild = tok ~= '' and not (system and i == 1)
+    local longer = {}
+    for _, p in ipairs(prefixes) do
+      if wild then out[#out + 1] = p .. '>' end
+      longer[#longer + 1] = p .. tok
+      if wild then longer[#longer + 1] = p .. '*' end
+    end
+    for j, p in ipairs(longer) do longer[j] = p .. '.' end
+    prefixes = longer
+  end
+  for _, p in ipairs(prefixes) do
+    local candidate = string.sub(p, 1, -2)
+    if candidate ~= name then out[#out + 1] = candidate end
+  end
+  return out
+end
+
+-- Candidates asked for in one SMISMEMBER; a name with more tokens tries every
+-- wildcard pattern instead.
+local MAX_CANDIDATES = 1024
+
 local function patterns_for(P, channel)
   local out = {}
   if redis.call('SISMEMBER', P .. ':pat', channel) == 1 then out[1] = channel end
-  for _, w in ipairs(redis.call('SMEMBERS', P .. ':wild')) do
-    if w ~= channel and matches(w, channel) then out[#out + 1] = w end
+  local wild = P .. ':wild'
+  local subscribed = redis.call('SCARD', wild)
+  if subscribed == 0 then return out end
+  local tokens = select(2, string.gsub(channel, '%.', '')) + 1
+  if 2 ^ (tokens + 1) < math.min(subscribed, MAX_CANDIDATES) then
+    local candidates = wildcard_candidates(channel)
+    if #candidates == 0 then return out end
+    for i, held in ipairs(redis.call('SMISMEMBER', wild, unpack(candidates))) do
+      if held == 1 then out[#out + 1] = candidates[i] end
+    end
+  else
+    for _, w in ipairs(redis.call('SMEMBERS', wild)) do
+      if w ~= channel and matches(w, channel) then out[#out + 1] = w end
+    end
   end
   return out
 end
