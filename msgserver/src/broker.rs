@@ -334,6 +334,10 @@ struct Mailbox {
     paused: bool,
     /// Its entries in the broker's subscription index, to drop them when it leaves.
     subscriptions: Vec<Subscription>,
+    /// No message in `ready` expires before this (None: none of them expires), so
+    /// that the sweep passes over a mailbox with nothing due without reading its
+    /// messages. Lowered as messages come; recomputed when expired ones are dropped.
+    soonest_expiry: Option<Instant>,
 }
 
 impl Mailbox {
@@ -348,6 +352,19 @@ impl Mailbox {
             user: None,
             paused: false,
             subscriptions: Vec::new(),
+            soonest_expiry: None,
+        }
+    }
+
+    /// Queues `stored` after everything in `ready`.
+    fn push(&mut self, stored: Stored) {
+        self.note_expiry(stored.expires_at);
+        self.ready.push_back(stored);
+    }
+
+    fn note_expiry(&mut self, at: Option<Instant>) {
+        if let Some(at) = at {
+            self.soonest_expiry = Some(self.soonest_expiry.map_or(at, |t| t.min(at)));
         }
     }
 
@@ -549,8 +566,7 @@ impl Broker {
                     .mailboxes
                     .entry(message.session)
                     .or_insert_with(|| Mailbox::new(now))
-                    .ready
-                    .push_back(stored);
+                    .push(stored);
             }
         }
         broker.journal.removed(expired);
@@ -1255,9 +1271,9 @@ impl Broker {
             .back()
             .is_none_or(|last| last.message.id < stored.message.id)
         {
-            mailbox.ready.push_back(stored);
+            mailbox.push(stored);
         } else {
-            merge_in_order(&mut mailbox.ready, vec![stored]);
+            merge_in_order(mailbox, vec![stored]);
         }
         self.deliver_if_waiting(now, session, out);
         Ok(count)
@@ -1404,7 +1420,7 @@ impl Broker {
             back.push(stored);
         }
         let mailbox = self.mailboxes.get_mut(session).expect("touched");
-        merge_in_order(&mut mailbox.ready, back);
+        merge_in_order(mailbox, back);
         self.deliver_if_waiting(now, session, out);
         Response::Subscribed {
             recovered,
@@ -1664,7 +1680,7 @@ impl Broker {
         };
         let clock = self.clock;
         self.journal.push(|| record_of(clock, &dst, &stored));
-        mailbox.ready.push_back(stored);
+        mailbox.push(stored);
         self.deliver_if_waiting(now, &dst, out);
         Response::Published {
             id,
@@ -1835,7 +1851,7 @@ impl Broker {
                 }
                 back.sort_by_key(|s| s.message.id);
                 let mailbox = self.mailboxes.get_mut(&session).expect("created above");
-                merge_in_order(&mut mailbox.ready, back);
+                merge_in_order(mailbox, back);
                 self.deliver_if_waiting(now, &session, out);
             }
         }
@@ -1909,7 +1925,7 @@ impl Broker {
             return;
         };
         again.sort_by_key(|s| s.message.id);
-        merge_in_order(&mut mailbox.ready, again);
+        merge_in_order(mailbox, again);
         self.deliver_if_waiting(now, session, out);
     }
 
@@ -2111,7 +2127,7 @@ impl Broker {
                         .entry(session.clone())
                         .or_insert_with(|| Mailbox::new(now));
                     back.sort_by_key(|s| s.message.id);
-                    merge_in_order(&mut mailbox.ready, back);
+                    merge_in_order(mailbox, back);
                     self.deliver_if_waiting(now, &session, out);
                 }
                 Response::Count(count)
@@ -2554,14 +2570,21 @@ fn drop_all_expired(
     journal: &mut Journal,
     counters: &mut Counters,
 ) {
+    if mailbox.soonest_expiry.is_none_or(|at| at > now) {
+        return;
+    }
     let mut gone = Vec::new();
+    let mut soonest = None;
     mailbox.ready.retain(|m| {
         let expired = m.expired(now);
         if expired {
             gone.push(m.seq);
+        } else if let Some(at) = m.expires_at {
+            soonest = Some(soonest.map_or(at, |t: Instant| t.min(at)));
         }
         !expired
     });
+    mailbox.soonest_expiry = soonest;
     counters.expired += gone.len() as u64;
     journal.removed(gone);
 }
@@ -2585,11 +2608,15 @@ fn take_in_flight(
     taken.into_iter().map(|f| f.stored).collect()
 }
 
-/// Merges `back` (sorted by id) into `ready` (sorted by id).
-fn merge_in_order(ready: &mut VecDeque<Stored>, back: Vec<Stored>) {
+/// Merges `back` (sorted by id) into the mailbox's `ready` (sorted by id).
+fn merge_in_order(mailbox: &mut Mailbox, back: Vec<Stored>) {
     let Some(last_back) = back.last().map(|s| s.message.id) else {
         return;
     };
+    for stored in &back {
+        mailbox.note_expiry(stored.expires_at);
+    }
+    let ready = &mut mailbox.ready;
     if ready
         .front()
         .is_none_or(|first| first.message.id > last_back)
@@ -3631,6 +3658,52 @@ mod tests {
                     exclusive,
                 },
             )
+        }
+
+        fn send_with_ttl(h: &mut Harness, ms: u64, to: &str, data: &str, ttl_ms: Option<u64>) {
+            let mut m = message(Some("a"), Some(Target::Session(to.into())), data);
+            m.ttl_ms = ttl_ms;
+            sent_id(&send(h, ms, m));
+        }
+
+        fn sweep(h: &mut Harness, ms: u64) -> (u64, usize) {
+            let mut out = Vec::new();
+            h.broker.sweep(h.at(ms), &mut out);
+            let ready = h.broker.mailboxes.get("b").map_or(0, |m| m.ready.len());
+            (h.broker.counters().expired, ready)
+        }
+
+        #[test]
+        fn the_sweep_drops_each_message_when_its_own_ttl_is_due() {
+            let mut h = Harness::new(BrokerConfig::default());
+            send_with_ttl(&mut h, 0, "b", "1", None);
+            send_with_ttl(&mut h, 0, "b", "2", Some(5_000));
+            // Behind a message that lives longer.
+            send_with_ttl(&mut h, 0, "b", "3", Some(1_000));
+            assert_eq!(sweep(&mut h, 500), (0, 3));
+            assert_eq!(sweep(&mut h, 1_500), (1, 2));
+            assert_eq!(sweep(&mut h, 6_000), (2, 1));
+            // Nothing left that expires; then one comes that does.
+            send_with_ttl(&mut h, 7_000, "b", "4", Some(1_000));
+            assert_eq!(sweep(&mut h, 7_500), (2, 2));
+            assert_eq!(sweep(&mut h, 8_500), (3, 1));
+        }
+
+        #[test]
+        fn a_redelivered_message_expires_in_the_sweep_as_it_would_have_before() {
+            let mut h = Harness::new(ack_mode());
+            send_with_ttl(&mut h, 0, "b", "long", Some(20_000));
+            h.poll(1, "b", 0);
+            // Expires while the first is in flight: the sweep sees nothing else due.
+            send_with_ttl(&mut h, 10, "b", "short", Some(100));
+            assert_eq!(sweep(&mut h, 200), (1, 0));
+            h.tick(5_100);
+            assert_eq!(
+                sweep(&mut h, 5_200),
+                (1, 1),
+                "back after the visibility timeout"
+            );
+            assert_eq!(sweep(&mut h, 21_000), (2, 0));
         }
 
         #[test]
