@@ -984,6 +984,64 @@ async fn presence_lists_sessions_subscribed_through_different_pairs_on_every_pai
     assert_eq!(reply, json!({"channel": "nobody.here", "sessions": []}));
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_on_every_pair_counts_mailboxes_and_subscriptions_past_one_slice() {
+    let Some(c) = cluster("") else { return };
+    // More of each than one call of the count visits (1,000), so that it takes
+    // several; through every pair, as a load balancer would spread them.
+    let sessions: Vec<String> = (0..2_500).map(|i| session(&format!("m{i}"))).collect();
+    for (k, chunk) in sessions.chunks(50).enumerate() {
+        let messages: Vec<Value> = chunk
+            .iter()
+            .map(|s| json!({"target": {"session": s}, "data": {"k": k}}))
+            .collect();
+        let reply = c
+            .handler(k % PAIRS)
+            .v1_ok(
+                "/v1/publish_batch",
+                json!({"session": session("pub"), "messages": messages}),
+            )
+            .await;
+        assert_eq!(
+            reply["results"].as_array().map(Vec::len),
+            Some(50),
+            "{reply}"
+        );
+    }
+    for (i, s) in sessions.iter().take(1_200).enumerate() {
+        subscribe(
+            c.handler(i % PAIRS),
+            s,
+            json!({"channel": format!("room.{i}")}),
+        )
+        .await;
+    }
+    // Two subscribers of one more channel: subscriptions count apart from channels.
+    subscribe(c.handler(0), &sessions[0], json!({"channel": "lobby"})).await;
+    subscribe(c.handler(1), &sessions[1], json!({"channel": "lobby"})).await;
+    for i in 0..PAIRS {
+        let status = c.core(i).msgctl_json(&["status"]);
+        let counts = [
+            "mailboxes",
+            "ready",
+            "in_flight",
+            "subscriptions",
+            "channels",
+        ]
+        .map(|k| {
+            status[k]
+                .as_u64()
+                .unwrap_or_else(|| panic!("{k} in {status}"))
+        });
+        assert_eq!(
+            counts,
+            [2_500, 2_500, 0, 1_202, 1_201],
+            "pair {}: {status}",
+            node_name(i)
+        );
+    }
+}
+
 // ---------------------------------------------------------------------------
 // A pair dies with a batch on its way to the tab
 // ---------------------------------------------------------------------------

@@ -1674,7 +1674,8 @@ async fn dead_letters(store: &Store, op: DeadLetterOp) -> Result<Response, Store
 }
 
 /// The cluster's gauges, counted in Redis (a walk over every mailbox: for scrapes
-/// and operators, not for the hot path).
+/// and operators, not for the hot path), a slice per call so that Redis serves the
+/// hot path between them.
 struct Gauges {
     sessions: u64,
     mailboxes: u64,
@@ -1686,17 +1687,41 @@ struct Gauges {
 }
 
 impl Gauges {
+    /// Mailboxes and patterns visited per call: about 2 ms of Redis's time.
+    const SLICE: u32 = 1000;
+
     async fn read(store: &Store) -> Result<Gauges, StoreError> {
-        let v = items(store.run(&store.fcall("mm1_status")).await?);
-        Ok(Gauges {
-            sessions: num(&v, 0),
-            mailboxes: num(&v, 1),
-            ready: num(&v, 2),
-            in_flight: num(&v, 3),
-            dead_letters: num(&v, 4),
-            subscriptions: num(&v, 5),
-            channels: num(&v, 6),
-        })
+        let mut g = Gauges {
+            sessions: 0,
+            mailboxes: 0,
+            ready: 0,
+            in_flight: 0,
+            dead_letters: 0,
+            subscriptions: 0,
+            channels: 0,
+        };
+        let (mut mailboxes, mut patterns) = ("0".to_owned(), "0".to_owned());
+        loop {
+            let mut cmd = store.fcall("mm1_tally");
+            cmd.arg(&mailboxes).arg(&patterns).arg(Self::SLICE);
+            let v = items(store.run(&cmd).await?);
+            let walked = |cursor: Option<&Value>| match cursor.map(text).as_deref() {
+                Some("0" | "done") | None => "done".to_owned(),
+                Some(next) => next.to_owned(),
+            };
+            mailboxes = walked(v.first());
+            patterns = walked(v.get(1));
+            g.mailboxes += num(&v, 2);
+            g.ready += num(&v, 3);
+            g.in_flight += num(&v, 4);
+            g.channels += num(&v, 5);
+            g.subscriptions += num(&v, 6);
+            g.sessions = num(&v, 7);
+            g.dead_letters = num(&v, 8);
+            if mailboxes == "done" && patterns == "done" {
+                return Ok(g);
+            }
+        }
     }
 }
 
